@@ -1,0 +1,29 @@
+//! lb's XDP program. Entry point only; the packet path starts in `balancer::process`.
+#![no_std]
+#![no_main]
+
+mod balancer;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+mod verdict;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use lb_common::Counter;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    stats::count(Counter::Packets);
+    let verdict = balancer::process(&ctx);
+    stats::count(verdict.counter);
+    verdict.action
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program; the verifier rejects any path that could get here.
+    loop {}
+}

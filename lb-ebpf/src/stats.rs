@@ -1,0 +1,54 @@
+//! Per-CPU counters: no atomics needed, the daemon sums the CPUs.
+use lb_common::{Counter, TrafficStats};
+
+use crate::maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// What happened to one packet, for the service's and the backend's counters.
+#[derive(Clone, Copy)]
+pub enum Traffic {
+    Forward { bytes: u64 },
+    Reverse { bytes: u64 },
+    NewFlow { affinity_hit: bool },
+}
+
+#[inline(always)]
+fn apply(stats: &mut TrafficStats, traffic: Traffic) {
+    match traffic {
+        Traffic::Forward { bytes } => {
+            stats.fwd_packets += 1;
+            stats.fwd_bytes += bytes;
+        }
+        Traffic::Reverse { bytes } => {
+            stats.rev_packets += 1;
+            stats.rev_bytes += bytes;
+        }
+        Traffic::NewFlow { affinity_hit } => {
+            stats.new_flows += 1;
+            if affinity_hit {
+                stats.affinity_hits += 1;
+            } else {
+                stats.affinity_misses += 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub fn record(service_id: u32, backend_id: u32, traffic: Traffic) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot.
+        apply(unsafe { &mut *stats }, traffic);
+    }
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot.
+        apply(unsafe { &mut *stats }, traffic);
+    }
+}

@@ -1,0 +1,122 @@
+//! The control protocol: one JSON request per line on a Unix socket, one JSON response line.
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+};
+
+/// A request line longer than this is refused (and the connection closed).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A client must send its request within this time, so a hung client cannot hold a task.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    /// Re-read the config file and apply it.
+    Reload,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Status(StatusReport),
+    Reloaded,
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub services: Vec<ServiceStatus>,
+    /// Global per-outcome counters (see `lb_common::Counter`).
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub backend_port: u16,
+    pub protocol: String,
+    pub affinity: String,
+    pub affinity_timeout: u32,
+    pub idle_timeout: u32,
+    pub stats: Traffic,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: String,
+    /// Client connections not yet expired.
+    pub active_flows: u64,
+    /// Clients whose affinity points here and has not expired.
+    pub affinities: u64,
+    pub stats: Traffic,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+    pub affinity_hits: u64,
+    pub affinity_misses: u64,
+}
+
+impl From<lb_common::TrafficStats> for Traffic {
+    fn from(s: lb_common::TrafficStats) -> Self {
+        Self {
+            packets_in: s.fwd_packets,
+            bytes_in: s.fwd_bytes,
+            packets_out: s.rev_packets,
+            bytes_out: s.rev_bytes,
+            new_flows: s.new_flows,
+            affinity_hits: s.affinity_hits,
+            affinity_misses: s.affinity_misses,
+        }
+    }
+}
+
+/// Sends one request to the daemon and returns its response.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!("cannot reach the lb daemon at {} (is it running?)", socket.display())
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.context("send request")?;
+    let mut reply = String::new();
+    let n = tokio::time::timeout(Duration::from_secs(30), BufReader::new(read).read_line(&mut reply))
+        .await
+        .context("the daemon did not answer within 30 s")?
+        .context("read response")?;
+    if n == 0 {
+        bail!("the daemon closed the connection without answering");
+    }
+    serde_json::from_str(&reply).context("the daemon sent an unreadable response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"request":"status"}"#);
+        let parsed: Request = serde_json::from_str(r#"{"request":"reload"}"#).unwrap();
+        assert_eq!(parsed, Request::Reload);
+        assert!(serde_json::from_str::<Request>(r#"{"request":"format-disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,319 @@
+//! The TOML configuration: parsing, defaults and validation. Every error names the key
+//! that caused it (`service[1] "web".backends[2].address: ...`).
+use std::{collections::HashSet, net::Ipv4Addr, path::Path};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+/// Microsoft's affinity garbage-collection guidance for Lync pools.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 1800;
+/// Above the 1800 s TCP idle timeout Lync expects, so a UCWA long-poll idle for exactly
+/// 1800 s is never evicted.
+pub const DEFAULT_IDLE_TIMEOUT_S: u32 = 3600;
+pub const DEFAULT_CLOSING_TIMEOUT_S: u32 = 10;
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
+pub const DEFAULT_MAX_AFFINITIES: u32 = 1 << 20;
+/// Weights are relative; the cap keeps the Maglev fill loop short.
+pub const MAX_WEIGHT: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    #[serde(rename = "service", default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Interfaces the XDP program attaches to (front and back, or the one arm).
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpModeConfig,
+    /// Source addresses for the server-side connections; must be local addresses of this
+    /// box on the server-facing side so the kernel answers ARP for them.
+    pub snat_addresses: Vec<Ipv4Addr>,
+    #[serde(default = "default_snat_port_min")]
+    pub snat_port_min: u16,
+    #[serde(default = "default_snat_port_max")]
+    pub snat_port_max: u16,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: String,
+    #[serde(default = "default_closing_timeout")]
+    pub closing_timeout: u32,
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    #[serde(default = "default_max_affinities")]
+    pub max_affinities: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    /// Native (driver) mode, falling back to generic with a log line.
+    #[default]
+    Auto,
+    Driver,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Affinity {
+    None,
+    Source,
+    SourcePort,
+}
+
+impl Affinity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::Source => "source",
+            Affinity::SourcePort => "source-port",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// Port on the servers; defaults to `port` (443 -> 4443 for the external web VIP).
+    pub backend_port: Option<u16>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    #[serde(default = "default_affinity")]
+    pub affinity: Affinity,
+    #[serde(default = "default_affinity_timeout")]
+    pub affinity_timeout: u32,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u32,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+impl ServiceConfig {
+    pub fn backend_port(&self) -> u16 {
+        self.backend_port.unwrap_or(self.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: Ipv4Addr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_snat_port_min() -> u16 {
+    1024
+}
+fn default_snat_port_max() -> u16 {
+    65535
+}
+fn default_control_socket() -> String {
+    DEFAULT_CONTROL_SOCKET.into()
+}
+fn default_closing_timeout() -> u32 {
+    DEFAULT_CLOSING_TIMEOUT_S
+}
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
+}
+fn default_max_affinities() -> u32 {
+    DEFAULT_MAX_AFFINITIES
+}
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+fn default_affinity() -> Affinity {
+    Affinity::Source
+}
+fn default_affinity_timeout() -> u32 {
+    DEFAULT_AFFINITY_TIMEOUT_S
+}
+fn default_idle_timeout() -> u32 {
+    DEFAULT_IDLE_TIMEOUT_S
+}
+fn default_weight() -> u32 {
+    1
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.daemon;
+        if d.interfaces.is_empty() {
+            bail!("daemon.interfaces: at least one interface is required");
+        }
+        for (i, name) in d.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains('/') {
+                bail!("daemon.interfaces[{i}]: {name:?} is not a valid interface name");
+            }
+        }
+        if d.snat_addresses.is_empty() {
+            bail!("daemon.snat_addresses: at least one SNAT address is required (full NAT)");
+        }
+        if d.snat_addresses.len() > lb_common::MAX_SNAT_ADDRS as usize {
+            bail!("daemon.snat_addresses: at most {} addresses", lb_common::MAX_SNAT_ADDRS);
+        }
+        if d.snat_port_min == 0 || d.snat_port_min > d.snat_port_max {
+            bail!(
+                "daemon.snat_port_min/snat_port_max: need 1 <= min <= max, got {}..{}",
+                d.snat_port_min,
+                d.snat_port_max
+            );
+        }
+        if d.closing_timeout == 0 {
+            bail!("daemon.closing_timeout: must be at least 1 second");
+        }
+        if d.max_flows < 1024 || d.max_affinities < 1024 {
+            bail!("daemon.max_flows/max_affinities: must be at least 1024");
+        }
+        if self.services.len() > lb_common::MAX_SERVICES as usize {
+            bail!("service: at most {} services", lb_common::MAX_SERVICES);
+        }
+        let mut names = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("service[{i}] {:?}", s.name);
+            if s.name.is_empty() {
+                bail!("service[{i}].name: must not be empty");
+            }
+            if !names.insert(&s.name) {
+                bail!("{at}.name: duplicate service name");
+            }
+            if !endpoints.insert((s.vip, s.port, s.protocol)) {
+                bail!("{at}: another service already uses {}:{} {:?}", s.vip, s.port, s.protocol);
+            }
+            if s.vip.is_unspecified() || s.vip.is_multicast() || s.vip.is_broadcast() {
+                bail!("{at}.vip: {} cannot be a VIP", s.vip);
+            }
+            if s.port == 0 {
+                bail!("{at}.port: must not be 0");
+            }
+            if s.backend_port == Some(0) {
+                bail!("{at}.backend_port: must not be 0");
+            }
+            if s.affinity_timeout == 0 {
+                bail!("{at}.affinity_timeout: must be at least 1 second");
+            }
+            if s.idle_timeout == 0 {
+                bail!("{at}.idle_timeout: must be at least 1 second");
+            }
+            let mut seen = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                if !seen.insert(b.address) {
+                    bail!("{at}.backends[{j}].address: duplicate backend {}", b.address);
+                }
+                if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_broadcast() {
+                    bail!("{at}.backends[{j}].address: {} cannot be a server", b.address);
+                }
+                if b.weight > MAX_WEIGHT {
+                    bail!("{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}", b.weight);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [daemon]
+        interfaces = ["eth0"]
+        snat_addresses = ["10.2.0.100"]
+
+        [[service]]
+        name = "web-ext"
+        vip = "10.100.0.1"
+        port = 443
+        backend_port = 4443
+        backends = [{ address = "10.2.0.11" }, { address = "10.2.0.12", weight = 2 }]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_lync_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.affinity, Affinity::Source);
+        assert_eq!(s.affinity_timeout, 1800);
+        assert!(s.idle_timeout > 1800, "a 1800 s idle long-poll must survive");
+        assert_eq!(s.backend_port(), 4443);
+        assert_eq!(s.backends[0].weight, 1);
+        assert_eq!(c.daemon.xdp_mode, XdpModeConfig::Auto);
+        assert_eq!(c.daemon.control_socket, DEFAULT_CONTROL_SOCKET);
+    }
+
+    fn error_of(text: &str) -> String {
+        format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = error_of(&MINIMAL.replace("port = 443", "port = 443\nbogus_key = 1"));
+        assert!(e.contains("bogus_key"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let e = error_of(&MINIMAL.replace("10.2.0.12", "10.2.0.999"));
+        assert!(e.contains("address") || e.contains("10.2.0.999"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_backend_is_named_with_its_path() {
+        let e = error_of(&MINIMAL.replace("10.2.0.12", "10.2.0.11"));
+        assert!(e.contains("service[0] \"web-ext\".backends[1].address"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_endpoint_is_rejected() {
+        let twice = format!("{MINIMAL}\n[[service]]\nname = \"b\"\nvip = \"10.100.0.1\"\nport = 443\n");
+        assert!(error_of(&twice).contains("already uses 10.100.0.1:443"));
+    }
+
+    #[test]
+    fn missing_snat_is_rejected() {
+        let e = error_of(&MINIMAL.replace("snat_addresses = [\"10.2.0.100\"]", "snat_addresses = []"));
+        assert!(e.contains("daemon.snat_addresses"), "{e}");
+    }
+
+    #[test]
+    fn bad_affinity_value_is_named() {
+        let e = error_of(&MINIMAL.replace("port = 443", "port = 443\naffinity = \"cookie\""));
+        assert!(e.contains("affinity") && e.contains("cookie"), "{e}");
+    }
+
+    #[test]
+    fn zero_timeout_is_rejected() {
+        let e = error_of(&MINIMAL.replace("port = 443", "port = 443\naffinity_timeout = 0"));
+        assert!(e.contains(".affinity_timeout"), "{e}");
+    }
+}

@@ -1,0 +1,258 @@
+//! The one typed wrapper around the XDP program and its maps. Nothing else in the daemon
+//! touches a raw map.
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
+    Service, ServiceKey, Settings, TrafficStats, VipInfo, FAMILY_V4, MAGLEV_SIZE, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_SERVICES,
+    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, PROGRAM_NAME,
+};
+use tracing::{info, warn};
+
+use crate::config::XdpModeConfig;
+
+/// The XDP object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
+/// Reference programs from the same crate (`xdp_pass`), for the harness and benchmarks.
+pub static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline.bpf.o"));
+
+/// Table sizes chosen at load time (the object's defaults are the maximums).
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub max_flows: u32,
+    pub max_affinities: u32,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    vips: HashMap<MapData, AddrKey, VipInfo>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    snat: Array<MapData, [u32; 4]>,
+    settings: Array<MapData, Settings>,
+    tx_ports: DevMapHash<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+/// An address as the data plane stores it (network byte order in word 0).
+pub fn v4_key_words(addr: Ipv4Addr) -> [u32; 4] {
+    lb_common::v4_words(u32::from_ne_bytes(addr.octets()))
+}
+
+pub fn v4_from_words(words: [u32; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(words[0].to_ne_bytes())
+}
+
+pub fn vip_key(addr: Ipv4Addr) -> AddrKey {
+    AddrKey { addr_be: v4_key_words(addr), family: FAMILY_V4, _pad: [0; 3] }
+}
+
+fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn sum_traffic(per_cpu: &[TrafficStats]) -> TrafficStats {
+    per_cpu.iter().fold(TrafficStats::default(), |mut acc, v| {
+        add_traffic(&mut acc, v);
+        acc
+    })
+}
+
+fn add_traffic(acc: &mut TrafficStats, v: &TrafficStats) {
+    acc.fwd_packets += v.fwd_packets;
+    acc.fwd_bytes += v.fwd_bytes;
+    acc.rev_packets += v.rev_packets;
+    acc.rev_bytes += v.rev_bytes;
+    acc.new_flows += v.new_flows;
+    acc.affinity_hits += v.affinity_hits;
+    acc.affinity_misses += v.affinity_misses;
+}
+
+impl Dataplane {
+    /// Loads the program and creates its maps (not attached anywhere yet).
+    pub fn load(capacity: Capacity) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_FLOWS, capacity.max_flows)
+            .map_max_entries(MAP_AFFINITY, capacity.max_affinities)
+            .load(OBJECT)
+            .context("loading the XDP object (are you root, with CAP_BPF?)")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the XDP object"))?
+            .try_into()?;
+        program.load().context("the kernel verifier rejected the XDP program")?;
+        Ok(Self {
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            vips: take(&mut ebpf, MAP_VIPS)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            maglev: take(&mut ebpf, MAP_MAGLEV)?,
+            flows: take(&mut ebpf, MAP_FLOWS)?,
+            affinity: take(&mut ebpf, MAP_AFFINITY)?,
+            snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
+            settings: take(&mut ebpf, MAP_SETTINGS)?,
+            tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
+            counters: take(&mut ebpf, MAP_COUNTERS)?,
+            service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            ebpf,
+        })
+    }
+
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
+            .try_into()?)
+    }
+
+    fn program_mut(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches to `iface` and registers it as a redirect target. Returns the mode used.
+    /// The program stays attached until the `Dataplane` is dropped.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeConfig) -> Result<&'static str> {
+        let ifindex = ifindex(iface)?;
+        let used = match mode {
+            XdpModeConfig::Driver => {
+                self.program_mut()?
+                    .attach(iface, XdpMode::Driver)
+                    .with_context(|| format!("attach to {iface} in driver mode"))?;
+                "driver"
+            }
+            XdpModeConfig::Generic => {
+                self.program_mut()?
+                    .attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attach to {iface} in generic mode"))?;
+                "generic"
+            }
+            XdpModeConfig::Auto => match self.program_mut()?.attach(iface, XdpMode::Driver) {
+                Ok(_) => "driver",
+                Err(e) => {
+                    warn!(%iface, error = %e, "driver-mode XDP failed, falling back to generic mode");
+                    self.program_mut()?
+                        .attach(iface, XdpMode::Skb)
+                        .with_context(|| format!("attach to {iface} in generic mode"))?;
+                    "generic"
+                }
+            },
+        };
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("register {iface} as a redirect target"))?;
+        info!(%iface, ifindex, mode = used, "XDP program attached");
+        Ok(used)
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        self.settings.set(0, settings, 0).context("write settings")
+    }
+
+    pub fn set_snat_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
+        for (i, addr) in addrs.iter().enumerate() {
+            self.snat.set(i as u32, v4_key_words(*addr), 0).context("write SNAT address")?;
+        }
+        Ok(())
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backends.set(id, backend, 0).with_context(|| format!("write backend {id}"))
+    }
+
+    /// Writes one half of a service's Maglev table; the half must not be live.
+    pub fn write_maglev(&mut self, service_id: u32, half: u32, table: &[u32]) -> Result<()> {
+        anyhow::ensure!(table.len() == MAGLEV_SIZE as usize, "Maglev table has the wrong size");
+        for (slot, id) in table.iter().enumerate() {
+            self.maglev
+                .set(maglev_index(service_id, half, slot as u32), id, 0)
+                .context("write Maglev table")?;
+        }
+        Ok(())
+    }
+
+    pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
+        self.services.insert(key, service, 0).context("write service")
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services.remove(key).context("remove service")
+    }
+
+    pub fn set_vip(&mut self, addr: Ipv4Addr, services: u32) -> Result<()> {
+        self.vips.insert(vip_key(addr), VipInfo { services, _pad: 0 }, 0).context("write VIP")
+    }
+
+    pub fn remove_vip(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.vips.remove(&vip_key(addr)).context("remove VIP")
+    }
+
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let values = self.counters.get(&(c as u32), 0).context("read counters")?;
+                Ok((c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<TrafficStats> {
+        let values = self.service_stats.get(&id, 0).context("read service stats")?;
+        Ok(sum_traffic(&values))
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
+        let values = self.backend_stats.get(&id, 0).context("read backend stats")?;
+        Ok(sum_traffic(&values))
+    }
+
+    /// Live (not expired) affinity entries per backend id, for `lb status`.
+    pub fn affinities(&self) -> impl Iterator<Item = (AffinityKey, AffinityEntry)> + '_ {
+        self.affinity.iter().filter_map(Result::ok)
+    }
+
+    /// Flow entries, both directions.
+    pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
+        self.flows.iter().filter_map(Result::ok)
+    }
+}
+
+pub fn ifindex(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface).context("interface name contains NUL")?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(anyhow!("interface {iface:?} not found: {}", std::io::Error::last_os_error()));
+    }
+    Ok(index)
+}
+
+/// Monotonic clock in the data plane's unit (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

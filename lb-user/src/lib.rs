@@ -1,0 +1,9 @@
+//! The lb control daemon and CLI as a library, so the test harness can drive the same
+//! data plane (`Dataplane`) and speak the same control protocol (`api`).
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod maglev;
+pub mod pool;
+pub mod status;

@@ -1,0 +1,145 @@
+//! The real `lb` binary running as a daemon inside the lb namespace.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lb::api::{self, Request, Response, StatusReport};
+
+use crate::topology::Topology;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The `lb` binary: `LB_BIN` if set, else next to the running test binary's target dir.
+pub fn lb_binary() -> Result<PathBuf> {
+    if let Ok(path) = std::env::var("LB_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("lb");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("lb binary not found next to {}; build it first (`cargo build -p lb-user`, which `cargo xtask test` does) or set LB_BIN", exe.display())
+}
+
+pub struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    pub config_path: PathBuf,
+    pub socket: PathBuf,
+}
+
+/// The `[daemon]` section for a topology, with a small table size so tests load quickly.
+pub fn daemon_section(topology: &Topology, socket: &Path) -> String {
+    let interfaces: Vec<String> = topology.lb_interfaces.iter().map(|i| format!("{i:?}")).collect();
+    let snat: Vec<String> = topology.snat_addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\nmax_flows = 65536\nmax_affinities = 65536\n",
+        interfaces.join(", "),
+        snat.join(", "),
+        socket.display().to_string(),
+    )
+}
+
+impl Daemon {
+    /// Writes `services` (TOML `[[service]]` tables) with the topology's daemon section and
+    /// starts the daemon; returns when it answers on its control socket.
+    pub fn start(topology: &Topology, services: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-lb", topology.prefix));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("lb.sock");
+        let config_path = dir.join("lb.toml");
+        std::fs::write(&config_path, format!("{}\n{services}", daemon_section(topology, &socket)))?;
+        let log = File::create(dir.join("daemon.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", topology.lb.name()])
+            .arg(lb_binary()?)
+            .args(["daemon", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn lb daemon")?;
+        let mut daemon = Self { child, dir, config_path, socket };
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("lb daemon exited ({status}) during start-up:\n{}", self.log());
+            }
+            if self.socket.exists() && self.status().is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(POLL);
+        }
+        bail!("lb daemon not ready after {READY_TIMEOUT:?}:\n{}", self.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn call(&self, request: Request) -> Result<Response> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(api::call(&self.socket, &request))
+    }
+
+    pub fn status(&self) -> Result<StatusReport> {
+        match self.call(Request::Status)? {
+            Response::Status(report) => Ok(report),
+            other => Err(anyhow!("unexpected response {other:?}")),
+        }
+    }
+
+    /// Rewrites the `[[service]]` part of the config and asks the daemon to apply it.
+    pub fn reload(&self, topology: &Topology, services: &str) -> Result<()> {
+        std::fs::write(
+            &self.config_path,
+            format!("{}\n{services}", daemon_section(topology, &self.socket)),
+        )?;
+        match self.call(Request::Reload)? {
+            Response::Reloaded => Ok(()),
+            other => Err(anyhow!("reload failed: {other:?}")),
+        }
+    }
+
+    /// Runs the `lb` CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(lb_binary()?).arg("--socket").arg(&self.socket).args(args).output()?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM first so the daemon detaches its programs itself; SIGKILL if it hangs.
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("lb daemon log:\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,85 @@
+//! A ready Front End pool: topology, one server per backend host, the lb daemon with one
+//! service in front. Dropped in field order: daemon, servers, then the namespaces.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::Result;
+
+use crate::{
+    client::{self, Reply},
+    daemon::Daemon,
+    server::Server,
+    topology::{Spec, Topology, VIP},
+};
+
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub port: u16,
+    pub backend_port: u16,
+    pub affinity: String,
+    pub affinity_timeout: u32,
+    pub idle_timeout: u32,
+}
+
+impl Default for ServiceSpec {
+    /// The external Web Services VIP: 443 -> 4443, source affinity.
+    fn default() -> Self {
+        Self {
+            name: "web-ext".into(),
+            port: 443,
+            backend_port: 4443,
+            affinity: "source".into(),
+            affinity_timeout: 1800,
+            idle_timeout: 3600,
+        }
+    }
+}
+
+impl ServiceSpec {
+    pub fn toml(&self, backends: &[Ipv4Addr]) -> String {
+        let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+        format!(
+            "[[service]]\nname = {:?}\nvip = \"{VIP}\"\nport = {}\nbackend_port = {}\naffinity = {:?}\naffinity_timeout = {}\nidle_timeout = {}\nbackends = [{}]\n",
+            self.name,
+            self.port,
+            self.backend_port,
+            self.affinity,
+            self.affinity_timeout,
+            self.idle_timeout,
+            list.join(", ")
+        )
+    }
+}
+
+pub struct Fixture {
+    pub daemon: Daemon,
+    pub servers: Vec<Server>,
+    pub service: ServiceSpec,
+    pub topology: Topology,
+}
+
+impl Fixture {
+    pub fn start(spec: &Spec, service: ServiceSpec) -> Result<Self> {
+        let topology = Topology::build(spec)?;
+        let servers = topology
+            .backends
+            .iter()
+            .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
+            .collect::<Result<Vec<_>>>()?;
+        let daemon = Daemon::start(&topology, &service.toml(&Self::addresses(&topology)))?;
+        Ok(Self { daemon, servers, service, topology })
+    }
+
+    pub fn addresses(topology: &Topology) -> Vec<Ipv4Addr> {
+        topology.backends.iter().map(|b| b.address).collect()
+    }
+
+    pub fn vip(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(VIP, self.service.port)
+    }
+
+    /// One fresh connection from `client`, one request.
+    pub fn ask(&self, client: Ipv4Addr) -> Result<Reply> {
+        client::request(&self.topology.client, client, self.vip())
+    }
+}

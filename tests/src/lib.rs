@@ -1,0 +1,9 @@
+//! The veth / network-namespace harness: real clients, the real XDP program, real servers.
+//! Every namespace, link and process a test creates is removed when its owner is dropped,
+//! also when the test fails.
+pub mod client;
+pub mod daemon;
+pub mod fixture;
+pub mod netns;
+pub mod server;
+pub mod topology;

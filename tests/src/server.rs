@@ -1,0 +1,106 @@
+//! A minimal HTTP/1.1 server standing in for a Front End server: every response names the
+//! server and the peer address it saw, so a test can tell where a connection landed and
+//! whether the source was translated. Keep-alive is supported for long-lived connections.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+/// How long the accept loop sleeps between polls of its stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+const IDLE_LIMIT: Duration = Duration::from_secs(30);
+
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    pub name: String,
+    pub address: SocketAddrV4,
+}
+
+impl Server {
+    /// Starts listening inside `ns`; returns once the socket is bound (ready).
+    pub fn start(ns: &Netns, name: &str, address: Ipv4Addr, port: u16) -> Result<Self> {
+        let bind = SocketAddrV4::new(address, port);
+        let listener = ns
+            .run(|| TcpListener::bind(bind))?
+            .with_context(|| format!("bind {bind} in {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, accepted, name) = (stop.clone(), accepted.clone(), name.to_string());
+            std::thread::spawn(move || accept_loop(listener, &name, &stop, &accepted))
+        };
+        Ok(Self { stop, accepted, thread: Some(thread), name: name.to_string(), address: bind })
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, accepted: &AtomicU64) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let name = name.to_string();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, peer, &name);
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(_) => std::thread::sleep(ACCEPT_POLL),
+        }
+    }
+}
+
+fn serve(stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IDLE_LIMIT))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        // Read one request head; the body (if any) is not used.
+        let mut saw_request = false;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            saw_request = true;
+        }
+        if !saw_request {
+            continue;
+        }
+        let body = format!("server={name} peer={peer}\n");
+        write!(
+            writer,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+    }
+}

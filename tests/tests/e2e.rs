@@ -1,0 +1,216 @@
+//! End-to-end: real TCP clients in a namespace, the real XDP program (via the real `lb`
+//! daemon) in another, real servers behind it. Needs root.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener},
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Result};
+use harness::{
+    client::{self, Connection},
+    fixture::{Fixture, ServiceSpec},
+    topology::{Arms, Spec},
+};
+
+/// Connections per client address in the affinity test.
+const CONNECTIONS_PER_CLIENT: usize = 10;
+
+/// Which server each client reached, per connection.
+fn spread(f: &Fixture, clients: &[Ipv4Addr], per_client: usize) -> Result<BTreeMap<Ipv4Addr, Vec<String>>> {
+    let mut seen = BTreeMap::new();
+    for &c in clients {
+        let servers: Vec<String> =
+            (0..per_client).map(|_| f.ask(c).map(|r| r.server)).collect::<Result<_>>()?;
+        seen.insert(c, servers);
+    }
+    Ok(seen)
+}
+
+fn counter(f: &Fixture, name: &str) -> Result<u64> {
+    Ok(f.daemon.status()?.counters.get(name).copied().unwrap_or(0))
+}
+
+fn check_affinity_and_balance(arms: Arms) -> Result<()> {
+    let f = Fixture::start(&Spec { arms, ..Spec::default() }, ServiceSpec::default())?;
+    let seen = spread(&f, &f.topology.client_addresses, CONNECTIONS_PER_CLIENT)?;
+
+    let mut clients_per_server: BTreeMap<String, usize> = BTreeMap::new();
+    for (client, servers) in &seen {
+        let distinct: BTreeSet<&String> = servers.iter().collect();
+        ensure!(distinct.len() == 1, "client {client} reached several servers: {servers:?}");
+        *clients_per_server.entry(servers[0].clone()).or_default() += 1;
+    }
+    let fair = seen.len() as f64 / f.servers.len() as f64;
+    for server in &f.servers {
+        let n = clients_per_server.get(&server.name).copied().unwrap_or(0);
+        ensure!(n > 0, "{} got no clients: {clients_per_server:?}", server.name);
+        ensure!((n as f64) <= 2.0 * fair, "{} got {n} clients, over twice the fair {fair}: {clients_per_server:?}", server.name);
+    }
+
+    // The data plane's own view agrees: every connection was a new flow, and all but the
+    // first of each client came from its affinity entry.
+    let status = f.daemon.status()?;
+    let total = (seen.len() * CONNECTIONS_PER_CLIENT) as u64;
+    let svc = &status.services[0].stats;
+    ensure!(svc.new_flows == total, "new_flows {} != {total}", svc.new_flows);
+    ensure!(svc.affinity_misses == seen.len() as u64, "misses {}", svc.affinity_misses);
+    ensure!(svc.affinity_hits == total - seen.len() as u64, "hits {}", svc.affinity_hits);
+    for drop in status.counters.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0) {
+        anyhow::bail!("unexpected drops: {drop:?}");
+    }
+    Ok(())
+}
+
+/// 1. 3 backends, 30 client addresses x 10 connections each: every client always reaches
+/// the same backend, every backend gets clients, none more than twice its fair share.
+#[test]
+fn source_affinity_holds_and_load_spreads() -> Result<()> {
+    check_affinity_and_balance(Arms::Two)
+}
+
+/// The same through the one-armed topology (everything leaves by XDP_TX).
+#[test]
+fn one_armed_source_affinity_holds() -> Result<()> {
+    check_affinity_and_balance(Arms::One)
+}
+
+/// 2. VIP:443 reaches the servers on 4443, and the server sees a SNAT address, not the client.
+#[test]
+fn port_translation_and_source_nat() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 4, ..Spec::default() }, ServiceSpec::default())?;
+    for &c in &f.topology.client_addresses {
+        let reply = f.ask(c)?;
+        let IpAddr::V4(peer) = reply.peer.ip() else { anyhow::bail!("IPv6 peer {}", reply.peer) };
+        ensure!(f.topology.snat_addresses.contains(&peer), "server saw {peer}, not a SNAT address");
+        ensure!(peer != c);
+    }
+    // Only the 4443 listeners exist: a reply at all proves the port was translated.
+    ensure!(f.servers.iter().all(|s| s.address.port() == 4443));
+    ensure!(f.servers.iter().map(|s| s.accepted()).sum::<u64>() == 4);
+    Ok(())
+}
+
+/// 3. A backend reaching its own VIP (hairpin) gets a working connection.
+#[test]
+fn backend_reaches_its_own_vip() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    for backend in &f.topology.backends {
+        for _ in 0..5 {
+            let reply = client::request(&backend.ns, backend.address, f.vip())?;
+            let IpAddr::V4(peer) = reply.peer.ip() else { anyhow::bail!("IPv6 peer") };
+            ensure!(f.topology.snat_addresses.contains(&peer), "hairpin not source-NATed: {peer}");
+        }
+    }
+    Ok(())
+}
+
+/// 4a. With `affinity = "none"` one client's connections spread over the servers.
+#[test]
+fn no_affinity_spreads_one_client() -> Result<()> {
+    let service = ServiceSpec { affinity: "none".into(), ..ServiceSpec::default() };
+    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, service)?;
+    let client = f.topology.client_addresses[0];
+    let servers: BTreeSet<String> =
+        (0..60).map(|_| f.ask(client).map(|r| r.server)).collect::<Result<_>>()?;
+    ensure!(servers.len() == f.servers.len(), "60 connections reached only {servers:?}");
+    ensure!(counter(&f, "affinity_hits")? == 0);
+    Ok(())
+}
+
+/// 4b. With `source-port`, one address with different ports may reach different servers,
+/// while the same address and port always reaches the same one.
+#[test]
+fn source_port_affinity_distinguishes_ports() -> Result<()> {
+    let service = ServiceSpec { affinity: "source-port".into(), ..ServiceSpec::default() };
+    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, service)?;
+    let client = f.topology.client_addresses[0];
+    let mut by_port = BTreeMap::new();
+    for port in 20_000..20_040u16 {
+        let reply = Connection::open(&f.topology.client, client, port, f.vip())?.ask()?;
+        by_port.insert(port, reply.server);
+    }
+    let distinct: BTreeSet<&String> = by_port.values().collect();
+    ensure!(distinct.len() > 1, "40 ports all reached {distinct:?}");
+    // Same port again (after the first connection closed): same server, via affinity.
+    for port in [20_000u16, 20_017, 20_039] {
+        let again = reconnect_same_port(&f, client, port)?;
+        ensure!(again == by_port[&port], "port {port}: {again} then {}", by_port[&port]);
+    }
+    Ok(())
+}
+
+/// Reuses a client port right after closing it: retried while the previous connection's
+/// TIME_WAIT still holds the port locally.
+fn reconnect_same_port(f: &Fixture, client: Ipv4Addr, port: u16) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Connection::open(&f.topology.client, client, port, f.vip()) {
+            Ok(mut c) => return Ok(c.ask()?.server),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// 5. An affinity expires after its (short) timeout and a new choice is made. A fourth
+/// server is added while affinities are fresh: clients that Maglev now maps to it stay on
+/// their old server until their affinity has been idle for the timeout, then move.
+#[test]
+fn affinity_expires_after_timeout() -> Result<()> {
+    const TIMEOUT_S: u32 = 3;
+    let service = ServiceSpec { affinity_timeout: TIMEOUT_S, ..ServiceSpec::default() };
+    let f = Fixture::start(&Spec { backends: 4, clients: 40, ..Spec::default() }, service.clone())?;
+    let first_three = &Fixture::addresses(&f.topology)[..3];
+    f.daemon.reload(&f.topology, &service.toml(first_three))?;
+    let before: BTreeMap<Ipv4Addr, String> = f
+        .topology
+        .client_addresses
+        .iter()
+        .map(|&c| f.ask(c).map(|r| (c, r.server)))
+        .collect::<Result<_>>()?;
+    ensure!(before.values().all(|s| s != "fe4"), "fe4 was not in the pool yet");
+
+    f.daemon.reload(&f.topology, &service.toml(&Fixture::addresses(&f.topology)))?;
+    let started = Instant::now();
+    for (&c, server) in &before {
+        let now = f.ask(c)?.server;
+        ensure!(&now == server, "{c} moved from {server} to {now} while its affinity was fresh");
+    }
+    ensure!(started.elapsed() < Duration::from_secs(u64::from(TIMEOUT_S)), "machine too slow for this check");
+
+    // Idle past the timeout (the check above refreshed every affinity).
+    std::thread::sleep(Duration::from_secs(u64::from(TIMEOUT_S) + 2));
+    let mut moved = 0;
+    for (&c, server) in &before {
+        let now = f.ask(c)?.server;
+        if &now != server {
+            ensure!(now == "fe4", "{c} moved from {server} to {now}, not to the new server");
+            moved += 1;
+        }
+    }
+    ensure!(moved > 0, "no client moved to fe4 after its affinity expired");
+    Ok(())
+}
+
+/// 6. Non-VIP traffic still works with the program attached: ping and TCP to lb's own
+/// address, from the client side.
+#[test]
+fn non_vip_traffic_passes() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let lb_addr = f.topology.lb_address.to_string();
+    f.topology.client.exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", &lb_addr])?;
+
+    let listener = f.topology.lb.run(|| TcpListener::bind((f.topology.lb_address, 2222)))??;
+    let accept = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer));
+    let conn = Connection::open(&f.topology.client, f.topology.client_addresses[0], 0,
+        SocketAddrV4::new(f.topology.lb_address, 2222));
+    ensure!(conn.is_ok(), "TCP to lb's own address failed: {:?}", conn.err());
+    let peer = accept.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
+    ensure!(peer.ip() == IpAddr::V4(f.topology.client_addresses[0]), "lb saw {peer}");
+    ensure!(counter(&f, "pass_not_service")? > 0 || counter(&f, "pass_not_ipv4")? > 0);
+    Ok(())
+}
