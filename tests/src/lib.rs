@@ -5,5 +5,6 @@ pub mod client;
 pub mod daemon;
 pub mod fixture;
 pub mod netns;
+pub mod packet;
 pub mod server;
 pub mod topology;

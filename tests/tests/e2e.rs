@@ -59,7 +59,29 @@ fn check_affinity_and_balance(arms: Arms) -> Result<()> {
     for drop in status.counters.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0) {
         anyhow::bail!("unexpected drops: {drop:?}");
     }
+
+    // No packet was lost while neighbours were unresolved: the first packets toward each
+    // new client and server went through the kernel (pass_no_neigh), and no client had to
+    // retransmit anything.
+    ensure!(status.counters["pass_no_neigh"] > 0, "the unresolved-neighbour path was not exercised");
+    let retransmitted = tcp_retransmitted_segments(&f.topology.client)?;
+    ensure!(retransmitted == 0, "clients retransmitted {retransmitted} segments");
     Ok(())
+}
+
+/// `RetransSegs` from the namespace's TCP MIB.
+fn tcp_retransmitted_segments(ns: &harness::netns::Netns) -> Result<u64> {
+    // thread-self: /proc/self/net would show the process's namespace, not this thread's.
+    let snmp = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+    let mut tcp_lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp_lines.next(), tcp_lines.next());
+    let (Some(names), Some(values)) = (names, values) else { anyhow::bail!("no Tcp lines in snmp") };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .map(|(_, v)| v.parse().map_err(Into::into))
+        .unwrap_or_else(|| anyhow::bail!("no RetransSegs in snmp"))
 }
 
 /// 1. 3 backends, 30 client addresses x 10 connections each: every client always reaches
