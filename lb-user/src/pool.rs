@@ -249,7 +249,8 @@ impl Pool {
                     address: b.address,
                     port: s.backend_port(),
                     weight: b.weight,
-                    state: "up".into(),
+                    // Health checks are not implemented yet: state only reflects the config.
+                    state: if b.weight > 0 { "active" } else { "no-new-clients" }.into(),
                     active_flows: flows_per_backend.get(&bid).copied().unwrap_or(0),
                     affinities: affinities_per_backend.get(&bid).copied().unwrap_or(0),
                     stats: dp.backend_stats(bid)?.into(),

@@ -56,9 +56,8 @@ fn check_affinity_and_balance(arms: Arms) -> Result<()> {
     ensure!(svc.new_flows == total, "new_flows {} != {total}", svc.new_flows);
     ensure!(svc.affinity_misses == seen.len() as u64, "misses {}", svc.affinity_misses);
     ensure!(svc.affinity_hits == total - seen.len() as u64, "hits {}", svc.affinity_hits);
-    for drop in status.counters.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0) {
-        anyhow::bail!("unexpected drops: {drop:?}");
-    }
+    let drops: Vec<_> = status.counters.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0).collect();
+    ensure!(drops.is_empty(), "unexpected drops: {drops:?}");
 
     // No packet was lost while neighbours were unresolved: the first packets toward each
     // new client and server went through the kernel (pass_no_neigh), and no client had to
@@ -84,8 +83,8 @@ fn tcp_retransmitted_segments(ns: &harness::netns::Netns) -> Result<u64> {
         .unwrap_or_else(|| anyhow::bail!("no RetransSegs in snmp"))
 }
 
-/// 1. 3 backends, 30 client addresses x 10 connections each: every client always reaches
-/// the same backend, every backend gets clients, none more than twice its fair share.
+/// Issue test 1: 3 backends, 30 client addresses x 10 connections each. Every client always
+/// reaches the same backend, every backend gets clients, none more than twice its fair share.
 #[test]
 fn source_affinity_holds_and_load_spreads() -> Result<()> {
     check_affinity_and_balance(Arms::Two)
@@ -97,7 +96,7 @@ fn one_armed_source_affinity_holds() -> Result<()> {
     check_affinity_and_balance(Arms::One)
 }
 
-/// 2. VIP:443 reaches the servers on 4443, and the server sees a SNAT address, not the client.
+/// Issue test 2: VIP:443 reaches the servers on 4443, and the server sees a SNAT address, not the client.
 #[test]
 fn port_translation_and_source_nat() -> Result<()> {
     let f = Fixture::start(&Spec { clients: 4, ..Spec::default() }, ServiceSpec::default())?;
@@ -113,7 +112,7 @@ fn port_translation_and_source_nat() -> Result<()> {
     Ok(())
 }
 
-/// 3. A backend reaching its own VIP (hairpin) gets a working connection.
+/// Issue test 3: a backend reaching its own VIP (hairpin) gets a working connection.
 #[test]
 fn backend_reaches_its_own_vip() -> Result<()> {
     let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
@@ -127,7 +126,7 @@ fn backend_reaches_its_own_vip() -> Result<()> {
     Ok(())
 }
 
-/// 4a. With `affinity = "none"` one client's connections spread over the servers.
+/// Issue test 4a: with `affinity = "none"` one client's connections spread over the servers.
 #[test]
 fn no_affinity_spreads_one_client() -> Result<()> {
     let service = ServiceSpec { affinity: "none".into(), ..ServiceSpec::default() };
@@ -140,7 +139,7 @@ fn no_affinity_spreads_one_client() -> Result<()> {
     Ok(())
 }
 
-/// 4b. With `source-port`, one address with different ports may reach different servers,
+/// Issue test 4b: with `source-port`, one address with different ports may reach different servers,
 /// while the same address and port always reaches the same one.
 #[test]
 fn source_port_affinity_distinguishes_ports() -> Result<()> {
@@ -169,18 +168,15 @@ fn reconnect_same_port(f: &Fixture, client: Ipv4Addr, port: u16) -> Result<Strin
     loop {
         match Connection::open(&f.topology.client, client, port, f.vip()) {
             Ok(mut c) => return Ok(c.ask()?.server),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             Err(e) => return Err(e),
         }
     }
 }
 
-/// 5. An affinity expires after its (short) timeout and a new choice is made. A fourth
-/// server is added while affinities are fresh: clients that Maglev now maps to it stay on
-/// their old server until their affinity has been idle for the timeout, then move.
+/// Issue test 5: an affinity expires after its (short) timeout and a new choice is made. A
+/// fourth server is added while affinities are fresh: clients that Maglev now maps to it
+/// stay on their old server until their affinity has been idle for the timeout, then move.
 #[test]
 fn affinity_expires_after_timeout() -> Result<()> {
     const TIMEOUT_S: u32 = 3;
@@ -218,8 +214,8 @@ fn affinity_expires_after_timeout() -> Result<()> {
     Ok(())
 }
 
-/// 6. Non-VIP traffic still works with the program attached: ping and TCP to lb's own
-/// address, from the client side.
+/// Issue test 6: non-VIP traffic still works with the program attached (ping and TCP to
+/// lb's own address, from the client side).
 #[test]
 fn non_vip_traffic_passes() -> Result<()> {
     let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
@@ -233,6 +229,7 @@ fn non_vip_traffic_passes() -> Result<()> {
     ensure!(conn.is_ok(), "TCP to lb's own address failed: {:?}", conn.err());
     let peer = accept.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
     ensure!(peer.ip() == IpAddr::V4(f.topology.client_addresses[0]), "lb saw {peer}");
-    ensure!(counter(&f, "pass_not_service")? > 0 || counter(&f, "pass_not_ipv4")? > 0);
+    // The program saw that TCP and let it through.
+    ensure!(counter(&f, "pass_not_service")? > 0, "lb's own TCP traffic was not seen by the program");
     Ok(())
 }
