@@ -23,28 +23,25 @@ fn finish(mut h: u32) -> u32 {
 
 const SEED: u32 = 0x1b_0001;
 
-/// Hash of a client address and (for `source-port` affinity) port; port 0 when unused.
 #[inline(always)]
-pub fn client_hash(addr_be: &[u32; 4], port_be: u16) -> u32 {
-    let mut h = SEED;
+fn mix_endpoint(mut h: u32, addr_be: &[u32; 4], port_be: u16) -> u32 {
     h = mix(h, addr_be[0]);
     h = mix(h, addr_be[1]);
     h = mix(h, addr_be[2]);
     h = mix(h, addr_be[3]);
-    h = mix(h, u32::from(port_be));
-    finish(h)
+    mix(h, u32::from(port_be))
+}
+
+/// Hash of a client address and (for `source-port` affinity) port; port 0 when unused.
+#[inline(always)]
+pub fn client_hash(addr_be: &[u32; 4], port_be: u16) -> u32 {
+    finish(mix_endpoint(SEED, addr_be, port_be))
 }
 
 /// Hash of a whole connection, for services without affinity.
 #[inline(always)]
 pub fn flow_hash(src_be: &[u32; 4], dst_be: &[u32; 4], src_port_be: u16, dst_port_be: u16) -> u32 {
-    let mut h = client_hash(src_be, src_port_be);
-    h = mix(h, dst_be[0]);
-    h = mix(h, dst_be[1]);
-    h = mix(h, dst_be[2]);
-    h = mix(h, dst_be[3]);
-    h = mix(h, u32::from(dst_port_be));
-    finish(h)
+    finish(mix_endpoint(client_hash(src_be, src_port_be), dst_be, dst_port_be))
 }
 
 #[cfg(test)]
