@@ -14,19 +14,40 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "kebab-case")]
+#[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Status,
     /// Re-read the config file and apply it.
     Reload,
+    BackendAdd { service: String, address: Ipv4Addr, port: Option<u16>, weight: Option<u32> },
+    BackendRemove { service: String, address: Ipv4Addr },
+    /// No new clients; after `deadline_s` (if given) remaining flows and affinities are cut.
+    BackendDrain { service: String, address: Ipv4Addr, deadline_s: Option<u64> },
+    BackendUndrain { service: String, address: Ipv4Addr },
+    BackendWeight { service: String, address: Ipv4Addr, weight: u32 },
+    AffinityList { service: String, client: Option<Ipv4Addr> },
+    AffinityFlush { service: String, client: Option<Ipv4Addr>, backend: Option<Ipv4Addr> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Status(StatusReport),
-    Reloaded,
+    /// The request was applied.
+    Done,
+    Affinities { entries: Vec<AffinityRecord> },
+    Flushed { removed: usize },
     Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityRecord {
+    pub client: Ipv4Addr,
+    /// Only for `source-port` affinity.
+    pub client_port: Option<u16>,
+    pub backend: Ipv4Addr,
+    /// Seconds since the client was last seen.
+    pub idle_s: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -6,6 +6,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+/// Maps and links are pinned below this directory (on bpffs), in a subdirectory named after
+/// the map layout version, so a restarted daemon adopts the running data plane.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// Microsoft's affinity garbage-collection guidance for Lync pools.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 1800;
 /// Above the 1800 s TCP idle timeout Lync expects, so a UCWA long-poll idle for exactly
@@ -41,6 +44,8 @@ pub struct DaemonConfig {
     pub snat_port_max: u16,
     #[serde(default = "default_control_socket")]
     pub control_socket: String,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: String,
     #[serde(default = "default_closing_timeout")]
     pub closing_timeout: u32,
     #[serde(default = "default_max_flows")]
@@ -113,6 +118,9 @@ impl ServiceConfig {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: Ipv4Addr,
+    /// Server-side port of this server; default: the service's `backend_port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     #[serde(default = "default_weight")]
     pub weight: u32,
 }
@@ -125,6 +133,9 @@ fn default_snat_port_max() -> u16 {
 }
 fn default_control_socket() -> String {
     DEFAULT_CONTROL_SOCKET.into()
+}
+fn default_pin_dir() -> String {
+    DEFAULT_PIN_DIR.into()
 }
 fn default_closing_timeout() -> u32 {
     DEFAULT_CLOSING_TIMEOUT_S
@@ -187,6 +198,9 @@ impl Config {
                 d.snat_port_max
             );
         }
+        if !d.pin_dir.starts_with('/') {
+            bail!("daemon.pin_dir: must be an absolute path on bpffs, got {:?}", d.pin_dir);
+        }
         if d.closing_timeout == 0 {
             bail!("daemon.closing_timeout: must be at least 1 second");
         }
@@ -231,6 +245,9 @@ impl Config {
                 }
                 if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_broadcast() {
                     bail!("{at}.backends[{j}].address: {} cannot be a server", b.address);
+                }
+                if b.port == Some(0) {
+                    bail!("{at}.backends[{j}].port: must not be 0");
                 }
                 if b.weight > MAX_WEIGHT {
                     bail!("{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}", b.weight);

@@ -1,9 +1,14 @@
-//! `lb daemon`: loads and attaches the data plane, applies the config, serves the control
-//! socket, reloads on SIGHUP, detaches cleanly on SIGTERM / SIGINT.
+//! `lb daemon`: loads (or adopts) the data plane, applies the config and runtime changes,
+//! serves the control socket, reloads on SIGHUP.
+//!
+//! The program and its maps are pinned: on SIGTERM, SIGINT or a crash the data plane keeps
+//! forwarding, and the next daemon adopts it with every flow and affinity. `lb detach`
+//! stops the data plane for good.
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -19,35 +24,58 @@ use crate::{
     api::{Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
     config::Config,
     dataplane::{Capacity, Dataplane},
-    pool::Pool,
+    pool::{unix_now, Pool},
+    runtime::{state_path, Overlay},
 };
 
-struct State {
+/// How often drain deadlines are checked.
+const DRAIN_TICK: Duration = Duration::from_secs(1);
+
+pub struct State {
     config_path: PathBuf,
-    dataplane: Dataplane,
-    pool: Pool,
+    pub dataplane: Dataplane,
+    pub pool: Pool,
 }
 
 impl State {
     fn reload(&mut self) -> Result<()> {
-        let config = Config::load(&self.config_path)?;
-        let old = self.pool.config().map(|c| c.daemon.clone());
-        if old.as_ref().is_some_and(|d| *d != config.daemon) {
+        let mut config = Config::load(&self.config_path)?;
+        let running = self.pool.config().daemon.clone();
+        if config.daemon != running {
             warn!("changes to [daemon] need a restart; applying [[service]] changes only");
+            config.daemon = running;
         }
-        let mut effective = config;
-        if let Some(daemon) = old {
-            effective.daemon = daemon;
-        }
-        self.pool.apply(&mut self.dataplane, &effective)?;
-        info!(services = effective.services.len(), "configuration reloaded");
+        let services = config.services.len();
+        self.pool.set_config(config);
+        self.pool.sync(&mut self.dataplane)?;
+        info!(services, "configuration reloaded");
         Ok(())
     }
 
     fn handle(&mut self, request: Request) -> Response {
+        let dp = &mut self.dataplane;
+        let pool = &mut self.pool;
+        let done = |r: Result<()>| r.map(|()| Response::Done);
         let result = match request {
-            Request::Status => self.pool.status(&self.dataplane).map(Response::Status),
-            Request::Reload => self.reload().map(|()| Response::Reloaded),
+            Request::Status => pool.status(dp).map(Response::Status),
+            Request::Reload => done(self.reload()),
+            Request::BackendAdd { service, address, port, weight } => {
+                done(pool.add_backend(dp, &service, address, port, weight))
+            }
+            Request::BackendRemove { service, address } => done(pool.remove_backend(dp, &service, address)),
+            Request::BackendDrain { service, address, deadline_s } => {
+                done(pool.drain(dp, &service, address, deadline_s))
+            }
+            Request::BackendUndrain { service, address } => done(pool.undrain(dp, &service, address)),
+            Request::BackendWeight { service, address, weight } => {
+                done(pool.set_weight(dp, &service, address, weight))
+            }
+            Request::AffinityList { service, client } => {
+                pool.affinity_list(dp, &service, client).map(|entries| Response::Affinities { entries })
+            }
+            Request::AffinityFlush { service, client, backend } => {
+                pool.affinity_flush(dp, &service, client, backend).map(|removed| Response::Flushed { removed })
+            }
         };
         result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") })
     }
@@ -76,26 +104,40 @@ fn prepare_host(interfaces: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
+/// Loads the data plane (adopting pinned maps) and brings it in line with the config and
+/// the persisted runtime changes.
+pub fn start(config_path: &Path) -> Result<State> {
     let config = Config::load(config_path)?;
+    let state_file = state_path(config_path);
+    let overlay = Overlay::load(&state_file)?;
     prepare_host(&config.daemon.interfaces)?;
-    let mut dataplane = Dataplane::load(Capacity {
-        max_flows: config.daemon.max_flows,
-        max_affinities: config.daemon.max_affinities,
-    })?;
-    let mut pool = Pool::default();
+    let mut dataplane = Dataplane::load(
+        Capacity { max_flows: config.daemon.max_flows, max_affinities: config.daemon.max_affinities },
+        Some(Path::new(&config.daemon.pin_dir)),
+    )?;
+    let interfaces = config.daemon.interfaces.clone();
+    let mode = config.daemon.xdp_mode;
+    let mut pool = Pool::new(config, overlay, Some(state_file));
+    pool.adopt(&dataplane)?;
     // Maps first, then attach: the program never runs against empty tables.
-    pool.apply(&mut dataplane, &config)?;
-    for iface in &config.daemon.interfaces {
-        dataplane.attach(iface, config.daemon.xdp_mode)?;
+    pool.sync(&mut dataplane)?;
+    for iface in &interfaces {
+        dataplane.attach(iface, mode)?;
     }
-    let listener = bind_control_socket(Path::new(&config.daemon.control_socket))?;
-    info!(socket = %config.daemon.control_socket, services = config.services.len(), "lb daemon ready");
+    Ok(State { config_path: config_path.to_path_buf(), dataplane, pool })
+}
 
-    let state = Arc::new(Mutex::new(State { config_path: config_path.to_path_buf(), dataplane, pool }));
+pub async fn run(config_path: &Path) -> Result<()> {
+    let state = start(config_path)?;
+    let socket_path = PathBuf::from(&state.pool.config().daemon.control_socket);
+    let listener = bind_control_socket(&socket_path)?;
+    info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");
+
+    let state = Arc::new(Mutex::new(state));
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut drain_tick = tokio::time::interval(DRAIN_TICK);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -109,6 +151,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
                 Err(e) => error!(error = %e, "accept on the control socket"),
             },
+            _ = drain_tick.tick() => {
+                let mut s = state.lock().await;
+                let s = &mut *s;
+                if let Err(e) = s.pool.expire_drains(&mut s.dataplane, unix_now()) {
+                    error!(error = %format!("{e:#}"), "cutting expired drains");
+                }
+            }
             _ = hangup.recv() => {
                 if let Err(e) = state.lock().await.reload() {
                     error!(error = %format!("{e:#}"), "reload on SIGHUP failed; keeping the running configuration");
@@ -118,8 +167,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = interrupt.recv() => break,
         }
     }
-    let _ = std::fs::remove_file(&config.daemon.control_socket);
-    info!("lb daemon stopping; detaching XDP programs");
+    let _ = std::fs::remove_file(&socket_path);
+    info!("lb daemon stopping; the data plane keeps running (pinned) until `lb detach`");
     Ok(())
 }
 

@@ -1,18 +1,26 @@
 //! The one typed wrapper around the XDP program and its maps. Nothing else in the daemon
 //! touches a raw map.
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
     Service, ServiceKey, Settings, TrafficStats, VipInfo, FAMILY_V4, MAGLEV_SIZE, MAP_AFFINITY,
     MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_SERVICES,
-    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, PROGRAM_NAME,
+    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, LAYOUT_VERSION,
+    MAX_BACKENDS, PROGRAM_NAME,
 };
 use tracing::{info, warn};
 
@@ -31,8 +39,26 @@ pub struct Capacity {
     pub max_affinities: u32,
 }
 
+const ALL_MAPS: [&str; 12] = [
+    MAP_SERVICES,
+    MAP_VIPS,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_FLOWS,
+    MAP_AFFINITY,
+    MAP_SNAT_ADDRS,
+    MAP_SETTINGS,
+    MAP_TX_PORTS,
+    MAP_COUNTERS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+];
+
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
+    /// throw-away instance (packet tests).
+    pin_dir: Option<PathBuf>,
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, AddrKey, VipInfo>,
     backends: Array<MapData, Backend>,
@@ -85,12 +111,60 @@ fn add_traffic(acc: &mut TrafficStats, v: &TrafficStats) {
     acc.affinity_misses += v.affinity_misses;
 }
 
+/// `<pin_dir>/v<LAYOUT_VERSION>`, refusing to start next to pins of another layout: reading
+/// those maps with our types would be reading garbage.
+pub fn versioned_pin_dir(pin_dir: &Path) -> Result<PathBuf> {
+    let ours = format!("v{LAYOUT_VERSION}");
+    if let Ok(entries) = std::fs::read_dir(pin_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('v') && name != ours {
+                bail!(
+                    "{} holds maps of data-plane layout {name}, this lb uses {ours}: the layouts \
+                     differ, so they cannot be adopted. Stop the old version's data plane with \
+                     `lb detach` (it drops its flows and affinities) and start again",
+                    pin_dir.display()
+                );
+            }
+        }
+    }
+    let dir = pin_dir.join(ours);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| {
+            format!(
+                "create {} (is bpffs mounted there? `ip netns exec` hides /sys/fs/bpf; use `nsenter --net=...`)",
+                dir.display()
+            )
+        })?;
+    Ok(dir)
+}
+
+/// Removes the pinned links (detaching the program) and maps: the data plane stops and its
+/// flows and affinities are gone.
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
+    }
+    Ok(())
+}
+
 impl Dataplane {
-    /// Loads the program and creates its maps (not attached anywhere yet).
-    pub fn load(capacity: Capacity) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+    /// Loads the program and creates its maps (not attached anywhere yet). With `pin_dir`,
+    /// maps already pinned there (by a previous daemon) are adopted with their contents.
+    pub fn load(capacity: Capacity, pin_dir: Option<&Path>) -> Result<Self> {
+        let pin_dir = pin_dir.map(versioned_pin_dir).transpose()?;
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_FLOWS, capacity.max_flows)
-            .map_max_entries(MAP_AFFINITY, capacity.max_affinities)
+            .map_max_entries(MAP_AFFINITY, capacity.max_affinities);
+        let pin_paths: Vec<(&str, PathBuf)> = match &pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .context("loading the XDP object (are you root, with CAP_BPF?)")?;
         let program: &mut Xdp = ebpf
@@ -112,6 +186,7 @@ impl Dataplane {
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             ebpf,
+            pin_dir,
         })
     }
 
@@ -131,39 +206,74 @@ impl Dataplane {
             .try_into()?)
     }
 
-    /// Attaches to `iface` and registers it as a redirect target. Returns the mode used.
-    /// The program stays attached until the `Dataplane` is dropped.
+    /// Attaches to `iface` and registers it as a redirect target. Returns how.
+    ///
+    /// With pinning, the attachment is a pinned bpf_link: it outlives this daemon, so a
+    /// crash or restart does not stop the data plane. A link pinned by a previous daemon is
+    /// adopted by swapping our program into it atomically (no packet goes unbalanced).
     pub fn attach(&mut self, iface: &str, mode: XdpModeConfig) -> Result<&'static str> {
         let ifindex = ifindex(iface)?;
-        let used = match mode {
-            XdpModeConfig::Driver => {
-                self.program_mut()?
-                    .attach(iface, XdpMode::Driver)
-                    .with_context(|| format!("attach to {iface} in driver mode"))?;
-                "driver"
-            }
-            XdpModeConfig::Generic => {
-                self.program_mut()?
-                    .attach(iface, XdpMode::Skb)
-                    .with_context(|| format!("attach to {iface} in generic mode"))?;
-                "generic"
-            }
-            XdpModeConfig::Auto => match self.program_mut()?.attach(iface, XdpMode::Driver) {
-                Ok(_) => "driver",
+        let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
+        let how = match &link_pin {
+            Some(pin) if pin.exists() => match self.adopt_link(pin) {
+                Ok(()) => "adopted",
                 Err(e) => {
-                    warn!(%iface, error = %e, "driver-mode XDP failed, falling back to generic mode");
-                    self.program_mut()?
-                        .attach(iface, XdpMode::Skb)
-                        .with_context(|| format!("attach to {iface} in generic mode"))?;
-                    "generic"
+                    // The interface was recreated or the link is otherwise dead.
+                    warn!(%iface, error = %format!("{e:#}"), "pinned link not usable; attaching afresh");
+                    std::fs::remove_file(pin).with_context(|| format!("remove {}", pin.display()))?;
+                    self.attach_new(iface, mode, link_pin.as_deref())?
                 }
             },
+            _ => self.attach_new(iface, mode, link_pin.as_deref())?,
         };
         self.tx_ports
             .insert(ifindex, ifindex, None, 0)
             .with_context(|| format!("register {iface} as a redirect target"))?;
-        info!(%iface, ifindex, mode = used, "XDP program attached");
-        Ok(used)
+        info!(%iface, ifindex, how, "XDP program attached");
+        Ok(how)
+    }
+
+    fn adopt_link(&mut self, pin: &Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(pin).context("open pinned link")?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).context("not an XDP link")?;
+        self.program_mut()?.attach_to_link(link).context("swap program into the pinned link")?;
+        Ok(())
+    }
+
+    fn attach_new(&mut self, iface: &str, mode: XdpModeConfig, pin: Option<&Path>) -> Result<&'static str> {
+        let (id, how) = match mode {
+            XdpModeConfig::Driver => (
+                self.program_mut()?
+                    .attach(iface, XdpMode::Driver)
+                    .with_context(|| format!("attach to {iface} in driver mode"))?,
+                "driver",
+            ),
+            XdpModeConfig::Generic => (
+                self.program_mut()?
+                    .attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attach to {iface} in generic mode"))?,
+                "generic",
+            ),
+            XdpModeConfig::Auto => match self.program_mut()?.attach(iface, XdpMode::Driver) {
+                Ok(id) => (id, "driver"),
+                Err(e) => {
+                    warn!(%iface, error = %e, "driver-mode XDP failed, falling back to generic mode");
+                    let id = self
+                        .program_mut()?
+                        .attach(iface, XdpMode::Skb)
+                        .with_context(|| format!("attach to {iface} in generic mode"))?;
+                    (id, "generic")
+                }
+            },
+        };
+        if let Some(pin) = pin {
+            let link = self.program_mut()?.take_link(id)?;
+            FdLink::try_from(link)
+                .context("kernel gave no bpf_link for XDP (needs Linux 5.9+)")?
+                .pin(pin)
+                .with_context(|| format!("pin link at {}", pin.display()))?;
+        }
+        Ok(how)
     }
 
     pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
@@ -228,7 +338,7 @@ impl Dataplane {
         Ok(sum_traffic(&values))
     }
 
-    /// Live (not expired) affinity entries per backend id, for `lb status`.
+    /// Affinity entries (expired ones included: the caller knows the timeouts).
     pub fn affinities(&self) -> impl Iterator<Item = (AffinityKey, AffinityEntry)> + '_ {
         self.affinity.iter().filter_map(Result::ok)
     }
@@ -236,6 +346,42 @@ impl Dataplane {
     /// Flow entries, both directions.
     pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
         self.flows.iter().filter_map(Result::ok)
+    }
+
+    /// Removes every affinity entry matching `remove`; returns how many went.
+    pub fn remove_affinities(&mut self, remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool) -> Result<usize> {
+        let doomed: Vec<AffinityKey> = self.affinities().filter(|(k, v)| remove(k, v)).map(|(k, _)| k).collect();
+        for key in &doomed {
+            // Already gone (LRU eviction, a racing delete) is fine.
+            let _ = self.affinity.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Removes every flow entry (both directions) matching `remove`; returns how many went.
+    pub fn remove_flows(&mut self, remove: impl Fn(&FlowKey, &FlowEntry) -> bool) -> Result<usize> {
+        let doomed: Vec<FlowKey> = self.flows().filter(|(k, v)| remove(k, v)).map(|(k, _)| k).collect();
+        for key in &doomed {
+            let _ = self.flows.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Services currently in the data plane (for adopting a running one).
+    pub fn installed_services(&self) -> Vec<(ServiceKey, Service)> {
+        self.services.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Backend slots currently in use (for adopting a running data plane).
+    pub fn installed_backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut found = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0).context("read backends")?;
+            if b.flags & lb_common::BACKEND_F_CONFIGURED != 0 {
+                found.push((id, b));
+            }
+        }
+        Ok(found)
     }
 }
 

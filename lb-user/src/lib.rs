@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod dataplane;
 pub mod maglev;
 pub mod pool;
+pub mod runtime;
 pub mod status;

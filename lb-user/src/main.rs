@@ -1,12 +1,12 @@
 //! `lb`: the daemon and its command-line client.
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lb::{
     api::{self, Request, Response},
     config::{Config, DEFAULT_CONTROL_SOCKET},
-    status,
+    dataplane, status,
 };
 
 #[derive(Parser)]
@@ -21,22 +21,90 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: attach the XDP program and serve the control socket.
+    /// Run the daemon: attach (or adopt) the XDP program and serve the control socket.
     Daemon {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Services, backends and data-plane counters.
+    /// Services, servers with their state, live flows and affinities, counters.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data-plane counters and traffic per service and server.
+    Stats {
         #[arg(long)]
         json: bool,
     },
     /// Re-read the config file and apply service changes (same as SIGHUP).
     Reload,
+    /// Live changes to a service's servers (persisted across restarts).
+    Backend {
+        #[command(subcommand)]
+        command: BackendCommand,
+    },
+    /// Inspect or reset client affinities.
+    Affinity {
+        #[command(subcommand)]
+        command: AffinityCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Stop the data plane for good: unpin its program and maps (flows and affinities are
+    /// lost). Run after stopping the daemon.
+    Detach {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Add a server (default port: the service's backend_port).
+    Add {
+        service: String,
+        address: Ipv4Addr,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Remove a server; its open connections keep working until they end.
+    Remove { service: String, address: Ipv4Addr },
+    /// No new clients; existing connections and affinities continue. With --deadline,
+    /// whatever is left after that many seconds is cut.
+    Drain {
+        service: String,
+        address: Ipv4Addr,
+        #[arg(long)]
+        deadline: Option<u64>,
+    },
+    /// Take new clients again.
+    Undrain { service: String, address: Ipv4Addr },
+    /// Change a server's relative weight (0: no new clients).
+    Weight { service: String, address: Ipv4Addr, weight: u32 },
+}
+
+#[derive(Subcommand)]
+enum AffinityCommand {
+    /// Live affinities of a service.
+    List {
+        service: String,
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget affinities (all of a service, one client's, or those pointing at one server).
+    Flush {
+        service: String,
+        #[arg(long, conflicts_with = "backend")]
+        client: Option<Ipv4Addr>,
+        #[arg(long)]
+        backend: Option<Ipv4Addr>,
     },
 }
 
@@ -59,34 +127,90 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let call = |request: Request| -> Result<Response> {
+        match runtime.block_on(api::call(&cli.socket, &request))? {
+            Response::Error { message } => bail!("{message}"),
+            other => Ok(other),
+        }
+    };
+    let done = |request: Request, what: String| -> Result<()> {
+        match call(request)? {
+            Response::Done => {
+                println!("{what}");
+                Ok(())
+            }
+            other => unexpected(other),
+        }
+    };
     match cli.command {
         Command::Daemon { config } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
                 )
                 .init();
             runtime.block_on(lb::daemon::run(&config))
         }
-        Command::Status { json } => {
-            let report = match runtime.block_on(api::call(&cli.socket, &Request::Status))? {
-                Response::Status(report) => report,
-                other => return unexpected(other),
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", status::render(&report));
-            }
+        Command::Status { json } | Command::Stats { json } if json => {
+            let Response::Status(report) = call(Request::Status)? else { bail!("unexpected response") };
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Reload => match runtime.block_on(api::call(&cli.socket, &Request::Reload))? {
-            Response::Reloaded => {
-                println!("configuration reloaded");
+        Command::Status { .. } => {
+            let Response::Status(report) = call(Request::Status)? else { bail!("unexpected response") };
+            print!("{}", status::render(&report));
+            Ok(())
+        }
+        Command::Stats { .. } => {
+            let Response::Status(report) = call(Request::Status)? else { bail!("unexpected response") };
+            print!("{}", status::render_stats(&report));
+            Ok(())
+        }
+        Command::Reload => done(Request::Reload, "configuration reloaded".into()),
+        Command::Backend { command } => match command {
+            BackendCommand::Add { service, address, port, weight } => {
+                let what = format!("{address} added to {service}");
+                done(Request::BackendAdd { service, address, port, weight }, what)
+            }
+            BackendCommand::Remove { service, address } => {
+                let what = format!("{address} removed from {service}");
+                done(Request::BackendRemove { service, address }, what)
+            }
+            BackendCommand::Drain { service, address, deadline } => {
+                let what = match deadline {
+                    Some(d) => format!("{address} of {service} draining; remaining connections cut in {d} s"),
+                    None => format!("{address} of {service} draining"),
+                };
+                done(Request::BackendDrain { service, address, deadline_s: deadline }, what)
+            }
+            BackendCommand::Undrain { service, address } => {
+                let what = format!("{address} of {service} takes new clients again");
+                done(Request::BackendUndrain { service, address }, what)
+            }
+            BackendCommand::Weight { service, address, weight } => {
+                let what = format!("{address} of {service} now has weight {weight}");
+                done(Request::BackendWeight { service, address, weight }, what)
+            }
+        },
+        Command::Affinity { command } => match command {
+            AffinityCommand::List { service, client, json } => {
+                let Response::Affinities { entries } = call(Request::AffinityList { service, client })? else {
+                    bail!("unexpected response")
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&entries)?);
+                } else {
+                    print!("{}", status::render_affinities(&entries));
+                }
                 Ok(())
             }
-            other => unexpected(other),
+            AffinityCommand::Flush { service, client, backend } => {
+                let Response::Flushed { removed } = call(Request::AffinityFlush { service, client, backend })? else {
+                    bail!("unexpected response")
+                };
+                println!("{removed} affinities removed");
+                Ok(())
+            }
         },
         Command::Config { command: ConfigCommand::Check { file } } => {
             let config = Config::load(&file)?;
@@ -94,12 +218,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: ok ({} services, {backends} backends)", file.display(), config.services.len());
             Ok(())
         }
+        Command::Detach { config } => {
+            let config = Config::load(&config)?;
+            let socket = PathBuf::from(&config.daemon.control_socket);
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                bail!("the daemon is still running on {}; stop it first", socket.display());
+            }
+            dataplane::remove_pins(std::path::Path::new(&config.daemon.pin_dir))
+                .context("unpin the data plane")?;
+            println!("data plane detached: pins under {} removed", config.daemon.pin_dir);
+            Ok(())
+        }
     }
 }
 
 fn unexpected(response: Response) -> Result<()> {
-    match response {
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected response from the daemon: {other:?}"),
-    }
+    bail!("unexpected response from the daemon: {response:?}")
 }

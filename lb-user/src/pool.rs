@@ -1,26 +1,34 @@
-//! Turns the configured services and backends into data-plane state.
+//! The servers behind each service as they are now (config file + runtime changes + health)
+//! and how that becomes data-plane state.
 //!
-//! Service and backend ids are stable across config reloads (keyed by service name and
-//! backend address:port): affinity entries refer to backend ids, so renumbering would send
-//! clients to the wrong server. Maglev tables are written into the idle half and then made
-//! live by one map update of the service entry, so no packet sees a half-written table.
+//! Service and backend ids are stable (keyed by service name and server address:port) and
+//! survive reloads and restarts: affinity entries refer to backend ids, so renumbering would
+//! send clients to the wrong server. Maglev tables are written into the idle half and made
+//! live by one update of the service entry, so no packet sees a half-written table.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::PathBuf,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use lb_common::{
     Backend, Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT,
-    BACKEND_F_CONFIGURED, FAMILY_V4, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP,
+    BACKEND_F_CONFIGURED, BACKEND_F_DOWN, BACKEND_F_DRAINING, FAMILY_V4, FLOW_F_REVERSE,
+    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP,
 };
+use tracing::info;
 
 use crate::{
-    api::{BackendStatus, ServiceStatus, StatusReport},
-    config::{Affinity, Config, ServiceConfig},
-    dataplane::{monotonic_ns, v4_key_words, Dataplane},
+    api::{AffinityRecord, BackendStatus, ServiceStatus, StatusReport},
+    config::{Affinity, BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
+    dataplane::{monotonic_ns, v4_from_words, v4_key_words, Dataplane},
     maglev,
+    runtime::{Drain, EffectiveBackend, Overlay},
 };
+
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct BackendIdentity {
@@ -29,16 +37,25 @@ struct BackendIdentity {
     port: u16,
 }
 
-/// Ids handed out so far. Freed ids are reused lowest-first.
-#[derive(Debug, Default)]
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 pub struct Pool {
+    config: Config,
+    overlay: Overlay,
+    /// Where `overlay` is persisted; `None` keeps it in memory only.
+    state_path: Option<PathBuf>,
+    /// Servers that failed their health checks, by (service, address).
+    down: BTreeSet<(String, Ipv4Addr)>,
     service_ids: BTreeMap<String, u32>,
     backend_ids: BTreeMap<BackendIdentity, u32>,
     /// Live Maglev half per service id.
     live_half: BTreeMap<u32, u32>,
-    /// Service keys currently in the data plane, for removal on reload.
+    /// Service keys currently in the data plane, by name, for removal on reload.
     installed: BTreeMap<String, ServiceKey>,
-    config: Option<Config>,
+    /// VIPs currently in the data plane.
+    vips: BTreeSet<Ipv4Addr>,
 }
 
 fn lowest_free(used: impl Iterator<Item = u32>, limit: u32) -> Option<u32> {
@@ -47,12 +64,7 @@ fn lowest_free(used: impl Iterator<Item = u32>, limit: u32) -> Option<u32> {
 }
 
 fn service_key(s: &ServiceConfig) -> ServiceKey {
-    ServiceKey {
-        vip_be: v4_key_words(s.vip),
-        port_be: s.port.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-    }
+    ServiceKey { vip_be: v4_key_words(s.vip), port_be: s.port.to_be(), proto: PROTO_TCP, family: FAMILY_V4 }
 }
 
 fn affinity_mode(a: Affinity) -> u32 {
@@ -69,10 +81,90 @@ fn maglev_identity(address: Ipv4Addr, port: u16) -> u64 {
 }
 
 impl Pool {
-    /// Makes the data plane match `config`. Existing flows are untouched: flow entries
-    /// carry their own rewrite, so even a removed backend's open connections keep working.
-    pub fn apply(&mut self, dp: &mut Dataplane, config: &Config) -> Result<()> {
-        let d = &config.daemon;
+    pub fn new(config: Config, overlay: Overlay, state_path: Option<PathBuf>) -> Self {
+        Self {
+            config,
+            overlay,
+            state_path,
+            down: BTreeSet::new(),
+            service_ids: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            live_half: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            vips: BTreeSet::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Takes over the ids and table halves of a data plane a previous daemon left running,
+    /// so its flows and affinities keep their meaning.
+    pub fn adopt(&mut self, dp: &Dataplane) -> Result<()> {
+        let installed = dp.installed_services();
+        let mut names_by_id = BTreeMap::new();
+        for s in &self.config.services {
+            if let Some((_, svc)) = installed.iter().find(|(k, _)| *k == service_key(s)) {
+                self.service_ids.insert(s.name.clone(), svc.id);
+                self.live_half.insert(svc.id, svc.table_half);
+                self.installed.insert(s.name.clone(), service_key(s));
+                self.vips.insert(s.vip);
+                names_by_id.insert(svc.id, s.name.clone());
+            }
+        }
+        for (id, b) in dp.installed_backends()? {
+            if let Some(service) = names_by_id.get(&b.service_id) {
+                let identity = BackendIdentity {
+                    service: service.clone(),
+                    address: v4_from_words(b.addr_be),
+                    port: u16::from_be(b.port_be),
+                };
+                self.backend_ids.insert(identity, id);
+            }
+        }
+        if !self.service_ids.is_empty() {
+            info!(services = self.service_ids.len(), backends = self.backend_ids.len(), "adopted the running data plane");
+        }
+        Ok(())
+    }
+
+    /// Replaces the config (reload); runtime changes for services that still exist stay.
+    pub fn set_config(&mut self, config: Config) {
+        self.overlay.retain_services(&config);
+        self.config = config;
+    }
+
+    fn service(&self, name: &str) -> Result<&ServiceConfig> {
+        self.config.services.iter().find(|s| s.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.config.services.iter().map(|s| s.name.as_str()).collect();
+            anyhow!("unknown service {name:?} (known: {})", known.join(", "))
+        })
+    }
+
+    pub fn backends(&self, service: &str) -> Vec<EffectiveBackend> {
+        self.overlay.backends(&self.config, service)
+    }
+
+    fn backend(&self, service: &str, address: Ipv4Addr) -> Result<EffectiveBackend> {
+        self.service(service)?;
+        self.backends(service)
+            .into_iter()
+            .find(|b| b.address == address)
+            .ok_or_else(|| anyhow!("service {service:?} has no backend {address}"))
+    }
+
+    fn persist(&self) -> Result<()> {
+        match &self.state_path {
+            Some(path) => self.overlay.save(path),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the data plane match the effective state. Existing flows are untouched: flow
+    /// entries carry their own rewrite, so even a removed server's open connections work.
+    pub fn sync(&mut self, dp: &mut Dataplane) -> Result<()> {
+        let d = &self.config.daemon;
         dp.set_snat_addresses(&d.snat_addresses)?;
         dp.set_settings(Settings {
             snat_v4_count: d.snat_addresses.len() as u32,
@@ -82,25 +174,21 @@ impl Pool {
             _pad: 0,
         })?;
 
-        // Ids first, so a failure (table full) leaves the data plane as it was.
-        let wanted_services: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        self.service_ids.retain(|name, _| wanted_services.contains(name.as_str()));
+        // Ids first, so running out (table full) leaves the data plane as it was.
+        let wanted_services: BTreeSet<String> = self.config.services.iter().map(|s| s.name.clone()).collect();
+        self.service_ids.retain(|name, _| wanted_services.contains(name));
         let mut wanted_backends = BTreeSet::new();
-        for s in &config.services {
+        for s in &self.config.services {
             if !self.service_ids.contains_key(&s.name) {
                 let id = lowest_free(self.service_ids.values().copied(), MAX_SERVICES)
                     .ok_or_else(|| anyhow!("more than {MAX_SERVICES} services"))?;
                 self.service_ids.insert(s.name.clone(), id);
             }
-            for b in &s.backends {
-                wanted_backends.insert(BackendIdentity {
-                    service: s.name.clone(),
-                    address: b.address,
-                    port: s.backend_port(),
-                });
+            for b in self.backends(&s.name) {
+                wanted_backends.insert(BackendIdentity { service: s.name.clone(), address: b.address, port: b.port });
             }
         }
-        let removed_backends: Vec<u32> = self
+        let removed: Vec<u32> = self
             .backend_ids
             .iter()
             .filter(|(identity, _)| !wanted_backends.contains(*identity))
@@ -114,52 +202,60 @@ impl Pool {
                 self.backend_ids.insert(identity, id);
             }
         }
-
-        for id in removed_backends {
+        for id in removed {
             // Affinities pointing at it become invalid; its open flows keep their rewrite.
             dp.set_backend(id, Backend::default())?;
         }
-        for s in &config.services {
+
+        let services = self.config.services.clone();
+        for s in &services {
             self.install_service(dp, s)?;
         }
         let stale: Vec<(String, ServiceKey)> = self
             .installed
             .iter()
-            .filter(|(name, _)| !wanted_services.contains(name.as_str()))
+            .filter(|(name, _)| !wanted_services.contains(*name))
             .map(|(n, k)| (n.clone(), *k))
             .collect();
         for (name, key) in stale {
             dp.remove_service(&key)?;
             self.installed.remove(&name);
         }
-        self.live_half.retain(|id, _| self.service_ids.values().any(|v| v == id));
-        self.sync_vips(dp, config)?;
-        self.config = Some(config.clone());
-        Ok(())
-    }
-
-    pub fn config(&self) -> Option<&Config> {
-        self.config.as_ref()
+        let live_ids: BTreeSet<u32> = self.service_ids.values().copied().collect();
+        self.live_half.retain(|id, _| live_ids.contains(id));
+        self.sync_vips(dp)
     }
 
     fn install_service(&mut self, dp: &mut Dataplane, s: &ServiceConfig) -> Result<()> {
         let service_id = self.service_ids[&s.name];
-        let port = s.backend_port();
-        let mut members = Vec::with_capacity(s.backends.len());
-        for b in &s.backends {
-            let id = self.backend_id(&s.name, b.address, port)?;
+        let mut members = Vec::new();
+        for b in self.backends(&s.name) {
+            let id = self.backend_id(&s.name, b.address, b.port)?;
+            let down = self.down.contains(&(s.name.clone(), b.address));
+            let mut flags = BACKEND_F_CONFIGURED;
+            if b.drain.is_some() {
+                flags |= BACKEND_F_DRAINING;
+            }
+            if down {
+                flags |= BACKEND_F_DOWN;
+            }
             dp.set_backend(
                 id,
                 Backend {
                     addr_be: v4_key_words(b.address),
-                    port_be: port.to_be(),
+                    port_be: b.port.to_be(),
                     family: FAMILY_V4,
                     _pad: 0,
-                    flags: BACKEND_F_CONFIGURED,
+                    flags,
                     service_id,
                 },
             )?;
-            members.push(maglev::Member { id, identity: maglev_identity(b.address, port), weight: b.weight });
+            let takes_new_clients = b.drain.is_none() && !down;
+            members.push(maglev::Member {
+                id,
+                identity: maglev_identity(b.address, b.port),
+                weight: if takes_new_clients { b.weight } else { 0 },
+            });
         }
         let table = maglev::build(&members, MAGLEV_SIZE);
         let key = service_key(s);
@@ -185,21 +281,20 @@ impl Pool {
         Ok(())
     }
 
-    fn sync_vips(&self, dp: &mut Dataplane, config: &Config) -> Result<()> {
+    fn sync_vips(&mut self, dp: &mut Dataplane) -> Result<()> {
         let mut counts: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-        for s in &config.services {
+        for s in &self.config.services {
             *counts.entry(s.vip).or_default() += 1;
         }
-        if let Some(old) = &self.config {
-            for s in &old.services {
-                if !counts.contains_key(&s.vip) {
-                    dp.remove_vip(s.vip)?;
-                }
+        for old in &self.vips {
+            if !counts.contains_key(old) {
+                dp.remove_vip(*old)?;
             }
         }
-        for (vip, n) in counts {
-            dp.set_vip(vip, n)?;
+        for (vip, n) in &counts {
+            dp.set_vip(*vip, *n)?;
         }
+        self.vips = counts.into_keys().collect();
         Ok(())
     }
 
@@ -211,48 +306,189 @@ impl Pool {
             .ok_or_else(|| anyhow!("backend {address}:{port} of {service} has no id"))
     }
 
-    /// Services, backends, counters and live affinity counts, as `lb status` shows them.
-    pub fn status(&self, dp: &Dataplane) -> Result<StatusReport> {
-        let Some(config) = &self.config else {
-            return Ok(StatusReport::default());
-        };
-        let now = monotonic_ns();
-        let mut affinities_per_backend: BTreeMap<u32, u64> = BTreeMap::new();
-        let timeouts: BTreeMap<u32, u64> = config
-            .services
-            .iter()
-            .map(|s| (self.service_ids[&s.name], u64::from(s.affinity_timeout) * 1_000_000_000))
-            .collect();
-        for (key, entry) in dp.affinities() {
-            let fresh = timeouts
-                .get(&key.service_id)
-                .is_some_and(|t| now.saturating_sub(entry.last_seen_ns) <= *t);
-            if fresh {
-                *affinities_per_backend.entry(entry.backend_id).or_default() += 1;
+    fn id_of(&self, service: &str, address: Ipv4Addr) -> Result<u32> {
+        let b = self.backend(service, address)?;
+        self.backend_id(service, address, b.port)
+    }
+
+    // --- runtime changes (each persisted, then applied) ---
+
+    pub fn add_backend(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, port: Option<u16>, weight: Option<u32>) -> Result<()> {
+        self.service(service)?;
+        if self.backends(service).iter().any(|b| b.address == address) {
+            bail!("service {service:?} already has backend {address}");
+        }
+        let weight = weight.unwrap_or(1);
+        if weight > MAX_WEIGHT || port == Some(0) {
+            bail!("weight must be 0..={MAX_WEIGHT} and port non-zero");
+        }
+        let o = self.overlay.service_mut(service);
+        o.removed.remove(&address);
+        o.weights.remove(&address);
+        o.added.insert(address, BackendConfig { address, port, weight });
+        self.commit(dp, format_args!("backend {address} added to {service}"))
+    }
+
+    pub fn remove_backend(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr) -> Result<()> {
+        self.backend(service, address)?;
+        let o = self.overlay.service_mut(service);
+        if o.added.remove(&address).is_none() {
+            o.removed.insert(address);
+        }
+        o.weights.remove(&address);
+        o.draining.remove(&address);
+        self.commit(dp, format_args!("backend {address} removed from {service}"))
+    }
+
+    pub fn drain(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, deadline_s: Option<u64>) -> Result<()> {
+        self.backend(service, address)?;
+        let drain = Drain { deadline_unix: deadline_s.map(|d| unix_now() + d), cut: false };
+        self.overlay.service_mut(service).draining.insert(address, drain);
+        self.commit(dp, format_args!("backend {address} of {service} draining (deadline {deadline_s:?} s)"))
+    }
+
+    pub fn undrain(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr) -> Result<()> {
+        self.backend(service, address)?;
+        if self.overlay.service_mut(service).draining.remove(&address).is_none() {
+            bail!("backend {address} of {service:?} is not draining");
+        }
+        self.commit(dp, format_args!("backend {address} of {service} takes new clients again"))
+    }
+
+    pub fn set_weight(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, weight: u32) -> Result<()> {
+        self.backend(service, address)?;
+        if weight > MAX_WEIGHT {
+            bail!("weight must be 0..={MAX_WEIGHT}");
+        }
+        self.overlay.service_mut(service).weights.insert(address, weight);
+        self.commit(dp, format_args!("backend {address} of {service} weight {weight}"))
+    }
+
+    fn commit(&mut self, dp: &mut Dataplane, what: std::fmt::Arguments<'_>) -> Result<()> {
+        self.persist()?;
+        self.sync(dp)?;
+        info!("{what}");
+        Ok(())
+    }
+
+    /// Marks a server up or down (health checks); returns whether anything changed.
+    pub fn set_down(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, down: bool) -> Result<bool> {
+        let key = (service.to_string(), address);
+        let changed = if down { self.down.insert(key) } else { self.down.remove(&key) };
+        if changed {
+            self.sync(dp)?;
+        }
+        Ok(changed)
+    }
+
+    /// Cuts drains whose deadline has passed: their remaining flows and affinities go.
+    pub fn expire_drains(&mut self, dp: &mut Dataplane, now_unix: u64) -> Result<()> {
+        let mut due = Vec::new();
+        for (service, o) in &self.overlay.services {
+            for (address, drain) in &o.draining {
+                if !drain.cut && drain.deadline_unix.is_some_and(|d| d <= now_unix) {
+                    due.push((service.clone(), *address));
+                }
             }
         }
-        let mut flows_per_backend: BTreeMap<u32, u64> = BTreeMap::new();
+        for (service, address) in due {
+            let id = self.id_of(&service, address)?;
+            let flows = dp.remove_flows(|_, e| e.backend_id == id)?;
+            let affinities = dp.remove_affinities(|_, e| e.backend_id == id)?;
+            if let Some(drain) = self.overlay.service_mut(&service).draining.get_mut(&address) {
+                drain.cut = true;
+            }
+            self.persist()?;
+            info!(%service, %address, flows, affinities, "drain deadline passed: remaining flows and affinities cut");
+        }
+        Ok(())
+    }
+
+    // --- affinities ---
+
+    pub fn affinity_list(&self, dp: &Dataplane, service: &str, client: Option<Ipv4Addr>) -> Result<Vec<AffinityRecord>> {
+        let svc = self.service(service)?;
+        let service_id = self.service_ids.get(service).copied().ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let by_id: BTreeMap<u32, &BackendIdentity> = self.backend_ids.iter().map(|(k, v)| (*v, k)).collect();
+        let now = monotonic_ns();
+        let timeout = u64::from(svc.affinity_timeout) * NS_PER_SEC;
+        let mut records: Vec<AffinityRecord> = dp
+            .affinities()
+            .filter(|(k, _)| k.service_id == service_id)
+            .filter(|(k, _)| client.is_none_or(|c| v4_from_words(k.client_be) == c))
+            .filter(|(_, e)| now.saturating_sub(e.last_seen_ns) <= timeout)
+            .filter_map(|(k, e)| {
+                let backend = by_id.get(&e.backend_id)?;
+                Some(AffinityRecord {
+                    client: v4_from_words(k.client_be),
+                    client_port: (k.client_port_be != 0).then(|| u16::from_be(k.client_port_be)),
+                    backend: backend.address,
+                    idle_s: now.saturating_sub(e.last_seen_ns) / NS_PER_SEC,
+                })
+            })
+            .collect();
+        records.sort_by_key(|r| (r.client, r.client_port));
+        Ok(records)
+    }
+
+    pub fn affinity_flush(&self, dp: &mut Dataplane, service: &str, client: Option<Ipv4Addr>, backend: Option<Ipv4Addr>) -> Result<usize> {
+        self.service(service)?;
+        let service_id = self.service_ids.get(service).copied().ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let backend_id = backend.map(|b| self.id_of(service, b)).transpose()?;
+        dp.remove_affinities(|k, e| {
+            k.service_id == service_id
+                && client.is_none_or(|c| v4_from_words(k.client_be) == c)
+                && backend_id.is_none_or(|id| e.backend_id == id)
+        })
+    }
+
+    // --- status ---
+
+    pub fn status(&self, dp: &Dataplane) -> Result<StatusReport> {
+        let now = monotonic_ns();
+        let timeouts: BTreeMap<u32, u64> = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
+            .collect();
+        let mut affinities: BTreeMap<u32, u64> = BTreeMap::new();
+        for (key, entry) in dp.affinities() {
+            if timeouts.get(&key.service_id).is_some_and(|t| now.saturating_sub(entry.last_seen_ns) <= *t) {
+                *affinities.entry(entry.backend_id).or_default() += 1;
+            }
+        }
+        let mut flows: BTreeMap<u32, u64> = BTreeMap::new();
         for (_, entry) in dp.flows() {
-            let fresh = now.saturating_sub(entry.last_seen_ns) <= u64::from(entry.timeout_s) * 1_000_000_000;
-            if fresh && entry.flags & lb_common::FLOW_F_REVERSE == 0 {
-                *flows_per_backend.entry(entry.backend_id).or_default() += 1;
+            let fresh = now.saturating_sub(entry.last_seen_ns) <= u64::from(entry.timeout_s) * NS_PER_SEC;
+            if fresh && entry.flags & FLOW_F_REVERSE == 0 {
+                *flows.entry(entry.backend_id).or_default() += 1;
             }
         }
 
+        let unix = unix_now();
         let mut services = Vec::new();
-        for s in &config.services {
-            let id = self.service_ids[&s.name];
+        for s in &self.config.services {
+            let Some(&id) = self.service_ids.get(&s.name) else { continue };
             let mut backends = Vec::new();
-            for b in &s.backends {
-                let bid = self.backend_id(&s.name, b.address, s.backend_port())?;
+            for b in self.backends(&s.name) {
+                let bid = self.backend_id(&s.name, b.address, b.port)?;
+                let down = self.down.contains(&(s.name.clone(), b.address));
+                let state = match (down, b.drain) {
+                    (true, _) => "down".to_string(),
+                    (false, Some(Drain { cut: true, .. })) => "drained".to_string(),
+                    (false, Some(Drain { deadline_unix: Some(d), .. })) => format!("draining ({} s left)", d.saturating_sub(unix)),
+                    (false, Some(_)) => "draining".to_string(),
+                    (false, None) if b.weight == 0 => "no-new-clients".to_string(),
+                    (false, None) => "up".to_string(),
+                };
                 backends.push(BackendStatus {
                     address: b.address,
-                    port: s.backend_port(),
+                    port: b.port,
                     weight: b.weight,
-                    // Health checks are not implemented yet: state only reflects the config.
-                    state: if b.weight > 0 { "active" } else { "no-new-clients" }.into(),
-                    active_flows: flows_per_backend.get(&bid).copied().unwrap_or(0),
-                    affinities: affinities_per_backend.get(&bid).copied().unwrap_or(0),
+                    state,
+                    active_flows: flows.get(&bid).copied().unwrap_or(0),
+                    affinities: affinities.get(&bid).copied().unwrap_or(0),
                     stats: dp.backend_stats(bid)?.into(),
                 });
             }

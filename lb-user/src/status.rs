@@ -1,7 +1,7 @@
 //! Human rendering of `lb status`.
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 
-use crate::api::StatusReport;
+use crate::api::{AffinityRecord, StatusReport};
 
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
@@ -47,4 +47,52 @@ pub fn render(report: &StatusReport) -> String {
     out.push_str(&counters.to_string());
     out.push('\n');
     out
+}
+
+/// `lb stats`: counters and traffic only.
+pub fn render_stats(report: &StatusReport) -> String {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header([
+        "service / server", "new flows", "affinity hits", "affinity misses", "pkts in", "pkts out", "bytes in", "bytes out",
+    ]);
+    for s in &report.services {
+        let rows = std::iter::once((format!("{} {}:{}", s.name, s.vip, s.port), &s.stats))
+            .chain(s.backends.iter().map(|b| (format!("  {}:{}", b.address, b.port), &b.stats)));
+        for (name, t) in rows {
+            table.add_row([
+                name,
+                t.new_flows.to_string(),
+                t.affinity_hits.to_string(),
+                t.affinity_misses.to_string(),
+                t.packets_in.to_string(),
+                t.packets_out.to_string(),
+                t.bytes_in.to_string(),
+                t.bytes_out.to_string(),
+            ]);
+        }
+    }
+    let mut out = table.to_string();
+    out.push_str("\n\n");
+    let mut counters = Table::new();
+    counters.load_preset(UTF8_BORDERS_ONLY).set_header(["counter", "value"]);
+    for (name, value) in &report.counters {
+        counters.add_row([name.clone(), value.to_string()]);
+    }
+    out.push_str(&counters.to_string());
+    out.push('\n');
+    out
+}
+
+pub fn render_affinities(entries: &[AffinityRecord]) -> String {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(["client", "client port", "server", "idle (s)"]);
+    for e in entries {
+        table.add_row([
+            e.client.to_string(),
+            e.client_port.map_or("-".into(), |p| p.to_string()),
+            e.backend.to_string(),
+            e.idle_s.to_string(),
+        ]);
+    }
+    format!("{table}\n{} affinities\n", entries.len())
 }

@@ -1,6 +1,5 @@
 //! The real `lb` binary running as a daemon inside the lb namespace.
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -34,20 +33,41 @@ pub fn lb_binary() -> Result<PathBuf> {
 pub struct Daemon {
     child: Child,
     dir: PathBuf,
+    lb_netns: String,
     pub config_path: PathBuf,
     pub socket: PathBuf,
+    /// This test's own bpffs pin directory (removed on drop, which detaches the program).
+    pub pin_dir: PathBuf,
 }
 
 /// The `[daemon]` section for a topology, with a small table size so tests load quickly.
-pub fn daemon_section(topology: &Topology, socket: &Path) -> String {
+pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path) -> String {
     let interfaces: Vec<String> = topology.lb_interfaces.iter().map(|i| format!("{i:?}")).collect();
     let snat: Vec<String> = topology.snat_addresses.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
-        "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\nmax_flows = 65536\nmax_affinities = 65536\n",
+        "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\npin_dir = {:?}\nmax_flows = 65536\nmax_affinities = 65536\n",
         interfaces.join(", "),
         snat.join(", "),
         socket.display().to_string(),
+        pin_dir.display().to_string(),
     )
+}
+
+fn spawn(lb_netns: &str, config_path: &Path, log_path: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+    // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the bpffs at
+    // /sys/fs/bpf where the data plane is pinned (a restart could not adopt it).
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{lb_netns}"))
+        .arg("--")
+        .arg(lb_binary()?)
+        .args(["daemon", "--config"])
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawn lb daemon")
 }
 
 impl Daemon {
@@ -58,21 +78,23 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
         let config_path = dir.join("lb.toml");
-        std::fs::write(&config_path, format!("{}\n{services}", daemon_section(topology, &socket)))?;
-        let log = File::create(dir.join("daemon.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", topology.lb.name()])
-            .arg(lb_binary()?)
-            .args(["daemon", "--config"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn lb daemon")?;
-        let mut daemon = Self { child, dir, config_path, socket };
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&topology.prefix);
+        let config = format!("{}\n{services}", daemon_section(topology, &socket, &pin_dir));
+        std::fs::write(&config_path, config)?;
+        let child = spawn(topology.lb.name(), &config_path, &dir.join("daemon.log"))?;
+        let mut daemon =
+            Self { child, dir, lb_netns: topology.lb.name().to_string(), config_path, socket, pin_dir };
         daemon.wait_ready()?;
         Ok(daemon)
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up) and starts a new one with the
+    /// same config; returns when the new one answers.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = spawn(&self.lb_netns, &self.config_path, &self.dir.join("daemon.log"))?;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -81,7 +103,7 @@ impl Daemon {
             if let Some(status) = self.child.try_wait()? {
                 bail!("lb daemon exited ({status}) during start-up:\n{}", self.log());
             }
-            if self.socket.exists() && self.status().is_ok() {
+            if self.status().is_ok() {
                 return Ok(());
             }
             std::thread::sleep(POLL);
@@ -109,12 +131,21 @@ impl Daemon {
     pub fn reload(&self, topology: &Topology, services: &str) -> Result<()> {
         std::fs::write(
             &self.config_path,
-            format!("{}\n{services}", daemon_section(topology, &self.socket)),
+            format!("{}\n{services}", daemon_section(topology, &self.socket, &self.pin_dir)),
         )?;
         match self.call(Request::Reload)? {
-            Response::Reloaded => Ok(()),
+            Response::Done => Ok(()),
             other => Err(anyhow!("reload failed: {other:?}")),
         }
+    }
+
+    /// Runs the `lb` CLI and returns its stdout, failing with its stderr on a non-zero exit.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!("`lb {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs the `lb` CLI against this daemon.
@@ -140,6 +171,8 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("lb daemon log:\n{}", self.log());
         }
+        // The data plane outlives the daemon by design; this detaches it.
+        let _ = lb::dataplane::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -14,6 +14,7 @@ use lb::{
     config::Config,
     dataplane::{ifindex, Capacity, Dataplane},
     pool::Pool,
+    runtime::Overlay,
 };
 use lb_common::Counter;
 
@@ -82,8 +83,8 @@ struct Outcome {
 impl Harness {
     fn new() -> Result<Self> {
         let config = Config::parse(CONFIG)?;
-        let mut dp = Dataplane::load(Capacity { max_flows: 4096, max_affinities: 4096 })?;
-        Pool::default().apply(&mut dp, &config)?;
+        let mut dp = Dataplane::load(Capacity { max_flows: 4096, max_affinities: 4096 }, None)?;
+        Pool::new(config, Overlay::default(), None).sync(&mut dp)?;
         Ok(Self { dp, ingress: ifindex("t0")? })
     }
 

@@ -1,0 +1,177 @@
+//! Changes made at run time (`lb backend add/remove/drain/undrain/weight`), kept as an
+//! overlay on top of the config file and persisted next to it (`<config>.state.json`), so
+//! they survive daemon restarts and config reloads.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BackendConfig, Config};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overlay {
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceOverlay>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceOverlay {
+    /// Servers added with `lb backend add`.
+    #[serde(default)]
+    pub added: BTreeMap<Ipv4Addr, BackendConfig>,
+    /// Configured servers taken out with `lb backend remove`.
+    #[serde(default)]
+    pub removed: BTreeSet<Ipv4Addr>,
+    #[serde(default)]
+    pub weights: BTreeMap<Ipv4Addr, u32>,
+    #[serde(default)]
+    pub draining: BTreeMap<Ipv4Addr, Drain>,
+}
+
+/// A drain in progress: no new clients; existing flows and affinities continue until the
+/// optional deadline (Unix seconds), after which they are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    pub deadline_unix: Option<u64>,
+    /// The deadline passed and the remaining flows and affinities were removed.
+    #[serde(default)]
+    pub cut: bool,
+}
+
+/// One server as it is now: config plus runtime changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveBackend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub drain: Option<Drain>,
+}
+
+impl Overlay {
+    pub fn load(path: &Path) -> Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("state file {} is unreadable; move it away to start from the config alone", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+
+    /// Writes atomically (temporary file, then rename), so a crash never leaves half a file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))
+    }
+
+    pub fn service_mut(&mut self, name: &str) -> &mut ServiceOverlay {
+        self.services.entry(name.to_string()).or_default()
+    }
+
+    /// The servers of `service` after runtime changes, in config order then added order.
+    pub fn backends(&self, config: &Config, service: &str) -> Vec<EffectiveBackend> {
+        let Some(svc) = config.services.iter().find(|s| s.name == service) else {
+            return Vec::new();
+        };
+        let empty = ServiceOverlay::default();
+        let o = self.services.get(service).unwrap_or(&empty);
+        svc.backends
+            .iter()
+            .filter(|b| !o.removed.contains(&b.address) && !o.added.contains_key(&b.address))
+            .chain(o.added.values())
+            .map(|b| EffectiveBackend {
+                address: b.address,
+                port: b.port.unwrap_or(svc.backend_port()),
+                weight: o.weights.get(&b.address).copied().unwrap_or(b.weight),
+                drain: o.draining.get(&b.address).copied(),
+            })
+            .collect()
+    }
+
+    /// Drops entries for services the config no longer has, so a stale overlay cannot
+    /// resurrect them.
+    pub fn retain_services(&mut self, config: &Config) {
+        self.services.retain(|name, _| config.services.iter().any(|s| &s.name == name));
+    }
+}
+
+/// `<config>.state.json` next to the config file.
+pub fn state_path(config_path: &Path) -> PathBuf {
+    let mut name = config_path.file_name().unwrap_or_default().to_os_string();
+    name.push(".state.json");
+    config_path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+            [daemon]
+            interfaces = ["eth0"]
+            snat_addresses = ["10.2.0.100"]
+            [[service]]
+            name = "web"
+            vip = "10.100.0.1"
+            port = 443
+            backend_port = 4443
+            backends = [{ address = "10.2.0.11" }, { address = "10.2.0.12", weight = 3 }]
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn overlay_adds_removes_reweights_and_drains() {
+        let config = config();
+        let mut o = Overlay::default();
+        let s = o.service_mut("web");
+        s.added.insert(
+            "10.2.0.13".parse().unwrap(),
+            BackendConfig { address: "10.2.0.13".parse().unwrap(), port: Some(8443), weight: 2 },
+        );
+        s.removed.insert("10.2.0.11".parse().unwrap());
+        s.weights.insert("10.2.0.12".parse().unwrap(), 5);
+        s.draining.insert("10.2.0.12".parse().unwrap(), Drain { deadline_unix: Some(9), cut: false });
+        let b = o.backends(&config, "web");
+        assert_eq!(b.len(), 2);
+        assert_eq!((b[0].address.to_string(), b[0].port, b[0].weight), ("10.2.0.12".into(), 4443, 5));
+        assert!(b[0].drain.is_some());
+        assert_eq!((b[1].address.to_string(), b[1].port, b[1].weight), ("10.2.0.13".into(), 8443, 2));
+    }
+
+    #[test]
+    fn state_round_trips_through_its_file() {
+        let dir = std::env::temp_dir().join(format!("lb-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = state_path(&dir.join("lb.toml"));
+        assert!(path.ends_with("lb.toml.state.json"));
+        assert_eq!(Overlay::load(&path).unwrap(), Overlay::default());
+        let mut o = Overlay::default();
+        o.service_mut("web").removed.insert("10.2.0.11".parse().unwrap());
+        o.save(&path).unwrap();
+        assert_eq!(Overlay::load(&path).unwrap(), o);
+        std::fs::write(&path, "{ not json").unwrap();
+        assert!(format!("{:#}", Overlay::load(&path).unwrap_err()).contains("unreadable"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_services_are_forgotten() {
+        let mut o = Overlay::default();
+        o.service_mut("gone").removed.insert("10.2.0.11".parse().unwrap());
+        o.service_mut("web");
+        o.retain_services(&config());
+        assert_eq!(o.services.keys().collect::<Vec<_>>(), ["web"]);
+    }
+}
