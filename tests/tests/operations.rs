@@ -1,0 +1,282 @@
+//! Operations against the real daemon and data plane: drain, live server changes, restarts
+//! that keep sessions, CLI errors, hostile control clients. Needs root.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use harness::{
+    client::Connection,
+    fixture::{Fixture, ServiceSpec},
+    topology::Spec,
+};
+use lb::api::{AffinityRecord, StatusReport};
+
+const SERVICE: &str = "web-ext";
+
+fn server_address(f: &Fixture, name: &str) -> Ipv4Addr {
+    f.topology.backends.iter().find(|b| b.name == name).expect("known server").address
+}
+
+/// Long-lived connections from the first `n` clients, with the server each one reached.
+fn open_long_lived(f: &Fixture, n: usize) -> Result<Vec<(Ipv4Addr, Connection, String)>> {
+    f.topology.client_addresses[..n]
+        .iter()
+        .map(|&c| {
+            let mut conn = Connection::open(&f.topology.client, c, 0, f.vip())?;
+            let server = conn.ask()?.server;
+            Ok((c, conn, server))
+        })
+        .collect()
+}
+
+/// The server that most of `conns` reached.
+fn busiest(conns: &[(Ipv4Addr, Connection, String)]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, _, s) in conns {
+        *counts.entry(s).or_default() += 1;
+    }
+    counts.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s.to_string()).expect("some connections")
+}
+
+fn backend_status(status: &StatusReport, address: Ipv4Addr) -> Result<&lb::api::BackendStatus> {
+    status.services[0].backends.iter().find(|b| b.address == address).context("backend missing from status")
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out after {limit:?} waiting for {what}")
+}
+
+/// Issue test 1: drain a server while 20 clients hold open connections and keep sending.
+/// None of them breaks; new clients never reach it; its clients' affinities hold; undrain
+/// brings it back for new clients.
+#[test]
+fn drain_keeps_connections_and_affinities_and_stops_new_clients() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 60, ..Spec::default() }, ServiceSpec::default())?;
+    let mut conns = open_long_lived(&f, 20)?;
+    let victim = busiest(&conns);
+    let victim_addr = server_address(&f, &victim);
+    f.daemon.cli_ok(&["backend", "drain", SERVICE, &victim_addr.to_string()])?;
+
+    for round in 0..3 {
+        for (client, conn, server) in &mut conns {
+            let now = conn.ask().with_context(|| format!("round {round}: {client}'s open connection broke"))?.server;
+            ensure!(now == *server, "{client}'s open connection moved from {server} to {now}");
+        }
+    }
+    // Existing clients of the draining server keep their affinity on new connections.
+    for (client, _, server) in conns.iter().filter(|(_, _, s)| *s == victim) {
+        let again = f.ask(*client)?.server;
+        ensure!(again == *server, "{client} lost its affinity to the draining {server}");
+    }
+    for &client in &f.topology.client_addresses[20..40] {
+        let server = f.ask(client)?.server;
+        ensure!(server != victim, "new client {client} reached the draining {victim}");
+    }
+    let status = f.daemon.status()?;
+    let b = backend_status(&status, victim_addr)?;
+    ensure!(b.state.starts_with("draining"), "state {}", b.state);
+    ensure!(b.active_flows > 0, "status shows no remaining flows on the draining server");
+
+    f.daemon.cli_ok(&["backend", "undrain", SERVICE, &victim_addr.to_string()])?;
+    let mut reached = BTreeSet::new();
+    for &client in &f.topology.client_addresses[40..60] {
+        reached.insert(f.ask(client)?.server);
+    }
+    ensure!(reached.contains(&victim), "after undrain no new client reached {victim}: {reached:?}");
+    Ok(())
+}
+
+/// Issue test 2: drain with a 2 s deadline. Afterwards that server has no flows and its
+/// clients get another server when they reconnect.
+#[test]
+fn drain_deadline_cuts_flows_and_affinities() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 15, ..Spec::default() }, ServiceSpec::default())?;
+    let conns = open_long_lived(&f, 15)?;
+    let victim = busiest(&conns);
+    let victim_addr = server_address(&f, &victim);
+    f.daemon.cli_ok(&["backend", "drain", SERVICE, &victim_addr.to_string(), "--deadline", "2"])?;
+    let started = Instant::now();
+    wait_for(Duration::from_secs(10), "the drain to be cut", || {
+        let status = f.daemon.status()?;
+        let b = backend_status(&status, victim_addr)?;
+        Ok(b.state == "drained" && b.active_flows == 0 && b.affinities == 0)
+    })?;
+    ensure!(started.elapsed() >= Duration::from_millis(1500), "cut before the deadline");
+    for (client, _, server) in conns.iter().filter(|(_, _, s)| *s == victim) {
+        let now = f.ask(*client)?.server;
+        ensure!(now != *server, "{client} still reached the drained {server}");
+    }
+    Ok(())
+}
+
+/// Issue test 4: add a server under load. Clients with a live affinity stay where they are,
+/// open connections keep working, and new clients reach the new server. Once affinities
+/// are flushed, only the clients that the table now maps to the new server move.
+#[test]
+fn adding_a_server_moves_only_its_share() -> Result<()> {
+    let spec = Spec { backends: 4, clients: 90, ..Spec::default() };
+    let service = ServiceSpec::default();
+    let f = Fixture::start(&spec, service.clone())?;
+    let all = Fixture::addresses(&f.topology);
+    f.daemon.reload(&f.topology, &service.toml(&all[..3]))?;
+    let first: Vec<Ipv4Addr> = f.topology.client_addresses[..60].to_vec();
+    let before: BTreeMap<Ipv4Addr, String> =
+        first.iter().map(|&c| f.ask(c).map(|r| (c, r.server))).collect::<Result<_>>()?;
+    let mut conns = open_long_lived(&f, 10)?;
+
+    f.daemon.cli_ok(&["backend", "add", SERVICE, &all[3].to_string()])?;
+    for (client, conn, server) in &mut conns {
+        ensure!(conn.ask()?.server == *server, "{client}'s open connection moved");
+    }
+    for (&c, server) in &before {
+        let now = f.ask(c)?.server;
+        ensure!(&now == server, "{c} moved from {server} to {now} despite its affinity");
+    }
+    let newcomers: BTreeSet<String> =
+        f.topology.client_addresses[60..].iter().map(|&c| f.ask(c).map(|r| r.server)).collect::<Result<_>>()?;
+    ensure!(newcomers.contains("fe4"), "no new client reached the added server: {newcomers:?}");
+
+    let removed = f.daemon.cli_ok(&["affinity", "flush", SERVICE])?;
+    ensure!(removed.contains("affinities removed"), "{removed}");
+    let mut moved = 0;
+    for (&c, server) in &before {
+        let now = f.ask(c)?.server;
+        if &now != server {
+            ensure!(now == "fe4", "{c} moved from {server} to {now}, not to the new server");
+            moved += 1;
+        }
+    }
+    // About a quarter should move; allow a wide band for 60 clients.
+    ensure!((5..=30).contains(&moved), "{moved} of 60 clients moved");
+    Ok(())
+}
+
+fn affinities(f: &Fixture) -> Result<BTreeSet<(Ipv4Addr, Ipv4Addr)>> {
+    let json = f.daemon.cli_ok(&["affinity", "list", SERVICE, "--json"])?;
+    let records: Vec<AffinityRecord> = serde_json::from_str(&json)?;
+    Ok(records.into_iter().map(|r| (r.client, r.backend)).collect())
+}
+
+/// Issue test 5: kill -9 the daemon and start it again while long-lived connections are
+/// open: they keep working, and affinities, flows and counters are unchanged.
+#[test]
+fn killed_daemon_restarts_without_breaking_sessions() -> Result<()> {
+    let mut f = Fixture::start(&Spec { clients: 12, ..Spec::default() }, ServiceSpec::default())?;
+    let mut conns = open_long_lived(&f, 12)?;
+    let affinities_before = affinities(&f)?;
+    ensure!(affinities_before.len() == 12, "{} affinities", affinities_before.len());
+    let new_flows_before = f.daemon.status()?.services[0].stats.new_flows;
+
+    f.daemon.kill_and_restart()?;
+    ensure!(f.daemon.log().contains("adopted"), "the new daemon did not adopt the running data plane");
+
+    for (client, conn, server) in &mut conns {
+        let now = conn.ask().with_context(|| format!("{client}'s connection broke over the restart"))?.server;
+        ensure!(now == *server, "{client}'s connection moved from {server} to {now}");
+    }
+    ensure!(affinities(&f)? == affinities_before, "affinities changed over the restart");
+    for (client, _, server) in &conns {
+        ensure!(f.ask(*client)?.server == *server, "{client} reached another server after the restart");
+    }
+    let new_flows_after = f.daemon.status()?.services[0].stats.new_flows;
+    ensure!(new_flows_after == new_flows_before + 12, "counters restarted: {new_flows_before} -> {new_flows_after}");
+    Ok(())
+}
+
+/// Runtime changes are persisted: a restarted daemon still has the drained server draining
+/// and the added server present.
+#[test]
+fn runtime_changes_survive_a_restart() -> Result<()> {
+    let spec = Spec { backends: 4, clients: 2, ..Spec::default() };
+    let service = ServiceSpec::default();
+    let mut f = Fixture::start(&spec, service.clone())?;
+    let all = Fixture::addresses(&f.topology);
+    f.daemon.reload(&f.topology, &service.toml(&all[..3]))?;
+    f.daemon.cli_ok(&["backend", "add", SERVICE, &all[3].to_string(), "--weight", "3"])?;
+    f.daemon.cli_ok(&["backend", "drain", SERVICE, &all[0].to_string()])?;
+    f.daemon.cli_ok(&["backend", "remove", SERVICE, &all[1].to_string()])?;
+    f.daemon.kill_and_restart()?;
+    let status = f.daemon.status()?;
+    let listed: BTreeMap<Ipv4Addr, (&str, u32)> =
+        status.services[0].backends.iter().map(|b| (b.address, (b.state.as_str(), b.weight))).collect();
+    ensure!(listed.len() == 3 && !listed.contains_key(&all[1]), "{listed:?}");
+    ensure!(listed[&all[0]].0 == "draining", "{listed:?}");
+    ensure!(listed[&all[3]] == ("up", 3), "{listed:?}");
+    Ok(())
+}
+
+/// Issue test 6: CLI errors are clear messages with a non-zero exit.
+#[test]
+fn cli_errors_are_clear() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let server = f.topology.backends[0].address.to_string();
+    let cases: [(&[&str], &str); 6] = [
+        (&["backend", "drain", "nosuch", &server], "unknown service \"nosuch\""),
+        (&["backend", "drain", SERVICE, "10.2.0.99"], "has no backend 10.2.0.99"),
+        (&["backend", "drain", SERVICE, "10.2.0"], "invalid value '10.2.0'"),
+        (&["backend", "undrain", SERVICE, &server], "is not draining"),
+        (&["backend", "add", SERVICE, &server], "already has backend"),
+        (&["affinity", "flush", SERVICE, "--backend", "10.9.9.9"], "has no backend 10.9.9.9"),
+    ];
+    for (args, expected) in cases {
+        let out = f.daemon.cli(args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "`lb {}` succeeded", args.join(" "));
+        ensure!(stderr.contains(expected), "`lb {}` said {stderr:?}, expected {expected:?}", args.join(" "));
+    }
+    let out = std::process::Command::new(harness::daemon::lb_binary()?)
+        .args(["--socket", "/run/lb-no-such-daemon.sock", "status"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("cannot reach the lb daemon"), "{stderr}");
+    Ok(())
+}
+
+/// Issue test 7: malformed, oversized and hung control clients do not wedge the daemon.
+#[test]
+fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let socket = &f.daemon.socket;
+
+    let mut garbage = UnixStream::connect(socket)?;
+    garbage.write_all(b"this is not json\n")?;
+    let mut reply = String::new();
+    garbage.set_read_timeout(Some(Duration::from_secs(5)))?;
+    garbage.read_to_string(&mut reply)?;
+    ensure!(reply.contains("malformed request"), "{reply}");
+
+    let mut unknown = UnixStream::connect(socket)?;
+    unknown.write_all(b"{\"request\":\"format-disk\"}\n")?;
+    let mut reply = String::new();
+    unknown.set_read_timeout(Some(Duration::from_secs(5)))?;
+    unknown.read_to_string(&mut reply)?;
+    ensure!(reply.contains("malformed request"), "{reply}");
+
+    // Hung clients: one silent, one with half a line; both stay connected.
+    let _silent = UnixStream::connect(socket)?;
+    let mut half = UnixStream::connect(socket)?;
+    half.write_all(b"{\"request\":")?;
+    // An oversized request without a newline.
+    let mut big = UnixStream::connect(socket)?;
+    let _ = big.write_all(&vec![b'x'; 1 << 20]);
+    drop(UnixStream::connect(socket)?);
+
+    let started = Instant::now();
+    f.daemon.status().context("status while hung clients are connected")?;
+    ensure!(started.elapsed() < Duration::from_secs(2), "status took {:?}", started.elapsed());
+    ensure!(f.ask(f.topology.client_addresses[0]).is_ok(), "data plane affected");
+    Ok(())
+}
