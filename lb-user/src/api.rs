@@ -76,7 +76,10 @@ pub struct BackendStatus {
     pub address: Ipv4Addr,
     pub port: u16,
     pub weight: u32,
+    /// up, down, draining (N s left), drained, no-new-clients.
     pub state: String,
+    /// The last health-check result, if the service is checked.
+    pub health: Option<String>,
     /// Client connections not yet expired.
     pub active_flows: u64,
     /// Clients whose affinity points here and has not expired.

@@ -20,7 +20,7 @@ pub const DEFAULT_MAX_AFFINITIES: u32 = 1 << 20;
 /// Weights are relative; the cap keeps the Maglev fill loop short.
 pub const MAX_WEIGHT: u32 = 1000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub daemon: DaemonConfig,
@@ -88,7 +88,7 @@ impl Affinity {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -106,6 +106,79 @@ pub struct ServiceConfig {
     pub idle_timeout: u32,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// Health checks; without this section every server counts as up.
+    pub health: Option<HealthConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// TCP connect.
+    Tcp,
+    /// HTTP GET `path`, status in `expect`.
+    Http,
+    /// HTTPS GET `path` without certificate verification, status in `expect`.
+    Https,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// Existing connections to a failed server stay until they fail by themselves.
+    Keep,
+    /// Existing connections to a failed server are dropped from the flow table.
+    Reset,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    /// Monitor port, which may differ from the balanced port (Lync: 5061); default: the
+    /// server's port.
+    pub port: Option<u16>,
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_expect")]
+    pub expect: Vec<u16>,
+    /// Server name for HTTPS (SNI and Host); default: none, the address is used.
+    pub sni: Option<String>,
+    /// Seconds between checks of one server.
+    #[serde(default = "default_interval")]
+    pub interval: f64,
+    /// Seconds a check may take.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: f64,
+    /// Consecutive successes that bring a down server back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a server out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    #[serde(default = "default_on_down")]
+    pub on_down: OnDown,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_expect() -> Vec<u16> {
+    vec![200]
+}
+fn default_interval() -> f64 {
+    2.0
+}
+fn default_check_timeout() -> f64 {
+    1.0
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_on_down() -> OnDown {
+    OnDown::Keep
 }
 
 impl ServiceConfig {
@@ -238,6 +311,27 @@ impl Config {
             if s.idle_timeout == 0 {
                 bail!("{at}.idle_timeout: must be at least 1 second");
             }
+            if let Some(h) = &s.health {
+                let valid = |v: f64| v.is_finite() && (0.05..=3600.0).contains(&v);
+                if !valid(h.interval) {
+                    bail!("{at}.health.interval: must be 0.05..=3600 seconds, got {}", h.interval);
+                }
+                if !valid(h.timeout) {
+                    bail!("{at}.health.timeout: must be 0.05..=3600 seconds, got {}", h.timeout);
+                }
+                if h.rise == 0 || h.fall == 0 {
+                    bail!("{at}.health.rise/fall: must be at least 1");
+                }
+                if h.port == Some(0) {
+                    bail!("{at}.health.port: must not be 0");
+                }
+                if h.kind != HealthKind::Tcp && (h.expect.is_empty() || !h.path.starts_with('/')) {
+                    bail!("{at}.health: http(s) checks need a path starting with / and a non-empty expect list");
+                }
+                if h.sni.is_some() && h.kind != HealthKind::Https {
+                    bail!("{at}.health.sni: only for kind = \"https\"");
+                }
+            }
             let mut seen = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 if !seen.insert(b.address) {
@@ -326,6 +420,19 @@ mod tests {
     fn bad_affinity_value_is_named() {
         let e = error_of(&MINIMAL.replace("port = 443", "port = 443\naffinity = \"cookie\""));
         assert!(e.contains("affinity") && e.contains("cookie"), "{e}");
+    }
+
+    #[test]
+    fn health_section_is_validated() {
+        let with = |h: &str| MINIMAL.replace("port = 443", &format!("port = 443\nhealth = {{ {h} }}"));
+        let c = Config::parse(&with("kind = \"tcp\", port = 5061")).unwrap();
+        let h = c.services[0].health.as_ref().unwrap();
+        assert_eq!((h.port, h.rise, h.fall, h.on_down), (Some(5061), 2, 3, OnDown::Keep));
+        assert!(error_of(&with("kind = \"tcp\", interval = 0")).contains(".health.interval"));
+        assert!(error_of(&with("kind = \"tcp\", fall = 0")).contains(".health.rise/fall"));
+        assert!(error_of(&with("kind = \"http\", path = \"x\"")).contains("path starting with /"));
+        assert!(error_of(&with("kind = \"tcp\", sni = \"a\"")).contains(".health.sni"));
+        assert!(error_of(&with("kind = \"icmp\"")).contains("icmp"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
-    sync::Mutex,
+    sync::{mpsc, Mutex},
 };
 use tracing::{error, info, warn};
 
@@ -24,6 +24,7 @@ use crate::{
     api::{Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
     config::Config,
     dataplane::{Capacity, Dataplane},
+    health::{Checker, Report},
     pool::{unix_now, Pool},
     runtime::{state_path, Overlay},
 };
@@ -35,9 +36,21 @@ pub struct State {
     config_path: PathBuf,
     pub dataplane: Dataplane,
     pub pool: Pool,
+    checker: Checker,
 }
 
 impl State {
+    /// Points the health checker at the servers as they are now.
+    fn reconcile_health(&mut self) {
+        self.checker.reconcile(self.pool.health_targets());
+    }
+
+    fn record_check(&mut self, report: &Report) {
+        if let Err(e) = self.pool.record_check(&mut self.dataplane, report) {
+            error!(error = %format!("{e:#}"), "applying a health-check result");
+        }
+    }
+
     fn reload(&mut self) -> Result<()> {
         let mut config = Config::load(&self.config_path)?;
         let running = self.pool.config().daemon.clone();
@@ -77,7 +90,9 @@ impl State {
                 pool.affinity_flush(dp, &service, client, backend).map(|removed| Response::Flushed { removed })
             }
         };
-        result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") })
+        let response = result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
+        self.reconcile_health();
+        response
     }
 }
 
@@ -105,8 +120,8 @@ fn prepare_host(interfaces: &[String]) -> Result<()> {
 }
 
 /// Loads the data plane (adopting pinned maps) and brings it in line with the config and
-/// the persisted runtime changes.
-pub fn start(config_path: &Path) -> Result<State> {
+/// the persisted runtime changes. Health reports arrive on `reports`.
+pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Result<State> {
     let config = Config::load(config_path)?;
     let state_file = state_path(config_path);
     let overlay = Overlay::load(&state_file)?;
@@ -124,11 +139,14 @@ pub fn start(config_path: &Path) -> Result<State> {
     for iface in &interfaces {
         dataplane.attach(iface, mode)?;
     }
-    Ok(State { config_path: config_path.to_path_buf(), dataplane, pool })
+    let mut state = State { config_path: config_path.to_path_buf(), dataplane, pool, checker: Checker::new(reports) };
+    state.reconcile_health();
+    Ok(state)
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
-    let state = start(config_path)?;
+    let (report_tx, mut reports) = mpsc::unbounded_channel();
+    let state = start(config_path, report_tx)?;
     let socket_path = PathBuf::from(&state.pool.config().daemon.control_socket);
     let listener = bind_control_socket(&socket_path)?;
     info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");
@@ -158,10 +176,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     error!(error = %format!("{e:#}"), "cutting expired drains");
                 }
             }
+            Some(report) = reports.recv() => state.lock().await.record_check(&report),
             _ = hangup.recv() => {
-                if let Err(e) = state.lock().await.reload() {
+                let mut s = state.lock().await;
+                if let Err(e) = s.reload() {
                     error!(error = %format!("{e:#}"), "reload on SIGHUP failed; keeping the running configuration");
                 }
+                s.reconcile_health();
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,

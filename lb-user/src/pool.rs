@@ -18,13 +18,13 @@ use lb_common::{
     BACKEND_F_CONFIGURED, BACKEND_F_DOWN, BACKEND_F_DRAINING, FAMILY_V4, FLOW_F_REVERSE,
     MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     api::{AffinityRecord, BackendStatus, ServiceStatus, StatusReport},
-    config::{Affinity, BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
+    config::{Affinity, BackendConfig, Config, OnDown, ServiceConfig, MAX_WEIGHT},
     dataplane::{monotonic_ns, v4_from_words, v4_key_words, Dataplane},
-    maglev,
+    health, maglev,
     runtime::{Drain, EffectiveBackend, Overlay},
 };
 
@@ -48,6 +48,8 @@ pub struct Pool {
     state_path: Option<PathBuf>,
     /// Servers that failed their health checks, by (service, address).
     down: BTreeSet<(String, Ipv4Addr)>,
+    /// The last health-check result per server, for `lb status`.
+    last_check: BTreeMap<(String, Ipv4Addr), String>,
     service_ids: BTreeMap<String, u32>,
     backend_ids: BTreeMap<BackendIdentity, u32>,
     /// Live Maglev half per service id.
@@ -87,6 +89,7 @@ impl Pool {
             overlay,
             state_path,
             down: BTreeSet::new(),
+            last_check: BTreeMap::new(),
             service_ids: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             live_half: BTreeMap::new(),
@@ -371,14 +374,55 @@ impl Pool {
         Ok(())
     }
 
-    /// Marks a server up or down (health checks); returns whether anything changed.
-    pub fn set_down(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, down: bool) -> Result<bool> {
-        let key = (service.to_string(), address);
-        let changed = if down { self.down.insert(key) } else { self.down.remove(&key) };
-        if changed {
-            self.sync(dp)?;
+    /// What the health checker should be checking now.
+    pub fn health_targets(&mut self) -> Vec<health::Target> {
+        let mut targets = Vec::new();
+        for s in &self.config.services {
+            let Some(h) = &s.health else { continue };
+            for b in self.backends(&s.name) {
+                targets.push(health::Target {
+                    service: s.name.clone(),
+                    address: b.address,
+                    port: h.port.unwrap_or(b.port),
+                    config: h.clone(),
+                });
+            }
         }
-        Ok(changed)
+        // Forget health state of servers that are no longer checked.
+        let checked: BTreeSet<(String, Ipv4Addr)> = targets.iter().map(|t| (t.service.clone(), t.address)).collect();
+        self.down.retain(|k| checked.contains(k));
+        self.last_check.retain(|k, _| checked.contains(k));
+        targets
+    }
+
+    /// Applies one health-check result: a state change goes to the data plane at once.
+    pub fn record_check(&mut self, dp: &mut Dataplane, report: &health::Report) -> Result<()> {
+        let key = (report.service.clone(), report.address);
+        let summary = match &report.result {
+            Ok(latency) => format!("ok in {:.1} ms", latency.as_secs_f64() * 1000.0),
+            Err(reason) => format!("failed: {reason}"),
+        };
+        self.last_check.insert(key.clone(), summary);
+        let Some(up) = report.transition else { return Ok(()) };
+        let reason = self.last_check[&key].clone();
+        let changed = if up { self.down.remove(&key) } else { self.down.insert(key) };
+        if !changed {
+            return Ok(());
+        }
+        self.sync(dp)?;
+        let (service, address) = (&report.service, report.address);
+        if up {
+            info!(%service, %address, %reason, "server up: back in selection");
+        } else {
+            warn!(%service, %address, %reason, "server down: out of selection");
+            let reset = self.service(service)?.health.as_ref().is_some_and(|h| h.on_down == OnDown::Reset);
+            if reset {
+                let id = self.id_of(service, address)?;
+                let flows = dp.remove_flows(|_, e| e.backend_id == id)?;
+                warn!(%service, %address, flows, "on_down = reset: its connections were dropped");
+            }
+        }
+        Ok(())
     }
 
     /// Cuts drains whose deadline has passed: their remaining flows and affinities go.
@@ -487,6 +531,7 @@ impl Pool {
                     port: b.port,
                     weight: b.weight,
                     state,
+                    health: self.last_check.get(&(s.name.clone(), b.address)).cloned(),
                     active_flows: flows.get(&bid).copied().unwrap_or(0),
                     affinities: affinities.get(&bid).copied().unwrap_or(0),
                     stats: dp.backend_stats(bid)?.into(),

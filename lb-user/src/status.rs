@@ -17,7 +17,7 @@ pub fn render(report: &StatusReport) -> String {
         let mut table = Table::new();
         table.load_preset(UTF8_BORDERS_ONLY).set_header([
             "backend", "weight", "state", "flows", "affinities", "new flows", "pkts in", "pkts out",
-            "bytes in", "bytes out",
+            "bytes in", "bytes out", "last check",
         ]);
         for b in &s.backends {
             table.add_row([
@@ -31,6 +31,7 @@ pub fn render(report: &StatusReport) -> String {
                 b.stats.packets_out.to_string(),
                 b.stats.bytes_in.to_string(),
                 b.stats.bytes_out.to_string(),
+                b.health.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
         out.push_str(&table.to_string());

@@ -19,6 +19,8 @@ pub struct ServiceSpec {
     pub affinity: String,
     pub affinity_timeout: u32,
     pub idle_timeout: u32,
+    /// A TOML inline table for `health`, e.g. `{ kind = "tcp", port = 5061 }`.
+    pub health: Option<String>,
 }
 
 impl Default for ServiceSpec {
@@ -31,6 +33,7 @@ impl Default for ServiceSpec {
             affinity: "source".into(),
             affinity_timeout: 1800,
             idle_timeout: 3600,
+            health: None,
         }
     }
 }
@@ -38,8 +41,9 @@ impl Default for ServiceSpec {
 impl ServiceSpec {
     pub fn toml(&self, backends: &[Ipv4Addr]) -> String {
         let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+        let health = self.health.as_ref().map(|h| format!("health = {h}\n")).unwrap_or_default();
         format!(
-            "[[service]]\nname = {:?}\nvip = \"{VIP}\"\nport = {}\nbackend_port = {}\naffinity = {:?}\naffinity_timeout = {}\nidle_timeout = {}\nbackends = [{}]\n",
+            "[[service]]\nname = {:?}\nvip = \"{VIP}\"\nport = {}\nbackend_port = {}\naffinity = {:?}\naffinity_timeout = {}\nidle_timeout = {}\n{health}backends = [{}]\n",
             self.name,
             self.port,
             self.backend_port,

@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use harness::{
     client::Connection,
     fixture::{Fixture, ServiceSpec},
+    server::Server,
     topology::Spec,
 };
 use lb::api::{AffinityRecord, StatusReport};
@@ -161,6 +162,57 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
     }
     // About a quarter should move; allow a wide band for 60 clients.
     ensure!((5..=30).contains(&moved), "{moved} of 60 clients moved");
+    Ok(())
+}
+
+/// Issue test 3: stop one server's monitored port (5061), not its service port. It leaves
+/// selection within interval x fall plus a small margin; its clients move; the other
+/// servers' clients do not move at all. When the port is back it returns after `rise`.
+#[test]
+fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
+    const INTERVAL: f64 = 0.3;
+    const FALL: u32 = 3;
+    let service = ServiceSpec {
+        health: Some(format!("{{ kind = \"tcp\", port = 5061, interval = {INTERVAL}, timeout = 0.3, rise = 2, fall = {FALL} }}")),
+        ..ServiceSpec::default()
+    };
+    let f = Fixture::start(&Spec { clients: 30, ..Spec::default() }, service)?;
+    let mut monitors: BTreeMap<String, Server> = f
+        .topology
+        .backends
+        .iter()
+        .map(|b| Server::start(&b.ns, &b.name, b.address, 5061).map(|s| (b.name.clone(), s)))
+        .collect::<Result<_>>()?;
+    let before: BTreeMap<Ipv4Addr, String> =
+        f.topology.client_addresses.iter().map(|&c| f.ask(c).map(|r| (c, r.server))).collect::<Result<_>>()?;
+    wait_for(Duration::from_secs(10), "every server to pass a check", || {
+        Ok(f.daemon.status()?.services[0].backends.iter().all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
+    })?;
+
+    let victim = before.values().next().expect("clients").clone();
+    let victim_addr = server_address(&f, &victim);
+    let stopped = Instant::now();
+    drop(monitors.remove(&victim));
+    wait_for(Duration::from_secs(10), "the server to be marked down", || {
+        Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "down")
+    })?;
+    let took = stopped.elapsed();
+    let limit = Duration::from_secs_f64(INTERVAL * f64::from(FALL) + 1.0);
+    ensure!(took <= limit, "marked down after {took:?}, limit {limit:?}");
+
+    for (&client, server) in &before {
+        let now = f.ask(client)?.server;
+        if *server == victim {
+            ensure!(now != victim, "{client} still reached the failed {victim}");
+        } else {
+            ensure!(now == *server, "{client} moved from healthy {server} to {now}");
+        }
+    }
+
+    monitors.insert(victim.clone(), Server::start(&f.topology.backends.iter().find(|b| b.name == victim).unwrap().ns, &victim, victim_addr, 5061)?);
+    wait_for(Duration::from_secs(10), "the server to come back", || {
+        Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "up")
+    })?;
     Ok(())
 }
 
