@@ -55,6 +55,25 @@ pub struct StatusReport {
     pub services: Vec<ServiceStatus>,
     /// Global per-outcome counters (see `lb_common::Counter`).
     pub counters: BTreeMap<String, u64>,
+    /// Table fill levels, as of the last garbage collection.
+    pub tables: TableReport,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct TableReport {
+    pub flows: TableFill,
+    pub affinities: TableFill,
+    /// Garbage collections that found a table at 90 % or more (LRU evicting live entries).
+    pub gc_passes_nearly_full: u64,
+    /// Expired entries removed since the daemon started.
+    pub collected_flows: u64,
+    pub collected_affinities: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct TableFill {
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

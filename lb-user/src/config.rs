@@ -52,6 +52,9 @@ pub struct DaemonConfig {
     pub max_flows: u32,
     #[serde(default = "default_max_affinities")]
     pub max_affinities: u32,
+    /// Seconds between garbage collections of expired flows and affinities.
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -219,6 +222,9 @@ fn default_max_flows() -> u32 {
 fn default_max_affinities() -> u32 {
     DEFAULT_MAX_AFFINITIES
 }
+fn default_gc_interval() -> u32 {
+    10
+}
 fn default_protocol() -> Protocol {
     Protocol::Tcp
 }
@@ -276,6 +282,9 @@ impl Config {
         }
         if d.closing_timeout == 0 {
             bail!("daemon.closing_timeout: must be at least 1 second");
+        }
+        if d.gc_interval == 0 {
+            bail!("daemon.gc_interval: must be at least 1 second");
         }
         if d.max_flows < 1024 || d.max_affinities < 1024 {
             bail!("daemon.max_flows/max_affinities: must be at least 1024");

@@ -156,6 +156,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut drain_tick = tokio::time::interval(DRAIN_TICK);
+    let gc_every = Duration::from_secs(u64::from(state.lock().await.pool.config().daemon.gc_interval));
+    let mut gc_tick = tokio::time::interval(gc_every);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -177,6 +179,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             }
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
+            _ = gc_tick.tick() => {
+                let mut s = state.lock().await;
+                let s = &mut *s;
+                if let Err(e) = s.pool.collect_garbage(&mut s.dataplane) {
+                    error!(error = %format!("{e:#}"), "garbage collection");
+                }
+            }
             _ = hangup.recv() => {
                 let mut s = state.lock().await;
                 if let Err(e) = s.reload() {

@@ -21,7 +21,7 @@ use lb_common::{
 use tracing::{info, warn};
 
 use crate::{
-    api::{AffinityRecord, BackendStatus, ServiceStatus, StatusReport},
+    api::{AffinityRecord, BackendStatus, ServiceStatus, StatusReport, TableFill, TableReport},
     config::{Affinity, BackendConfig, Config, OnDown, ServiceConfig, MAX_WEIGHT},
     dataplane::{monotonic_ns, v4_from_words, v4_key_words, Dataplane},
     health, maglev,
@@ -29,6 +29,8 @@ use crate::{
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+/// Fill level at which a table counts as nearly full.
+const NEARLY_FULL: f64 = 0.9;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct BackendIdentity {
@@ -50,6 +52,8 @@ pub struct Pool {
     down: BTreeSet<(String, Ipv4Addr)>,
     /// The last health-check result per server, for `lb status`.
     last_check: BTreeMap<(String, Ipv4Addr), String>,
+    /// Table fill levels seen by the last garbage collection.
+    tables: TableReport,
     service_ids: BTreeMap<String, u32>,
     backend_ids: BTreeMap<BackendIdentity, u32>,
     /// Live Maglev half per service id.
@@ -90,6 +94,7 @@ impl Pool {
             state_path,
             down: BTreeSet::new(),
             last_check: BTreeMap::new(),
+            tables: TableReport::default(),
             service_ids: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             live_half: BTreeMap::new(),
@@ -448,6 +453,42 @@ impl Pool {
         Ok(())
     }
 
+    /// Deletes expired flow and affinity entries (the data plane already ignores them; this
+    /// frees their slots and SNAT ports) and records how full the tables are. A table above
+    /// `NEARLY_FULL` is logged: the LRU then evicts live entries.
+    pub fn collect_garbage(&mut self, dp: &mut Dataplane) -> Result<()> {
+        let now = monotonic_ns();
+        let flows_removed = dp.remove_flows(|_, e| now.saturating_sub(e.last_seen_ns) > u64::from(e.timeout_s) * NS_PER_SEC)?;
+        let timeouts: BTreeMap<u32, u64> = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
+            .collect();
+        // Entries of services that no longer exist are garbage too.
+        let affinities_removed = dp.remove_affinities(|k, e| {
+            timeouts.get(&k.service_id).is_none_or(|t| now.saturating_sub(e.last_seen_ns) > *t)
+        })?;
+        let d = &self.config.daemon;
+        let previous = self.tables;
+        let mut tables = TableReport {
+            flows: TableFill { entries: dp.flows().count() as u64, capacity: u64::from(d.max_flows) },
+            affinities: TableFill { entries: dp.affinities().count() as u64, capacity: u64::from(d.max_affinities) },
+            gc_passes_nearly_full: previous.gc_passes_nearly_full,
+            collected_flows: previous.collected_flows + flows_removed as u64,
+            collected_affinities: previous.collected_affinities + affinities_removed as u64,
+        };
+        for (name, fill) in [("flows", tables.flows), ("affinities", tables.affinities)] {
+            if fill.entries as f64 >= fill.capacity as f64 * NEARLY_FULL {
+                tables.gc_passes_nearly_full += 1;
+                warn!(table = name, entries = fill.entries, capacity = fill.capacity,
+                    "table nearly full: the least recently used entries are being evicted; raise max_{name}");
+            }
+        }
+        self.tables = tables;
+        Ok(())
+    }
+
     // --- affinities ---
 
     pub fn affinity_list(&self, dp: &Dataplane, service: &str, client: Option<Ipv4Addr>) -> Result<Vec<AffinityRecord>> {
@@ -551,7 +592,7 @@ impl Pool {
             });
         }
         let counters = dp.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect();
-        Ok(StatusReport { services, counters })
+        Ok(StatusReport { services, counters, tables: self.tables })
     }
 }
 

@@ -37,6 +37,12 @@ pub fn render(report: &StatusReport) -> String {
         out.push_str(&table.to_string());
         out.push_str("\n\n");
     }
+    let t = &report.tables;
+    out.push_str(&format!(
+        "tables: flows {}/{}  affinities {}/{}  (expired and collected: {} flows, {} affinities; nearly-full passes {})\n\n",
+        t.flows.entries, t.flows.capacity, t.affinities.entries, t.affinities.capacity,
+        t.collected_flows, t.collected_affinities, t.gc_passes_nearly_full,
+    ));
     let mut counters = Table::new();
     counters.load_preset(UTF8_BORDERS_ONLY).set_header(["counter", "value"]);
     for (name, value) in &report.counters {

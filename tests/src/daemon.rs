@@ -74,12 +74,17 @@ impl Daemon {
     /// Writes `services` (TOML `[[service]]` tables) with the topology's daemon section and
     /// starts the daemon; returns when it answers on its control socket.
     pub fn start(topology: &Topology, services: &str) -> Result<Self> {
+        Self::start_with(topology, "", services)
+    }
+
+    /// Like `start`, with extra `[daemon]` keys (TOML lines).
+    pub fn start_with(topology: &Topology, daemon_extra: &str, services: &str) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-lb", topology.prefix));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
         let config_path = dir.join("lb.toml");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&topology.prefix);
-        let config = format!("{}\n{services}", daemon_section(topology, &socket, &pin_dir));
+        let config = format!("{}{daemon_extra}\n{services}", daemon_section(topology, &socket, &pin_dir));
         std::fs::write(&config_path, config)?;
         let child = spawn(topology.lb.name(), &config_path, &dir.join("daemon.log"))?;
         let mut daemon =

@@ -64,13 +64,18 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(spec: &Spec, service: ServiceSpec) -> Result<Self> {
+        Self::start_with(spec, service, "")
+    }
+
+    /// Like `start`, with extra `[daemon]` keys (TOML lines).
+    pub fn start_with(spec: &Spec, service: ServiceSpec, daemon_extra: &str) -> Result<Self> {
         let topology = Topology::build(spec)?;
         let servers = topology
             .backends
             .iter()
             .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
             .collect::<Result<Vec<_>>>()?;
-        let daemon = Daemon::start(&topology, &service.toml(&Self::addresses(&topology)))?;
+        let daemon = Daemon::start_with(&topology, daemon_extra, &service.toml(&Self::addresses(&topology)))?;
         Ok(Self { daemon, servers, service, topology })
     }
 

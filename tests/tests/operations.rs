@@ -216,6 +216,25 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
     Ok(())
 }
 
+/// Expired flows and affinities are collected, and `lb status` reports table fill levels.
+#[test]
+fn expired_entries_are_collected() -> Result<()> {
+    let service = ServiceSpec { affinity_timeout: 1, ..ServiceSpec::default() };
+    let f = Fixture::start_with(&Spec { clients: 20, ..Spec::default() }, service, "gc_interval = 1\nclosing_timeout = 1\n")?;
+    for &c in &f.topology.client_addresses {
+        f.ask(c)?;
+    }
+    wait_for(Duration::from_secs(15), "closed flows and idle affinities to be collected", || {
+        let t = f.daemon.status()?.tables;
+        // Two flow entries (one per direction) per connection, one affinity per client.
+        Ok(t.collected_flows >= 40 && t.collected_affinities >= 20 && t.flows.entries == 0 && t.affinities.entries == 0)
+    })?;
+    let t = f.daemon.status()?.tables;
+    ensure!(t.flows.capacity == 65536 && t.affinities.capacity == 65536, "{t:?}");
+    ensure!(t.gc_passes_nearly_full == 0, "{t:?}");
+    Ok(())
+}
+
 fn affinities(f: &Fixture) -> Result<BTreeSet<(Ipv4Addr, Ipv4Addr)>> {
     let json = f.daemon.cli_ok(&["affinity", "list", SERVICE, "--json"])?;
     let records: Vec<AffinityRecord> = serde_json::from_str(&json)?;
