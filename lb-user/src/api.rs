@@ -99,6 +99,8 @@ pub struct BackendStatus {
     pub state: String,
     /// The last health-check result, if the service is checked.
     pub health: Option<String>,
+    /// Latency of the last passed check.
+    pub health_latency_ms: Option<f64>,
     /// Client connections not yet expired.
     pub active_flows: u64,
     /// Clients whose affinity points here and has not expired.

@@ -52,6 +52,8 @@ pub struct DaemonConfig {
     pub max_flows: u32,
     #[serde(default = "default_max_affinities")]
     pub max_affinities: u32,
+    /// Prometheus endpoint (`/metrics`), e.g. "127.0.0.1:9120"; off when absent.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Seconds between garbage collections of expired flows and affinities.
     #[serde(default = "default_gc_interval")]
     pub gc_interval: u32,

@@ -151,7 +151,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let listener = bind_control_socket(&socket_path)?;
     info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");
 
+    let metrics_address = state.pool.config().daemon.metrics_address;
     let state = Arc::new(Mutex::new(state));
+    let _metrics = match metrics_address {
+        Some(address) => Some(crate::metrics::start(address, state.clone()).await?),
+        None => None,
+    };
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

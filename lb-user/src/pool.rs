@@ -50,8 +50,8 @@ pub struct Pool {
     state_path: Option<PathBuf>,
     /// Servers that failed their health checks, by (service, address).
     down: BTreeSet<(String, Ipv4Addr)>,
-    /// The last health-check result per server, for `lb status`.
-    last_check: BTreeMap<(String, Ipv4Addr), String>,
+    /// The last health-check result per server (summary, latency if it passed).
+    last_check: BTreeMap<(String, Ipv4Addr), (String, Option<f64>)>,
     /// Table fill levels seen by the last garbage collection.
     tables: TableReport,
     service_ids: BTreeMap<String, u32>,
@@ -403,13 +403,16 @@ impl Pool {
     /// Applies one health-check result: a state change goes to the data plane at once.
     pub fn record_check(&mut self, dp: &mut Dataplane, report: &health::Report) -> Result<()> {
         let key = (report.service.clone(), report.address);
-        let summary = match &report.result {
-            Ok(latency) => format!("ok in {:.1} ms", latency.as_secs_f64() * 1000.0),
-            Err(reason) => format!("failed: {reason}"),
+        let (summary, latency_ms) = match &report.result {
+            Ok(latency) => {
+                let ms = latency.as_secs_f64() * 1000.0;
+                (format!("ok in {ms:.1} ms"), Some(ms))
+            }
+            Err(reason) => (format!("failed: {reason}"), None),
         };
-        self.last_check.insert(key.clone(), summary);
+        self.last_check.insert(key.clone(), (summary.clone(), latency_ms));
         let Some(up) = report.transition else { return Ok(()) };
-        let reason = self.last_check[&key].clone();
+        let reason = summary;
         let changed = if up { self.down.remove(&key) } else { self.down.insert(key) };
         if !changed {
             return Ok(());
@@ -559,6 +562,7 @@ impl Pool {
             for b in self.backends(&s.name) {
                 let bid = self.backend_id(&s.name, b.address, b.port)?;
                 let down = self.down.contains(&(s.name.clone(), b.address));
+                let check = self.last_check.get(&(s.name.clone(), b.address));
                 let state = match (down, b.drain) {
                     (true, _) => "down".to_string(),
                     (false, Some(Drain { cut: true, .. })) => "drained".to_string(),
@@ -572,7 +576,8 @@ impl Pool {
                     port: b.port,
                     weight: b.weight,
                     state,
-                    health: self.last_check.get(&(s.name.clone(), b.address)).cloned(),
+                    health: check.map(|(summary, _)| summary.clone()),
+                    health_latency_ms: check.and_then(|(_, ms)| *ms),
                     active_flows: flows.get(&bid).copied().unwrap_or(0),
                     affinities: affinities.get(&bid).copied().unwrap_or(0),
                     stats: dp.backend_stats(bid)?.into(),

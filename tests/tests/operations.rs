@@ -235,6 +235,29 @@ fn expired_entries_are_collected() -> Result<()> {
     Ok(())
 }
 
+/// The Prometheus endpoint serves per-server and data-plane metrics.
+#[test]
+fn metrics_endpoint_reports_traffic() -> Result<()> {
+    let f = Fixture::start_with(&Spec { clients: 3, ..Spec::default() }, ServiceSpec::default(), "metrics_address = \"127.0.0.1:9120\"\n")?;
+    for &c in &f.topology.client_addresses {
+        f.ask(c)?;
+    }
+    // The endpoint lives on the lb namespace's loopback.
+    let body = f.topology.lb.run(|| -> Result<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 9120))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })??;
+    ensure!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
+    ensure!(body.contains("lb_new_flows_total{service=\"web-ext\"} 3"), "{body}");
+    ensure!(body.contains("lb_datapath_packets_total{outcome=\"redirect\"}"), "{body}");
+    ensure!(body.contains("lb_server_up{service=\"web-ext\",server=\"10.2.0.11:4443\"} 1"), "{body}");
+    Ok(())
+}
+
 fn affinities(f: &Fixture) -> Result<BTreeSet<(Ipv4Addr, Ipv4Addr)>> {
     let json = f.daemon.cli_ok(&["affinity", "list", SERVICE, "--json"])?;
     let records: Vec<AffinityRecord> = serde_json::from_str(&json)?;
