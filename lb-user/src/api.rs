@@ -55,7 +55,7 @@ pub struct StatusReport {
     pub services: Vec<ServiceStatus>,
     /// Global per-outcome counters (see `lb_common::Counter`).
     pub counters: BTreeMap<String, u64>,
-    /// Table fill levels, as of the last garbage collection.
+    /// Table fill levels (entries counted when the report was made).
     pub tables: TableReport,
 }
 

@@ -476,7 +476,10 @@ impl Pool {
         let previous = self.tables;
         let mut tables = TableReport {
             flows: TableFill { entries: dp.flows().count() as u64, capacity: u64::from(d.max_flows) },
-            affinities: TableFill { entries: dp.affinities().count() as u64, capacity: u64::from(d.max_affinities) },
+            affinities: TableFill {
+                entries: dp.affinities().count() as u64,
+                capacity: u64::from(d.max_affinities),
+            },
             gc_passes_nearly_full: previous.gc_passes_nearly_full,
             collected_flows: previous.collected_flows + flows_removed as u64,
             collected_affinities: previous.collected_affinities + affinities_removed as u64,
@@ -540,14 +543,17 @@ impl Pool {
             .iter()
             .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
             .collect();
+        let (mut affinity_entries, mut flow_entries) = (0, 0);
         let mut affinities: BTreeMap<u32, u64> = BTreeMap::new();
         for (key, entry) in dp.affinities() {
+            affinity_entries += 1;
             if timeouts.get(&key.service_id).is_some_and(|t| now.saturating_sub(entry.last_seen_ns) <= *t) {
                 *affinities.entry(entry.backend_id).or_default() += 1;
             }
         }
         let mut flows: BTreeMap<u32, u64> = BTreeMap::new();
         for (_, entry) in dp.flows() {
+            flow_entries += 1;
             let fresh = now.saturating_sub(entry.last_seen_ns) <= u64::from(entry.timeout_s) * NS_PER_SEC;
             if fresh && entry.flags & FLOW_F_REVERSE == 0 {
                 *flows.entry(entry.backend_id).or_default() += 1;
@@ -597,7 +603,10 @@ impl Pool {
             });
         }
         let counters = dp.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect();
-        Ok(StatusReport { services, counters, tables: self.tables })
+        let mut tables = self.tables;
+        tables.flows.entries = flow_entries;
+        tables.affinities.entries = affinity_entries;
+        Ok(StatusReport { services, counters, tables })
     }
 }
 

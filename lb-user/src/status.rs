@@ -101,5 +101,5 @@ pub fn render_affinities(entries: &[AffinityRecord]) -> String {
             e.idle_s.to_string(),
         ]);
     }
-    format!("{table}\n{} affinities\n", entries.len())
+    format!("{table}\nlive affinities: {}\n", entries.len())
 }
