@@ -402,3 +402,22 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_of_another_layout_are_refused() {
+        let dir = std::env::temp_dir().join(format!("lb-pins-{}", std::process::id()));
+        let ours = versioned_pin_dir(&dir).unwrap();
+        assert!(ours.ends_with(format!("v{LAYOUT_VERSION}")));
+        // Our own version again: adopted, not refused.
+        assert_eq!(versioned_pin_dir(&dir).unwrap(), ours);
+        std::fs::create_dir_all(dir.join("v0")).unwrap();
+        let err = format!("{:#}", versioned_pin_dir(&dir).unwrap_err());
+        assert!(err.contains("layout v0") && err.contains("lb detach"), "{err}");
+        remove_pins(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+}

@@ -116,6 +116,21 @@ impl Daemon {
         bail!("lb daemon not ready after {READY_TIMEOUT:?}:\n{}", self.log())
     }
 
+    /// Sends a signal to the daemon process.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        // SAFETY: plain kill(2) on our own child.
+        if unsafe { libc::kill(self.child.id() as i32, signal) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Rewrites the config file (daemon section kept) without telling the daemon.
+    pub fn write_services(&self, topology: &Topology, services: &str) -> Result<()> {
+        let section = daemon_section(topology, &self.socket, &self.pin_dir);
+        Ok(std::fs::write(&self.config_path, format!("{section}\n{services}"))?)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
@@ -134,10 +149,7 @@ impl Daemon {
 
     /// Rewrites the `[[service]]` part of the config and asks the daemon to apply it.
     pub fn reload(&self, topology: &Topology, services: &str) -> Result<()> {
-        std::fs::write(
-            &self.config_path,
-            format!("{}\n{services}", daemon_section(topology, &self.socket, &self.pin_dir)),
-        )?;
+        self.write_services(topology, services)?;
         match self.call(Request::Reload)? {
             Response::Done => Ok(()),
             other => Err(anyhow!("reload failed: {other:?}")),

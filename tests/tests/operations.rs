@@ -312,6 +312,20 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// SIGHUP re-reads the config file, like `lb reload`.
+#[test]
+fn sighup_reloads_the_config() -> Result<()> {
+    let service = ServiceSpec::default();
+    let f = Fixture::start(&Spec { backends: 2, clients: 1, ..Spec::default() }, service.clone())?;
+    let all = Fixture::addresses(&f.topology);
+    f.daemon.write_services(&f.topology, &service.toml(&all[..1]))?;
+    f.daemon.signal(libc::SIGHUP)?;
+    wait_for(Duration::from_secs(10), "the reload to drop the second server", || {
+        Ok(f.daemon.status()?.services[0].backends.len() == 1)
+    })?;
+    Ok(())
+}
+
 /// Issue test 6: CLI errors are clear messages with a non-zero exit.
 #[test]
 fn cli_errors_are_clear() -> Result<()> {
