@@ -81,6 +81,12 @@ fn affinity_mode(a: Affinity) -> u32 {
     }
 }
 
+/// Has an entry last seen at `last_seen_ns` outlived `timeout_ns`? (Same rule as the data
+/// plane's `is_fresh`.)
+fn is_fresh(last_seen_ns: u64, timeout_ns: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen_ns) <= timeout_ns
+}
+
 /// A stable identity for Maglev: address and port, independent of config order.
 fn maglev_identity(address: Ipv4Addr, port: u16) -> u64 {
     (u64::from(u32::from(address)) << 16) | u64::from(port)
@@ -105,6 +111,15 @@ impl Pool {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Affinity timeout per installed service id, in nanoseconds.
+    fn affinity_timeouts_ns(&self) -> BTreeMap<u32, u64> {
+        self.config
+            .services
+            .iter()
+            .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
+            .collect()
     }
 
     /// Takes over the ids and table halves of a data plane a previous daemon left running,
@@ -461,16 +476,11 @@ impl Pool {
     /// `NEARLY_FULL` is logged: the LRU then evicts live entries.
     pub fn collect_garbage(&mut self, dp: &mut Dataplane) -> Result<()> {
         let now = monotonic_ns();
-        let flows_removed = dp.remove_flows(|_, e| now.saturating_sub(e.last_seen_ns) > u64::from(e.timeout_s) * NS_PER_SEC)?;
-        let timeouts: BTreeMap<u32, u64> = self
-            .config
-            .services
-            .iter()
-            .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
-            .collect();
+        let flows_removed = dp.remove_flows(|_, e| !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now))?;
+        let timeouts = self.affinity_timeouts_ns();
         // Entries of services that no longer exist are garbage too.
         let affinities_removed = dp.remove_affinities(|k, e| {
-            timeouts.get(&k.service_id).is_none_or(|t| now.saturating_sub(e.last_seen_ns) > *t)
+            timeouts.get(&k.service_id).is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
         })?;
         let d = &self.config.daemon;
         let previous = self.tables;
@@ -507,7 +517,7 @@ impl Pool {
             .affinities()
             .filter(|(k, _)| k.service_id == service_id)
             .filter(|(k, _)| client.is_none_or(|c| v4_from_words(k.client_be) == c))
-            .filter(|(_, e)| now.saturating_sub(e.last_seen_ns) <= timeout)
+            .filter(|(_, e)| is_fresh(e.last_seen_ns, timeout, now))
             .filter_map(|(k, e)| {
                 let backend = by_id.get(&e.backend_id)?;
                 Some(AffinityRecord {
@@ -537,24 +547,19 @@ impl Pool {
 
     pub fn status(&self, dp: &Dataplane) -> Result<StatusReport> {
         let now = monotonic_ns();
-        let timeouts: BTreeMap<u32, u64> = self
-            .config
-            .services
-            .iter()
-            .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
-            .collect();
+        let timeouts = self.affinity_timeouts_ns();
         let (mut affinity_entries, mut flow_entries) = (0, 0);
         let mut affinities: BTreeMap<u32, u64> = BTreeMap::new();
         for (key, entry) in dp.affinities() {
             affinity_entries += 1;
-            if timeouts.get(&key.service_id).is_some_and(|t| now.saturating_sub(entry.last_seen_ns) <= *t) {
+            if timeouts.get(&key.service_id).is_some_and(|t| is_fresh(entry.last_seen_ns, *t, now)) {
                 *affinities.entry(entry.backend_id).or_default() += 1;
             }
         }
         let mut flows: BTreeMap<u32, u64> = BTreeMap::new();
         for (_, entry) in dp.flows() {
             flow_entries += 1;
-            let fresh = now.saturating_sub(entry.last_seen_ns) <= u64::from(entry.timeout_s) * NS_PER_SEC;
+            let fresh = is_fresh(entry.last_seen_ns, u64::from(entry.timeout_s) * NS_PER_SEC, now);
             if fresh && entry.flags & FLOW_F_REVERSE == 0 {
                 *flows.entry(entry.backend_id).or_default() += 1;
             }

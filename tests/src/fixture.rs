@@ -1,8 +1,11 @@
 //! A ready Front End pool: topology, one server per backend host, the lb daemon with one
 //! service in front. Dropped in field order: daemon, servers, then the namespaces.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use crate::{
     client::{self, Reply},
@@ -90,5 +93,24 @@ impl Fixture {
     /// One fresh connection from `client`, one request.
     pub fn ask(&self, client: Ipv4Addr) -> Result<Reply> {
         client::request(&self.topology.client, client, self.vip())
+    }
+
+    /// The server each client reaches on a new connection.
+    pub fn servers_of(&self, clients: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, String>> {
+        clients.iter().map(|&c| self.ask(c).map(|r| (c, r.server))).collect()
+    }
+
+    /// Connects once more from every client of `before` and counts those that now reach
+    /// another server; fails if any of them went anywhere but `only_to`.
+    pub fn count_moved(&self, before: &BTreeMap<Ipv4Addr, String>, only_to: &str) -> Result<usize> {
+        let mut moved = 0;
+        for (&client, server) in before {
+            let now = self.ask(client)?.server;
+            if &now != server {
+                ensure!(now == only_to, "{client} moved from {server} to {now}, not to {only_to}");
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 }

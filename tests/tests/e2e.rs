@@ -184,12 +184,7 @@ fn affinity_expires_after_timeout() -> Result<()> {
     let f = Fixture::start(&Spec { backends: 4, clients: 40, ..Spec::default() }, service.clone())?;
     let first_three = &Fixture::addresses(&f.topology)[..3];
     f.daemon.reload(&f.topology, &service.toml(first_three))?;
-    let before: BTreeMap<Ipv4Addr, String> = f
-        .topology
-        .client_addresses
-        .iter()
-        .map(|&c| f.ask(c).map(|r| (c, r.server)))
-        .collect::<Result<_>>()?;
+    let before = f.servers_of(&f.topology.client_addresses)?;
     ensure!(before.values().all(|s| s != "fe4"), "fe4 was not in the pool yet");
 
     f.daemon.reload(&f.topology, &service.toml(&Fixture::addresses(&f.topology)))?;
@@ -202,14 +197,7 @@ fn affinity_expires_after_timeout() -> Result<()> {
 
     // Idle past the timeout (the check above refreshed every affinity).
     std::thread::sleep(Duration::from_secs(u64::from(TIMEOUT_S) + 2));
-    let mut moved = 0;
-    for (&c, server) in &before {
-        let now = f.ask(c)?.server;
-        if &now != server {
-            ensure!(now == "fe4", "{c} moved from {server} to {now}, not to the new server");
-            moved += 1;
-        }
-    }
+    let moved = f.count_moved(&before, "fe4")?;
     ensure!(moved > 0, "no client moved to fe4 after its affinity expired");
     Ok(())
 }

@@ -133,9 +133,7 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
     let f = Fixture::start(&spec, service.clone())?;
     let all = Fixture::addresses(&f.topology);
     f.daemon.reload(&f.topology, &service.toml(&all[..3]))?;
-    let first: Vec<Ipv4Addr> = f.topology.client_addresses[..60].to_vec();
-    let before: BTreeMap<Ipv4Addr, String> =
-        first.iter().map(|&c| f.ask(c).map(|r| (c, r.server))).collect::<Result<_>>()?;
+    let before = f.servers_of(&f.topology.client_addresses[..60])?;
     let mut conns = open_long_lived(&f, 10)?;
 
     f.daemon.cli_ok(&["backend", "add", SERVICE, &all[3].to_string()])?;
@@ -152,14 +150,7 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
 
     let removed = f.daemon.cli_ok(&["affinity", "flush", SERVICE])?;
     ensure!(removed.contains("affinities removed"), "{removed}");
-    let mut moved = 0;
-    for (&c, server) in &before {
-        let now = f.ask(c)?.server;
-        if &now != server {
-            ensure!(now == "fe4", "{c} moved from {server} to {now}, not to the new server");
-            moved += 1;
-        }
-    }
+    let moved = f.count_moved(&before, "fe4")?;
     // About a quarter should move; allow a wide band for 60 clients.
     ensure!((5..=30).contains(&moved), "{moved} of 60 clients moved");
     Ok(())
@@ -183,8 +174,7 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
         .iter()
         .map(|b| Server::start(&b.ns, &b.name, b.address, 5061).map(|s| (b.name.clone(), s)))
         .collect::<Result<_>>()?;
-    let before: BTreeMap<Ipv4Addr, String> =
-        f.topology.client_addresses.iter().map(|&c| f.ask(c).map(|r| (c, r.server))).collect::<Result<_>>()?;
+    let before = f.servers_of(&f.topology.client_addresses)?;
     wait_for(Duration::from_secs(10), "every server to pass a check", || {
         Ok(f.daemon.status()?.services[0].backends.iter().all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
     })?;
