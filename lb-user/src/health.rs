@@ -242,6 +242,20 @@ mod tests {
         assert!(err.starts_with("GET https://127.0.0.1"), "{err}");
     }
 
+    /// Counts the checks with the matching outcome until the server goes `up` (or down).
+    async fn checks_until(rx: &mut mpsc::UnboundedReceiver<Report>, up: bool) -> u32 {
+        let mut matching = 0;
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+            if r.result.is_ok() == up {
+                matching += 1;
+            }
+            if r.transition == Some(up) {
+                return matching;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn fall_and_rise_are_counted() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -250,29 +264,9 @@ mod tests {
         let mut checker = Checker::new(tx);
         checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])]);
         drop(listener);
-        let mut failures_before_down = 0;
-        loop {
-            let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-            if r.result.is_err() {
-                failures_before_down += 1;
-            }
-            if r.transition == Some(false) {
-                break;
-            }
-        }
-        assert_eq!(failures_before_down, 2, "fall = 2");
+        assert_eq!(checks_until(&mut rx, false).await, 2, "fall = 2");
         let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        let mut passes = 0;
-        loop {
-            let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-            if r.result.is_ok() {
-                passes += 1;
-            }
-            if r.transition == Some(true) {
-                break;
-            }
-        }
-        assert_eq!(passes, 2, "rise = 2");
+        assert_eq!(checks_until(&mut rx, true).await, 2, "rise = 2");
         checker.reconcile(Vec::new());
         assert!(checker.tasks.is_empty());
     }

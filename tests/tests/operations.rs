@@ -349,19 +349,19 @@ fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
     let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
     let socket = &f.daemon.socket;
 
-    let mut garbage = UnixStream::connect(socket)?;
-    garbage.write_all(b"this is not json\n")?;
-    let mut reply = String::new();
-    garbage.set_read_timeout(Some(Duration::from_secs(5)))?;
-    garbage.read_to_string(&mut reply)?;
-    ensure!(reply.contains("malformed request"), "{reply}");
-
-    let mut unknown = UnixStream::connect(socket)?;
-    unknown.write_all(b"{\"request\":\"format-disk\"}\n")?;
-    let mut reply = String::new();
-    unknown.set_read_timeout(Some(Duration::from_secs(5)))?;
-    unknown.read_to_string(&mut reply)?;
-    ensure!(reply.contains("malformed request"), "{reply}");
+    // One request line, the daemon's whole answer.
+    let exchange = |request: &[u8]| -> Result<String> {
+        let mut stream = UnixStream::connect(socket)?;
+        stream.write_all(request)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
+    };
+    for request in [&b"this is not json\n"[..], b"{\"request\":\"format-disk\"}\n"] {
+        let reply = exchange(request)?;
+        ensure!(reply.contains("malformed request"), "{reply}");
+    }
 
     // Hung clients: one silent, one with half a line; both stay connected.
     let _silent = UnixStream::connect(socket)?;
