@@ -364,10 +364,11 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// One service, two servers (10.2.0.11, and 10.2.0.12 with weight 2), 443 -> 4443.
+    pub(crate) const MINIMAL: &str = r#"
         [daemon]
         interfaces = ["eth0"]
         snat_addresses = ["10.2.0.100"]

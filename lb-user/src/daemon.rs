@@ -66,6 +66,8 @@ impl State {
     }
 
     fn handle(&mut self, request: Request) -> Response {
+        // Anything but a read may change which servers exist, so health follows afterwards.
+        let changes_servers = !matches!(request, Request::Status | Request::AffinityList { .. });
         let dp = &mut self.dataplane;
         let pool = &mut self.pool;
         let done = |r: Result<()>| r.map(|()| Response::Done);
@@ -91,7 +93,9 @@ impl State {
             }
         };
         let response = result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
-        self.reconcile_health();
+        if changes_servers {
+            self.reconcile_health();
+        }
         response
     }
 }

@@ -10,7 +10,7 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        xdp::XdpLink,
+        xdp::{XdpLink, XdpLinkId},
         Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -109,6 +109,26 @@ fn add_traffic(acc: &mut TrafficStats, v: &TrafficStats) {
     acc.new_flows += v.new_flows;
     acc.affinity_hits += v.affinity_hits;
     acc.affinity_misses += v.affinity_misses;
+}
+
+/// What a removal pass did: entries deleted, and entries left in the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Removal {
+    pub removed: usize,
+    pub kept: usize,
+}
+
+/// Keys of the entries `remove` selects, and how many it did not select.
+fn partition_keys<K, V>(entries: impl Iterator<Item = (K, V)>, remove: impl Fn(&K, &V) -> bool) -> (Vec<K>, usize) {
+    let mut kept = 0;
+    let doomed = entries
+        .filter_map(|(k, v)| {
+            let go = remove(&k, &v);
+            kept += usize::from(!go);
+            go.then_some(k)
+        })
+        .collect();
+    (doomed, kept)
 }
 
 /// `<pin_dir>/v<LAYOUT_VERSION>`, refusing to start next to pins of another layout: reading
@@ -233,6 +253,10 @@ impl Dataplane {
         Ok(how)
     }
 
+    fn attach_in(&mut self, iface: &str, mode: XdpMode, name: &str) -> Result<XdpLinkId> {
+        self.program_mut()?.attach(iface, mode).with_context(|| format!("attach to {iface} in {name} mode"))
+    }
+
     fn adopt_link(&mut self, pin: &Path) -> Result<()> {
         let pinned = PinnedLink::from_pin(pin).context("open pinned link")?;
         let link = XdpLink::try_from(FdLink::from(pinned)).context("not an XDP link")?;
@@ -242,27 +266,13 @@ impl Dataplane {
 
     fn attach_new(&mut self, iface: &str, mode: XdpModeConfig, pin: Option<&Path>) -> Result<&'static str> {
         let (id, how) = match mode {
-            XdpModeConfig::Driver => (
-                self.program_mut()?
-                    .attach(iface, XdpMode::Driver)
-                    .with_context(|| format!("attach to {iface} in driver mode"))?,
-                "driver",
-            ),
-            XdpModeConfig::Generic => (
-                self.program_mut()?
-                    .attach(iface, XdpMode::Skb)
-                    .with_context(|| format!("attach to {iface} in generic mode"))?,
-                "generic",
-            ),
-            XdpModeConfig::Auto => match self.program_mut()?.attach(iface, XdpMode::Driver) {
+            XdpModeConfig::Driver => (self.attach_in(iface, XdpMode::Driver, "driver")?, "driver"),
+            XdpModeConfig::Generic => (self.attach_in(iface, XdpMode::Skb, "generic")?, "generic"),
+            XdpModeConfig::Auto => match self.attach_in(iface, XdpMode::Driver, "driver") {
                 Ok(id) => (id, "driver"),
                 Err(e) => {
-                    warn!(%iface, error = %e, "driver-mode XDP failed, falling back to generic mode");
-                    let id = self
-                        .program_mut()?
-                        .attach(iface, XdpMode::Skb)
-                        .with_context(|| format!("attach to {iface} in generic mode"))?;
-                    (id, "generic")
+                    warn!(%iface, error = %format!("{e:#}"), "driver-mode XDP failed, falling back to generic mode");
+                    (self.attach_in(iface, XdpMode::Skb, "generic")?, "generic")
                 }
             },
         };
@@ -348,23 +358,23 @@ impl Dataplane {
         self.flows.iter().filter_map(Result::ok)
     }
 
-    /// Removes every affinity entry matching `remove`; returns how many went.
-    pub fn remove_affinities(&mut self, remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool) -> Result<usize> {
-        let doomed: Vec<AffinityKey> = self.affinities().filter(|(k, v)| remove(k, v)).map(|(k, _)| k).collect();
+    /// Removes every affinity entry matching `remove`, in one walk of the table.
+    pub fn remove_affinities(&mut self, remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool) -> Result<Removal> {
+        let (doomed, kept) = partition_keys(self.affinities(), remove);
         for key in &doomed {
             // Already gone (LRU eviction, a racing delete) is fine.
             let _ = self.affinity.remove(key);
         }
-        Ok(doomed.len())
+        Ok(Removal { removed: doomed.len(), kept })
     }
 
-    /// Removes every flow entry (both directions) matching `remove`; returns how many went.
-    pub fn remove_flows(&mut self, remove: impl Fn(&FlowKey, &FlowEntry) -> bool) -> Result<usize> {
-        let doomed: Vec<FlowKey> = self.flows().filter(|(k, v)| remove(k, v)).map(|(k, _)| k).collect();
+    /// Removes every flow entry (both directions) matching `remove`, in one walk of the table.
+    pub fn remove_flows(&mut self, remove: impl Fn(&FlowKey, &FlowEntry) -> bool) -> Result<Removal> {
+        let (doomed, kept) = partition_keys(self.flows(), remove);
         for key in &doomed {
             let _ = self.flows.remove(key);
         }
-        Ok(doomed.len())
+        Ok(Removal { removed: doomed.len(), kept })
     }
 
     /// Services currently in the data plane (for adopting a running one).

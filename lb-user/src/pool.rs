@@ -441,7 +441,7 @@ impl Pool {
             let reset = self.service(service)?.health.as_ref().is_some_and(|h| h.on_down == OnDown::Reset);
             if reset {
                 let id = self.id_of(service, address)?;
-                let flows = dp.remove_flows(|_, e| e.backend_id == id)?;
+                let flows = dp.remove_flows(|_, e| e.backend_id == id)?.removed;
                 warn!(%service, %address, flows, "on_down = reset: its connections were dropped");
             }
         }
@@ -460,8 +460,8 @@ impl Pool {
         }
         for (service, address) in due {
             let id = self.id_of(&service, address)?;
-            let flows = dp.remove_flows(|_, e| e.backend_id == id)?;
-            let affinities = dp.remove_affinities(|_, e| e.backend_id == id)?;
+            let flows = dp.remove_flows(|_, e| e.backend_id == id)?.removed;
+            let affinities = dp.remove_affinities(|_, e| e.backend_id == id)?.removed;
             if let Some(drain) = self.overlay.service_mut(&service).draining.get_mut(&address) {
                 drain.cut = true;
             }
@@ -476,23 +476,20 @@ impl Pool {
     /// `NEARLY_FULL` is logged: the LRU then evicts live entries.
     pub fn collect_garbage(&mut self, dp: &mut Dataplane) -> Result<()> {
         let now = monotonic_ns();
-        let flows_removed = dp.remove_flows(|_, e| !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now))?;
+        let flows = dp.remove_flows(|_, e| !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now))?;
         let timeouts = self.affinity_timeouts_ns();
         // Entries of services that no longer exist are garbage too.
-        let affinities_removed = dp.remove_affinities(|k, e| {
+        let affinities = dp.remove_affinities(|k, e| {
             timeouts.get(&k.service_id).is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
         })?;
         let d = &self.config.daemon;
         let previous = self.tables;
         let mut tables = TableReport {
-            flows: TableFill { entries: dp.flows().count() as u64, capacity: u64::from(d.max_flows) },
-            affinities: TableFill {
-                entries: dp.affinities().count() as u64,
-                capacity: u64::from(d.max_affinities),
-            },
+            flows: TableFill { entries: flows.kept as u64, capacity: u64::from(d.max_flows) },
+            affinities: TableFill { entries: affinities.kept as u64, capacity: u64::from(d.max_affinities) },
             gc_passes_nearly_full: previous.gc_passes_nearly_full,
-            collected_flows: previous.collected_flows + flows_removed as u64,
-            collected_affinities: previous.collected_affinities + affinities_removed as u64,
+            collected_flows: previous.collected_flows + flows.removed as u64,
+            collected_affinities: previous.collected_affinities + affinities.removed as u64,
         };
         for (name, fill) in [("flows", tables.flows), ("affinities", tables.affinities)] {
             if fill.entries as f64 >= fill.capacity as f64 * NEARLY_FULL {
@@ -536,11 +533,12 @@ impl Pool {
         self.service(service)?;
         let service_id = self.service_ids.get(service).copied().ok_or_else(|| anyhow!("service {service:?} not installed"))?;
         let backend_id = backend.map(|b| self.id_of(service, b)).transpose()?;
-        dp.remove_affinities(|k, e| {
+        let removal = dp.remove_affinities(|k, e| {
             k.service_id == service_id
                 && client.is_none_or(|c| v4_from_words(k.client_be) == c)
                 && backend_id.is_none_or(|id| e.backend_id == id)
-        })
+        })?;
+        Ok(removal.removed)
     }
 
     // --- status ---

@@ -115,27 +115,14 @@ mod tests {
     use super::*;
 
     fn config() -> Config {
-        Config::parse(
-            r#"
-            [daemon]
-            interfaces = ["eth0"]
-            snat_addresses = ["10.2.0.100"]
-            [[service]]
-            name = "web"
-            vip = "10.100.0.1"
-            port = 443
-            backend_port = 4443
-            backends = [{ address = "10.2.0.11" }, { address = "10.2.0.12", weight = 3 }]
-            "#,
-        )
-        .unwrap()
+        Config::parse(crate::config::tests::MINIMAL).unwrap()
     }
 
     #[test]
     fn overlay_adds_removes_reweights_and_drains() {
         let config = config();
         let mut o = Overlay::default();
-        let s = o.service_mut("web");
+        let s = o.service_mut("web-ext");
         s.added.insert(
             "10.2.0.13".parse().unwrap(),
             BackendConfig { address: "10.2.0.13".parse().unwrap(), port: Some(8443), weight: 2 },
@@ -143,7 +130,7 @@ mod tests {
         s.removed.insert("10.2.0.11".parse().unwrap());
         s.weights.insert("10.2.0.12".parse().unwrap(), 5);
         s.draining.insert("10.2.0.12".parse().unwrap(), Drain { deadline_unix: Some(9), cut: false });
-        let b = o.backends(&config, "web");
+        let b = o.backends(&config, "web-ext");
         assert_eq!(b.len(), 2);
         assert_eq!((b[0].address.to_string(), b[0].port, b[0].weight), ("10.2.0.12".into(), 4443, 5));
         assert!(b[0].drain.is_some());
@@ -158,7 +145,7 @@ mod tests {
         assert!(path.ends_with("lb.toml.state.json"));
         assert_eq!(Overlay::load(&path).unwrap(), Overlay::default());
         let mut o = Overlay::default();
-        o.service_mut("web").removed.insert("10.2.0.11".parse().unwrap());
+        o.service_mut("web-ext").removed.insert("10.2.0.11".parse().unwrap());
         o.save(&path).unwrap();
         assert_eq!(Overlay::load(&path).unwrap(), o);
         std::fs::write(&path, "{ not json").unwrap();
@@ -170,8 +157,8 @@ mod tests {
     fn stale_services_are_forgotten() {
         let mut o = Overlay::default();
         o.service_mut("gone").removed.insert("10.2.0.11".parse().unwrap());
-        o.service_mut("web");
+        o.service_mut("web-ext");
         o.retain_services(&config());
-        assert_eq!(o.services.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(o.services.keys().collect::<Vec<_>>(), ["web-ext"]);
     }
 }
