@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout below changes, so pinned maps of another layout are never
 /// read as if they were ours.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 // Map names: used by `#[map(name = ...)]` in lb-ebpf and by the daemon. Kernel limit: 15 chars.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
@@ -38,6 +38,8 @@ pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_SNAT_ADDRS: u32 = 64;
 pub const MAX_INTERFACES: u32 = 64;
+/// Slots in `LB_COUNTERS`: room for counters added later without a layout change.
+pub const MAX_COUNTERS: u32 = 64;
 pub const MAX_FLOWS: u32 = 1 << 20;
 pub const MAX_AFFINITIES: u32 = 1 << 20;
 /// Two halves per service: the daemon fills the idle half, then flips `Service::table_half`.
@@ -196,7 +198,8 @@ pub struct Settings {
     pub snat_port_max: u16,
     /// Lifetime of a flow entry after FIN or RST.
     pub closing_timeout_s: u32,
-    pub _pad: u32,
+    /// Non-zero: the data plane logs new flows and drops through aya-log (`lb debug on`).
+    pub debug_log: u32,
 }
 
 /// Per-service and per-backend traffic counters (per CPU; the daemon sums them).
@@ -261,10 +264,13 @@ pub enum Counter {
     DropNoRoute,
     /// The settings map was not populated (daemon not finished starting).
     DropNotConfigured,
+    /// A per-CPU scratch slot was missing: cannot happen in a loaded program, counted so
+    /// that it would be seen if it did.
+    DropInternal,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropNotConfigured as u32 + 1;
+    pub const COUNT: u32 = Counter::DropInternal as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Packets,
         Counter::PassNotIpv4,
@@ -287,6 +293,7 @@ impl Counter {
         Counter::DropFlowInsert,
         Counter::DropNoRoute,
         Counter::DropNotConfigured,
+        Counter::DropInternal,
     ];
 
     /// Stable snake_case name, used in `lb status` and its JSON.
@@ -313,6 +320,7 @@ impl Counter {
             Counter::DropFlowInsert => "drop_flow_insert",
             Counter::DropNoRoute => "drop_no_route",
             Counter::DropNotConfigured => "drop_not_configured",
+            Counter::DropInternal => "drop_internal",
         }
     }
 
@@ -344,6 +352,7 @@ const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<Settings>() == 12 + 4);
 const _: () = assert!(size_of::<TrafficStats>() == 56);
 const _: () = assert!(MAGLEV_ENTRIES <= u32::MAX / 2);
+const _: () = assert!(Counter::COUNT <= MAX_COUNTERS);
 
 #[cfg(feature = "user")]
 mod pod {

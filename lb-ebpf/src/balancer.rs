@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     forward::forward_v4,
-    maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, SERVICES, SETTINGS, SNAT_ADDRS},
+    maps::{scratch, AFFINITY, BACKENDS, FLOWS, MAGLEV, SERVICES, SETTINGS, SNAT_ADDRS},
     nat::rewrite_v4,
     parse::{parse, Packet},
     stats::{self, Traffic},
@@ -154,7 +154,11 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, service: &Service, now: u64) -> Verd
     if service.affinity_mode == AFFINITY_SOURCE_PORT {
         flow_flags |= FLOW_F_AFFINITY_PORT;
     }
-    let reverse = FlowEntry {
+    let Some(scratch) = scratch() else {
+        return Verdict::drop(Counter::DropInternal);
+    };
+    let reverse = &mut scratch.reverse;
+    *reverse = FlowEntry {
         new_src_be: pkt.key.dst_be,
         new_dst_be: pkt.key.src_be,
         new_src_port_be: pkt.key.dst_port_be,
@@ -167,11 +171,12 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, service: &Service, now: u64) -> Verd
         last_seen_ns: now,
     };
     let Some((snat_be, snat_port_be, reverse_key)) =
-        claim_snat_port(&pkt.key, backend, settings, &reverse, now)
+        claim_snat_port(&pkt.key, backend, settings, reverse, now)
     else {
         return Verdict::drop(Counter::DropSnatExhausted);
     };
-    let forward = FlowEntry {
+    let forward = &mut scratch.forward;
+    *forward = FlowEntry {
         new_src_be: snat_be,
         new_dst_be: backend.addr_be,
         new_src_port_be: snat_port_be,
@@ -183,12 +188,14 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, service: &Service, now: u64) -> Verd
         _pad: 0,
         last_seen_ns: now,
     };
-    if FLOWS.insert(&pkt.key, &forward, u64::from(BPF_ANY)).is_err() {
+    let forward: &FlowEntry = forward;
+    if FLOWS.insert(&pkt.key, forward, u64::from(BPF_ANY)).is_err() {
         // Give the port back; a half-recorded flow would leak it until it expires.
         let _ = FLOWS.remove(&reverse_key);
         return Verdict::drop(Counter::DropFlowInsert);
     }
 
+    crate::log::new_flow(ctx, &pkt.key, backend, snat_port_be, affinity_hit);
     stats::count(Counter::NewFlows);
     stats::count(if affinity_hit {
         Counter::AffinityHits
@@ -197,7 +204,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, service: &Service, now: u64) -> Verd
     });
     stats::record(service.id, backend_id, Traffic::NewFlow { affinity_hit });
     stats::record(service.id, backend_id, Traffic::Forward { bytes: u64::from(pkt.ip_len) });
-    rewrite_v4(pkt, &forward);
+    rewrite_v4(pkt, forward);
     forward_v4(ctx, pkt)
 }
 

@@ -10,7 +10,11 @@ use aya_ebpf::{
 };
 use lb_common::Counter;
 
-use crate::{maps::TX_PORTS, parse::Packet, verdict::Verdict};
+use crate::{
+    maps::{scratch, TX_PORTS},
+    parse::Packet,
+    verdict::Verdict,
+};
 
 const AF_INET: u8 = 2;
 
@@ -22,8 +26,12 @@ pub fn forward_v4(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let (eth, ip, tcp) = unsafe { (&mut *pkt.eth, &*pkt.ip, &*pkt.tcp) };
     let ingress = ctx.ingress_ifindex() as u32;
 
+    let Some(scratch) = scratch() else {
+        return Verdict::drop(Counter::DropInternal);
+    };
+    let params = &mut scratch.fib;
     // SAFETY: all-zero is a valid value of this plain C struct.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
     params.sport = u16::from_ne_bytes(tcp.source);
@@ -38,7 +46,7 @@ pub fn forward_v4(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

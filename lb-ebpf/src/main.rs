@@ -4,13 +4,14 @@
 
 mod balancer;
 mod forward;
+mod log;
 mod maps;
 mod nat;
 mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::xdp, programs::XdpContext};
 use lb_common::Counter;
 
 #[xdp]
@@ -18,6 +19,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     stats::count(Counter::Packets);
     let verdict = balancer::process(&ctx);
     stats::count(verdict.counter);
+    if verdict.action == XDP_DROP {
+        log::drop(&ctx, verdict.counter);
+    }
     verdict.action
 }
 

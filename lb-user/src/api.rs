@@ -27,6 +27,8 @@ pub enum Request {
     BackendWeight { service: String, address: Ipv4Addr, weight: u32 },
     AffinityList { service: String, client: Option<Ipv4Addr> },
     AffinityFlush { service: String, client: Option<Ipv4Addr>, backend: Option<Ipv4Addr> },
+    /// Data-plane debug logging (new flows and drops) on or off.
+    DebugLog { enabled: bool },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +59,9 @@ pub struct StatusReport {
     pub counters: BTreeMap<String, u64>,
     /// Table fill levels (entries counted when the report was made).
     pub tables: TableReport,
+    /// Data-plane debug logging is on.
+    #[serde(default)]
+    pub debug_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
     sync::{mpsc, Mutex},
@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
     config::Config,
-    dataplane::{Capacity, Dataplane},
+    dataplane::{Capacity, Dataplane, DataplaneLogger},
     health::{Checker, Report},
     pool::{unix_now, Pool},
     runtime::{state_path, Overlay},
@@ -67,7 +67,8 @@ impl State {
 
     fn handle(&mut self, request: Request) -> Response {
         // Anything but a read may change which servers exist, so health follows afterwards.
-        let changes_servers = !matches!(request, Request::Status | Request::AffinityList { .. });
+        let changes_servers =
+            !matches!(request, Request::Status | Request::AffinityList { .. } | Request::DebugLog { .. });
         let dp = &mut self.dataplane;
         let pool = &mut self.pool;
         let done = |r: Result<()>| r.map(|()| Response::Done);
@@ -90,6 +91,10 @@ impl State {
             }
             Request::AffinityFlush { service, client, backend } => {
                 pool.affinity_flush(dp, &service, client, backend).map(|removed| Response::Flushed { removed })
+            }
+            Request::DebugLog { enabled } => {
+                info!(enabled, "data-plane debug logging switched");
+                done(pool.set_debug_log(dp, enabled))
             }
         };
         let response = result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
@@ -150,7 +155,10 @@ pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Resu
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let (report_tx, mut reports) = mpsc::unbounded_channel();
-    let state = start(config_path, report_tx)?;
+    let mut state = start(config_path, report_tx)?;
+    if let Some(logger) = state.dataplane.take_logger() {
+        forward_dataplane_log(logger)?;
+    }
     let socket_path = PathBuf::from(&state.pool.config().daemon.control_socket);
     let listener = bind_control_socket(&socket_path)?;
     info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");
@@ -208,6 +216,27 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     let _ = std::fs::remove_file(&socket_path);
     info!("lb daemon stopping; the data plane keeps running (pinned) until `lb detach`");
+    Ok(())
+}
+
+/// Relays the program's log records (only produced while `lb debug on`) into our log.
+fn forward_dataplane_log(logger: DataplaneLogger) -> Result<()> {
+    // SAFETY: the logger owns the ring's fd and keeps it open for as long as `ring` lives.
+    let mut ring = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .context("watch the data-plane log ring")?;
+    tokio::spawn(async move {
+        loop {
+            let mut ready = match ring.readable_mut().await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    error!(error = %e, "data-plane log ring; no more data-plane logs");
+                    return;
+                }
+            };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
     Ok(())
 }
 

@@ -54,8 +54,12 @@ const ALL_MAPS: [&str; 12] = [
     MAP_BACKEND_STATS,
 ];
 
+/// Forwards the program's aya-log records (see `lb debug`) to the `log` facade.
+pub type DataplaneLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 pub struct Dataplane {
     ebpf: Ebpf,
+    logger: Option<DataplaneLogger>,
     /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
     /// throw-away instance (packet tests).
     pin_dir: Option<PathBuf>,
@@ -192,7 +196,9 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the XDP object"))?
             .try_into()?;
         program.load().context("the kernel verifier rejected the XDP program")?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).context("open the data-plane log ring")?;
         Ok(Self {
+            logger: Some(logger),
             services: take(&mut ebpf, MAP_SERVICES)?,
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
@@ -208,6 +214,11 @@ impl Dataplane {
             ebpf,
             pin_dir,
         })
+    }
+
+    /// The reader of the program's log ring, for the daemon to poll (once).
+    pub fn take_logger(&mut self) -> Option<DataplaneLogger> {
+        self.logger.take()
     }
 
     pub fn program(&self) -> Result<&Xdp> {

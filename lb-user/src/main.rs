@@ -48,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         command: AffinityCommand,
     },
+    /// Data-plane debug logging of new flows and drops, into the daemon's log (off at start).
+    Debug {
+        #[arg(value_enum)]
+        state: Switch,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -106,6 +111,12 @@ enum AffinityCommand {
         #[arg(long)]
         backend: Option<Ipv4Addr>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -212,6 +223,11 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Command::Debug { state } => {
+            let enabled = matches!(state, Switch::On);
+            let what = format!("data-plane debug logging {}", if enabled { "on" } else { "off" });
+            done(Request::DebugLog { enabled }, what)
+        }
         Command::Config { command: ConfigCommand::Check { file } } => {
             let config = Config::load(&file)?;
             let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();

@@ -148,6 +148,7 @@ mod tests {
             }],
             counters: [("drop_no_route".to_string(), 4)].into(),
             tables: Default::default(),
+            debug_log: false,
         };
         let text = render(&report).unwrap();
         assert!(text.contains(r#"lb_new_flows_total{service="web",server="10.2.0.11:4443"} 7"#), "{text}");

@@ -62,6 +62,9 @@ pub struct Pool {
     installed: BTreeMap<String, ServiceKey>,
     /// VIPs currently in the data plane.
     vips: BTreeSet<Ipv4Addr>,
+    /// Data-plane debug logging (`lb debug on|off`). Deliberately not persisted: a restart
+    /// returns to the quiet default.
+    debug_log: bool,
 }
 
 fn lowest_free(used: impl Iterator<Item = u32>, limit: u32) -> Option<u32> {
@@ -106,6 +109,7 @@ impl Pool {
             live_half: BTreeMap::new(),
             installed: BTreeMap::new(),
             vips: BTreeSet::new(),
+            debug_log: false,
         }
     }
 
@@ -187,15 +191,8 @@ impl Pool {
     /// Makes the data plane match the effective state. Existing flows are untouched: flow
     /// entries carry their own rewrite, so even a removed server's open connections work.
     pub fn sync(&mut self, dp: &mut Dataplane) -> Result<()> {
-        let d = &self.config.daemon;
-        dp.set_snat_addresses(&d.snat_addresses)?;
-        dp.set_settings(Settings {
-            snat_v4_count: d.snat_addresses.len() as u32,
-            snat_port_min: d.snat_port_min,
-            snat_port_max: d.snat_port_max,
-            closing_timeout_s: d.closing_timeout,
-            _pad: 0,
-        })?;
+        dp.set_snat_addresses(&self.config.daemon.snat_addresses)?;
+        self.write_settings(dp)?;
 
         // Ids first, so running out (table full) leaves the data plane as it was.
         let wanted_services: BTreeSet<String> = self.config.services.iter().map(|s| s.name.clone()).collect();
@@ -609,7 +606,23 @@ impl Pool {
         let mut tables = self.tables;
         tables.flows.entries = flow_entries;
         tables.affinities.entries = affinity_entries;
-        Ok(StatusReport { services, counters, tables })
+        Ok(StatusReport { services, counters, tables, debug_log: self.debug_log })
+    }
+
+    pub fn set_debug_log(&mut self, dp: &mut Dataplane, enabled: bool) -> Result<()> {
+        self.debug_log = enabled;
+        self.write_settings(dp)
+    }
+
+    fn write_settings(&self, dp: &mut Dataplane) -> Result<()> {
+        let d = &self.config.daemon;
+        dp.set_settings(Settings {
+            snat_v4_count: d.snat_addresses.len() as u32,
+            snat_port_min: d.snat_port_min,
+            snat_port_max: d.snat_port_max,
+            closing_timeout_s: d.closing_timeout,
+            debug_log: u32::from(self.debug_log),
+        })
     }
 }
 

@@ -50,6 +50,9 @@ pub fn render(report: &StatusReport) -> String {
             counters.add_row([name.clone(), value.to_string()]);
         }
     }
+    if report.debug_log {
+        out.push_str("data-plane debug logging is ON (lb debug off)\n");
+    }
     out.push_str("data-plane counters (zero ones omitted):\n");
     out.push_str(&counters.to_string());
     out.push('\n');

@@ -378,3 +378,30 @@ fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
     ensure!(f.ask(f.topology.client_addresses[0]).is_ok(), "data plane affected");
     Ok(())
 }
+
+/// `lb debug on` makes the data plane log new flows (client, backend, SNAT port) and drops
+/// into the daemon's log; `lb debug off` silences it again. Off at start.
+#[test]
+fn data_plane_debug_log_switches_at_run_time() -> Result<()> {
+    let f = Fixture::start(&Spec { clients: 4, ..Spec::default() }, ServiceSpec::default())?;
+    let [quiet, loud, after, marker] = [0, 1, 2, 3].map(|i| f.topology.client_addresses[i]);
+    let logged = |client: Ipv4Addr| f.daemon.log().contains(&format!("new flow {client}:"));
+
+    f.ask(quiet)?;
+    ensure!(!f.daemon.status()?.debug_log, "debug logging must be off at start");
+    f.daemon.cli_ok(&["debug", "on"])?;
+    ensure!(f.daemon.status()?.debug_log);
+    f.ask(loud)?;
+    wait_for(Duration::from_secs(5), "the new flow to be logged", || Ok(logged(loud)))?;
+    ensure!(f.daemon.log().contains("(maglev)"), "{}", f.daemon.log());
+
+    f.daemon.cli_ok(&["debug", "off"])?;
+    f.ask(after)?;
+    // The ring is FIFO: once a flow opened later is logged, anything logged for `after`
+    // would already be there.
+    f.daemon.cli_ok(&["debug", "on"])?;
+    f.ask(marker)?;
+    wait_for(Duration::from_secs(5), "the marker flow to be logged", || Ok(logged(marker)))?;
+    ensure!(!logged(quiet) && !logged(after), "{}", f.daemon.log());
+    Ok(())
+}
