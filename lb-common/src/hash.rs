@@ -44,9 +44,44 @@ pub fn flow_hash(src_be: &[u32; 4], dst_be: &[u32; 4], src_port_be: u16, dst_por
     finish(mix_endpoint(client_hash(src_be, src_port_be), dst_be, dst_port_be))
 }
 
+/// SNAT (address, port) pairs tried per new flow before it is refused: with independent
+/// draws, a flow is refused only if all of them are taken, probability `fill^16`.
+pub const SNAT_ATTEMPTS: u32 = 16;
+
+/// The SNAT (address index, port offset) to try on `attempt` for a flow with hash
+/// `flow_hash`; `salt` varies between SYNs so a retransmission draws afresh. Every attempt
+/// is an independent draw over all `addresses * ports` pairs: probing neighbouring ports
+/// instead clusters like linear probing and gave up at 15 % of 64 x 64512 pairs.
+#[inline(always)]
+pub fn snat_probe(flow_hash: u32, salt: u32, attempt: u32, addresses: u32, ports: u32) -> (u32, u32) {
+    let draw = finish(flow_hash ^ salt ^ attempt.wrapping_mul(0x9e37_79b1));
+    (draw % addresses, (draw / addresses) % ports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Claims one pair per flow the way the data plane does and returns how
+    /// many flows found a free pair before the first failure.
+    fn flows_until_exhausted(addresses: u32, ports: u32, flows: u32) -> u32 {
+        let mut used = std::collections::HashSet::new();
+        for i in 0..flows {
+            let h = flow_hash(&[(0x0b00_0001 + i).to_be(), 0, 0, 0], &[0x0a64_0001u32.to_be(), 0, 0, 0], 40000, 443);
+            if !(0..SNAT_ATTEMPTS).any(|attempt| used.insert(snat_probe(h, 0, attempt, addresses, ports))) {
+                return i;
+            }
+        }
+        flows
+    }
+
+    #[test]
+    fn snat_pairs_fill_up_before_claims_fail() {
+        // 4 addresses x 1000 ports: every flow up to half of the pairs gets one.
+        assert_eq!(flows_until_exhausted(4, 1000, 2000), 2000);
+        // A port range that the address count divides must not matter.
+        assert_eq!(flows_until_exhausted(64, 64512, 600_000), 600_000);
+    }
 
     #[test]
     fn nearby_addresses_spread_over_slots() {

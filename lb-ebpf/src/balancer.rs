@@ -25,10 +25,6 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// `last_seen` is written at most this often per entry: timeouts are in seconds, and a map
 /// write per packet would cost cache-line bouncing between CPUs.
 const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
-/// SNAT ports tried per new flow before giving up (counted as `drop_snat_exhausted`).
-const SNAT_PORT_ATTEMPTS: u32 = 8;
-/// Odd stride (golden ratio) so successive attempts land far apart in the port range.
-const SNAT_PORT_STRIDE: u32 = 0x9e37_79b1;
 /// Flow-entry flag bits recording the service's affinity mode, so refreshing a flow can
 /// refresh its affinity without looking the service up.
 const FLOW_F_TOUCH_AFFINITY: u32 = 1 << 8;
@@ -263,23 +259,22 @@ fn claim_snat_port(
         return None;
     }
     let h = hash::flow_hash(&flow.src_be, &flow.dst_be, flow.src_port_be, flow.dst_port_be);
-    let snat_be = *SNAT_ADDRS.get(h % settings.snat_v4_count)?;
     let range = u32::from(settings.snat_port_max - settings.snat_port_min) + 1;
     let mut key = FlowKey {
         src_be: backend.addr_be,
-        dst_be: snat_be,
+        dst_be: [0; 4],
         src_port_be: backend.port_be,
         dst_port_be: 0,
         proto: flow.proto,
         family: flow.family,
         _pad: [0; 2],
     };
-    for attempt in 0..SNAT_PORT_ATTEMPTS {
-        let offset = h.wrapping_add(attempt.wrapping_mul(SNAT_PORT_STRIDE)) % range;
-        let port = settings.snat_port_min + offset as u16;
-        key.dst_port_be = port.to_be();
+    for attempt in 0..hash::SNAT_ATTEMPTS {
+        let (address, offset) = hash::snat_probe(h, now as u32, attempt, settings.snat_v4_count, range);
+        key.dst_be = *SNAT_ADDRS.get(address)?;
+        key.dst_port_be = (settings.snat_port_min + offset as u16).to_be();
         if FLOWS.insert(&key, reverse, u64::from(BPF_NOEXIST)).is_ok() {
-            return Some((snat_be, key.dst_port_be, key));
+            return Some((key.dst_be, key.dst_port_be, key));
         }
         let holder_expired = FLOWS
             .get_ptr(&key)
@@ -289,7 +284,7 @@ fn claim_snat_port(
             && FLOWS.remove(&key).is_ok()
             && FLOWS.insert(&key, reverse, u64::from(BPF_NOEXIST)).is_ok()
         {
-            return Some((snat_be, key.dst_port_be, key));
+            return Some((key.dst_be, key.dst_port_be, key));
         }
     }
     None

@@ -38,18 +38,23 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// This test's own bpffs pin directory (removed on drop, which detaches the program).
     pub pin_dir: PathBuf,
+    /// Extra `[daemon]` keys, kept for rewrites of the config.
+    daemon_extra: String,
 }
 
-/// The `[daemon]` section for a topology, with a small table size so tests load quickly.
-pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path) -> String {
+/// The `[daemon]` section for a topology plus `extra` keys, with small tables (so tests
+/// load quickly) unless `extra` sizes them.
+pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path, extra: &str) -> String {
     let interfaces: Vec<String> = topology.lb_interfaces.iter().map(|i| format!("{i:?}")).collect();
     let snat: Vec<String> = topology.snat_addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    let sized = extra.lines().any(|l| l.trim_start().starts_with("max_flows"));
     format!(
-        "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\npin_dir = {:?}\nmax_flows = 65536\nmax_affinities = 65536\n",
+        "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\npin_dir = {:?}\n{}{extra}\n",
         interfaces.join(", "),
         snat.join(", "),
         socket.display().to_string(),
         pin_dir.display().to_string(),
+        if sized { "" } else { "max_flows = 65536\nmax_affinities = 65536\n" },
     )
 }
 
@@ -84,11 +89,12 @@ impl Daemon {
         let socket = dir.join("lb.sock");
         let config_path = dir.join("lb.toml");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&topology.prefix);
-        let config = format!("{}{daemon_extra}\n{services}", daemon_section(topology, &socket, &pin_dir));
+        let config = format!("{}{services}", daemon_section(topology, &socket, &pin_dir, daemon_extra));
         std::fs::write(&config_path, config)?;
         let child = spawn(topology.lb.name(), &config_path, &dir.join("daemon.log"))?;
-        let mut daemon =
-            Self { child, dir, lb_netns: topology.lb.name().to_string(), config_path, socket, pin_dir };
+        let lb_netns = topology.lb.name().to_string();
+        let daemon_extra = daemon_extra.to_string();
+        let mut daemon = Self { child, dir, lb_netns, config_path, socket, pin_dir, daemon_extra };
         daemon.wait_ready()?;
         Ok(daemon)
     }
@@ -127,7 +133,7 @@ impl Daemon {
 
     /// Rewrites the config file (daemon section kept) without telling the daemon.
     pub fn write_services(&self, topology: &Topology, services: &str) -> Result<()> {
-        let section = daemon_section(topology, &self.socket, &self.pin_dir);
+        let section = daemon_section(topology, &self.socket, &self.pin_dir, &self.daemon_extra);
         Ok(std::fs::write(&self.config_path, format!("{section}\n{services}"))?)
     }
 

@@ -1,9 +1,12 @@
 //! Frames for packet-level tests, built and checked with `etherparse`: an implementation of
 //! the checksums independent of lb's own incremental updates.
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{ensure, Context, Result};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp};
 use etherparse::{IpFragOffset, IpNumber, Ipv4Header, TcpHeader};
+
+use crate::netns::{unique_prefix, Netns};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -102,4 +105,48 @@ pub fn parse_verified(frame: &[u8]) -> Result<Parsed> {
         ip,
         tcp,
     })
+}
+
+// The packet lab: one interface, `t0`, behind which both the clients' and the servers'
+// networks sit, with permanent neighbours so route lookups succeed deterministically and
+// rewritten frames come back as XDP_TX.
+pub const LAB_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+pub const LAB_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+pub const LAB_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
+pub const LAB_SNAT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 100);
+pub const LAB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+pub const LAB_CLIENT_NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x01];
+pub const LAB_INTERFACE: &str = "t0";
+
+/// Creates the packet lab namespace (see the constants above). Clients live in
+/// 10.1.0.0/16, servers in 10.2.0.0/24.
+pub fn lab_network() -> Result<Netns> {
+    let ns = Netns::create(&format!("{}-pkt", unique_prefix()))?;
+    ns.ip(&["link", "add", LAB_INTERFACE, "type", "veth", "peer", "name", "t1"])?;
+    ns.ip(&["link", "set", LAB_INTERFACE, "up"])?;
+    ns.ip(&["link", "set", "t1", "up"])?;
+    ns.ip(&["addr", "add", "10.2.0.1/24", "dev", LAB_INTERFACE])?;
+    ns.ip(&["addr", "add", "10.1.0.1/16", "dev", LAB_INTERFACE])?;
+    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    for (address, lladdr) in [(LAB_BACKEND, LAB_BACKEND_MAC), (LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC)] {
+        ns.ip(&["neigh", "add", &address.to_string(), "lladdr", &mac(lladdr), "dev", LAB_INTERFACE, "nud", "permanent"])?;
+    }
+    ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+    Ok(ns)
+}
+
+/// Runs `program` once on `frame` as if it arrived on `ingress` (BPF_PROG_TEST_RUN with
+/// repeat = 1, so the program sees the original input, never its own output).
+pub fn run_once(program: &Xdp, frame: &[u8], ingress: u32, output: &mut [u8]) -> Result<TestRunResult> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. The kernel wants data_end == the frame length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    Ok(program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(output),
+        ctx_in: Some(&ctx),
+        ..TestRunOptions::default()
+    })?)
 }

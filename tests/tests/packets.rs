@@ -5,10 +5,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
-use harness::{
-    netns::{unique_prefix, Netns},
-    packet::{parse_verified, TcpFrame, ETH_LEN},
+use harness::packet::{
+    lab_network, parse_verified, run_once, TcpFrame, ETH_LEN, LAB_BACKEND, LAB_BACKEND_MAC, LAB_CLIENT,
+    LAB_CLIENT_NEXT_HOP_MAC, LAB_INTERFACE, LAB_SNAT, LAB_VIP,
 };
 use lb::{
     config::Config,
@@ -22,12 +21,12 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
-const SNAT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 100);
-const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
-const CLIENT_NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x01];
+const VIP: Ipv4Addr = LAB_VIP;
+const CLIENT: Ipv4Addr = LAB_CLIENT;
+const BACKEND: Ipv4Addr = LAB_BACKEND;
+const SNAT: Ipv4Addr = LAB_SNAT;
+const BACKEND_MAC: [u8; 6] = LAB_BACKEND_MAC;
+const CLIENT_NEXT_HOP_MAC: [u8; 6] = LAB_CLIENT_NEXT_HOP_MAC;
 
 const CONFIG: &str = r#"
 [daemon]
@@ -52,22 +51,6 @@ fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(CLIENT, port)
 }
 
-/// A namespace where both the client and the server network are reachable through `t0`
-/// with permanent neighbours, so route lookups succeed deterministically (XDP_TX).
-fn network() -> Result<Netns> {
-    let ns = Netns::create(&format!("{}-pkt", unique_prefix()))?;
-    ns.ip(&["link", "add", "t0", "type", "veth", "peer", "name", "t1"])?;
-    ns.ip(&["link", "set", "t0", "up"])?;
-    ns.ip(&["link", "set", "t1", "up"])?;
-    ns.ip(&["addr", "add", "10.2.0.1/24", "dev", "t0"])?;
-    ns.ip(&["addr", "add", "10.1.0.1/16", "dev", "t0"])?;
-    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    ns.ip(&["neigh", "add", &BACKEND.to_string(), "lladdr", &mac(BACKEND_MAC), "dev", "t0", "nud", "permanent"])?;
-    ns.ip(&["neigh", "add", &CLIENT.to_string(), "lladdr", &mac(CLIENT_NEXT_HOP_MAC), "dev", "t0", "nud", "permanent"])?;
-    ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
-    Ok(ns)
-}
-
 struct Harness {
     dp: Dataplane,
     ingress: u32,
@@ -85,23 +68,13 @@ impl Harness {
         let config = Config::parse(CONFIG)?;
         let mut dp = Dataplane::load(Capacity { max_flows: 4096, max_affinities: 4096 }, None)?;
         Pool::new(config, Overlay::default(), None).sync(&mut dp)?;
-        Ok(Self { dp, ingress: ifindex("t0")? })
+        Ok(Self { dp, ingress: ifindex(LAB_INTERFACE)? })
     }
 
     fn run(&self, frame: &[u8]) -> Result<Outcome> {
         let before = self.dp.counters()?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. The kernel wants data_end == the frame length.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ingress.to_ne_bytes());
         let mut output = vec![0u8; frame.len() + 256];
-        let result = self.dp.program()?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })?;
+        let result = run_once(self.dp.program()?, frame, self.ingress, &mut output)?;
         output.truncate(result.data_size_out as usize);
         let after = self.dp.counters()?;
         let packets = after[Counter::Packets as usize].1 - before[Counter::Packets as usize].1;
@@ -135,7 +108,7 @@ impl Harness {
 }
 
 fn in_network(test: impl FnOnce(&Harness) -> Result<()> + Send) -> Result<()> {
-    let ns = network()?;
+    let ns = lab_network()?;
     ns.run(|| test(&Harness::new()?))?
 }
 

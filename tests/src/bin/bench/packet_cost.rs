@@ -1,0 +1,255 @@
+//! Section 1: what one packet costs the XDP program, per path, against two baselines, and
+//! how the established path scales with the table size.
+//!
+//! Rewriting paths cannot use `repeat > 1` (the program would run again on its own output),
+//! so every figure is the kernel-measured duration of single `BPF_PROG_TEST_RUN` calls
+//! (repeat = 1), each on a fresh copy of its input. That duration includes a fixed per-call
+//! cost, measured the same way on `xdp_pass` and subtracted to give the net figure.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{ensure, Context, Result};
+use aya::{programs::Xdp, Ebpf};
+use harness::packet::{run_once, TcpFrame, LAB_BACKEND, LAB_CLIENT, LAB_INTERFACE, LAB_SNAT, LAB_VIP};
+use lb::{
+    config::Config,
+    dataplane::{ifindex, Capacity, Dataplane, BASELINE_OBJECT},
+    pool::Pool,
+    runtime::Overlay,
+};
+use serde::Serialize;
+
+use crate::stats::{Summary, median};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const SERVICE_PORT: u16 = 443;
+const BACKEND_PORT: u16 = 4443;
+/// Enough SNAT addresses that a million new flows toward one server find free ports.
+const SNAT_ADDRESSES: u32 = 64;
+
+pub struct Plan {
+    pub rounds: usize,
+    pub calls: usize,
+    pub scale_flows: Vec<usize>,
+}
+
+#[derive(Serialize, Clone)]
+pub struct PathCost {
+    pub path: &'static str,
+    /// Kernel-measured duration of one call, median over rounds of the per-round median.
+    pub per_call: Summary,
+    /// `per_call` minus `xdp_pass`'s, per round.
+    pub net: Summary,
+}
+
+#[derive(Serialize, Clone)]
+pub struct ScalePoint {
+    pub flows: usize,
+    pub per_call: Summary,
+    pub net: Summary,
+}
+
+#[derive(Serialize, Clone)]
+pub struct PacketCost {
+    pub calls_per_round: usize,
+    pub rounds: usize,
+    pub paths: Vec<PathCost>,
+    pub scale: Vec<ScalePoint>,
+}
+
+fn config(snat_addresses: u32) -> Result<Config> {
+    let snat: Vec<String> = (0..snat_addresses).map(|i| format!("\"{}\"", snat_address(i))).collect();
+    Config::parse(&format!(
+        r#"
+[daemon]
+interfaces = ["{LAB_INTERFACE}"]
+snat_addresses = [{}]
+
+[[service]]
+name = "web"
+vip = "{LAB_VIP}"
+port = {SERVICE_PORT}
+backend_port = {BACKEND_PORT}
+affinity = "source"
+backends = [{{ address = "{LAB_BACKEND}" }}]
+"#,
+        snat.join(", ")
+    ))
+}
+
+fn snat_address(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(LAB_SNAT) + i)
+}
+
+/// The `i`-th distinct client address, outside every lab network so it never collides
+/// with the server or SNAT addresses.
+fn client_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(11, 0, 0, 1)) + i as u32)
+}
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(LAB_VIP, SERVICE_PORT)
+}
+
+fn ack(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    TcpFrame { syn: false, ack: true, payload: vec![0; 10], ..TcpFrame::syn(src, dst) }.bytes()
+}
+
+/// lb loaded with a fresh set of maps and one service, in the lab namespace.
+struct Lb {
+    dp: Dataplane,
+    ingress: u32,
+}
+
+impl Lb {
+    fn load(table_entries: u32) -> Result<Self> {
+        let mut dp = Dataplane::load(Capacity { max_flows: table_entries, max_affinities: table_entries }, None)?;
+        Pool::new(config(SNAT_ADDRESSES)?, Overlay::default(), None).sync(&mut dp)?;
+        Ok(Self { dp, ingress: ifindex(LAB_INTERFACE)? })
+    }
+
+    fn program(&self) -> Result<&Xdp> {
+        self.dp.program()
+    }
+
+    /// Opens a connection from `client` and returns the server side's address for it.
+    fn open(&self, client: SocketAddrV4) -> Result<SocketAddrV4> {
+        let mut out = vec![0u8; 256];
+        let r = run_once(self.program()?, &TcpFrame::syn(client, vip()).bytes(), self.ingress, &mut out)?;
+        if r.return_value != XDP_TX {
+            let counters: Vec<_> = self.dp.counters()?.into_iter().filter(|(c, v)| *v != 0 && c.is_verdict()).collect();
+            anyhow::bail!("SYN from {client} not forwarded (action {}; counters {counters:?})", r.return_value);
+        }
+        let p = harness::packet::parse_verified(&out[..r.data_size_out as usize])?;
+        Ok(SocketAddrV4::new(Ipv4Addr::from(p.ip.source), p.tcp.source_port))
+    }
+}
+
+/// The reference programs, loaded the same way as lb.
+struct Baselines {
+    ebpf: Ebpf,
+}
+
+impl Baselines {
+    fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(BASELINE_OBJECT).context("load the baseline programs")?;
+        for name in ["xdp_pass", "xdp_mac_swap"] {
+            let program: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+            program.load()?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn program(&self, name: &'static str) -> Result<&Xdp> {
+        Ok(self.ebpf.program(name).context(name)?.try_into()?)
+    }
+}
+
+/// Median kernel-measured ns of one call each over `frames`, checking the action.
+fn time_calls(program: &Xdp, frames: &[Vec<u8>], ingress: u32, action: u32) -> Result<f64> {
+    let mut out = vec![0u8; 256];
+    let mut ns = Vec::with_capacity(frames.len());
+    for frame in frames {
+        let r = run_once(program, frame, ingress, &mut out)?;
+        ensure!(r.return_value == action, "action {} instead of {action}", r.return_value);
+        ns.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median(&mut ns))
+}
+
+pub fn run(plan: &Plan) -> Result<PacketCost> {
+    let ns = harness::packet::lab_network()?;
+    ns.run(|| measure(plan))?
+}
+
+fn measure(plan: &Plan) -> Result<PacketCost> {
+    let baselines = Baselines::load()?;
+    let paths = [
+        "xdp_pass (baseline)",
+        "mac swap + XDP_TX (baseline)",
+        "established flow",
+        "reverse path (server -> client)",
+        "new flow, affinity hit",
+        "new flow, Maglev pick",
+        "not for a VIP (pass)",
+        "malformed (early drop)",
+    ];
+    let mut per_round: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    for round in 0..plan.rounds {
+        // Fresh maps each round, so new-flow paths always find the same table fill.
+        let lb = Lb::load(1 << 20)?;
+        let client = SocketAddrV4::new(LAB_CLIENT, 40000);
+        let server_side = lb.open(client)?;
+        let established = vec![ack(client, vip()); plan.calls];
+        let reverse = vec![ack(SocketAddrV4::new(LAB_BACKEND, BACKEND_PORT), server_side); plan.calls];
+        // Same client address (its affinity exists), a new source port each call.
+        let affinity_hits: Vec<Vec<u8>> = (0..plan.calls)
+            .map(|i| TcpFrame::syn(SocketAddrV4::new(LAB_CLIENT, 1024 + (i % 60000) as u16), vip()).bytes())
+            .collect();
+        // A new client address each call: no affinity, so the Maglev table decides.
+        let offset = round * plan.calls;
+        let maglev: Vec<Vec<u8>> = (0..plan.calls)
+            .map(|i| TcpFrame::syn(SocketAddrV4::new(client_address(offset + i), 40000), vip()).bytes())
+            .collect();
+        let foreign = vec![ack(client, SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 443)); plan.calls];
+        let syn = TcpFrame::syn(client, vip()).bytes();
+        let truncated = vec![syn[..14 + 20 + 10].to_vec(); plan.calls];
+
+        let pass = baselines.program("xdp_pass")?;
+        let swap = baselines.program("xdp_mac_swap")?;
+        let lb_prog = lb.program()?;
+        let runs: [(&Xdp, &[Vec<u8>], u32); 8] = [
+            (pass, &established, XDP_PASS),
+            (swap, &established, XDP_TX),
+            (lb_prog, &established, XDP_TX),
+            (lb_prog, &reverse, XDP_TX),
+            (lb_prog, &affinity_hits, XDP_TX),
+            (lb_prog, &maglev, XDP_TX),
+            (lb_prog, &foreign, XDP_PASS),
+            (lb_prog, &truncated, XDP_DROP),
+        ];
+        for (i, (program, frames, action)) in runs.into_iter().enumerate() {
+            let ns = time_calls(program, frames, lb.ingress, action).with_context(|| paths[i])?;
+            per_round[i].push(ns);
+        }
+    }
+    let pass_rounds = per_round[0].clone();
+    let paths = paths
+        .iter()
+        .zip(&per_round)
+        .map(|(path, rounds)| PathCost { path, per_call: Summary::of(rounds), net: Summary::of(&net(rounds, &pass_rounds)) })
+        .collect();
+
+    let mut scale = Vec::new();
+    for &flows in &plan.scale_flows {
+        scale.push(scale_point(plan, flows, &baselines).with_context(|| format!("scale {flows} flows"))?);
+    }
+    Ok(PacketCost { calls_per_round: plan.calls, rounds: plan.rounds, paths, scale })
+}
+
+fn net(rounds: &[f64], pass: &[f64]) -> Vec<f64> {
+    rounds.iter().zip(pass).map(|(r, p)| r - p).collect()
+}
+
+/// The established path with `flows` live connections (and as many affinities, one
+/// client address each), each call on a randomly chosen one so that lookups miss the
+/// cache as they would under real traffic.
+fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<ScalePoint> {
+    // Two entries per connection, with headroom so the LRU never evicts.
+    let entries = (flows as u32 * 4).next_power_of_two().max(1 << 12);
+    let lb = Lb::load(entries)?;
+    for i in 0..flows {
+        lb.open(SocketAddrV4::new(client_address(i), 40000))?;
+    }
+    let mut rng = crate::stats::Rng::new(flows as u64);
+    let frames: Vec<Vec<u8>> = (0..plan.calls)
+        .map(|_| ack(SocketAddrV4::new(client_address(rng.below(flows)), 40000), vip()))
+        .collect();
+    let (mut lb_rounds, mut pass_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds {
+        pass_rounds.push(time_calls(baselines.program("xdp_pass")?, &frames, lb.ingress, XDP_PASS)?);
+        lb_rounds.push(time_calls(lb.program()?, &frames, lb.ingress, XDP_TX)?);
+    }
+    Ok(ScalePoint { flows, per_call: Summary::of(&lb_rounds), net: Summary::of(&net(&lb_rounds, &pass_rounds)) })
+}

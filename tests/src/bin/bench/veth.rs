@@ -1,0 +1,370 @@
+//! Section 2: end to end through veth. The same namespaces, clients and nginx servers, with
+//! four ways of reaching the servers set up one after the other and repeated in alternation:
+//! plain routing to the servers (no balancing, the ceiling), lb, nftables DNAT with
+//! `jhash ip saddr` plus SNAT, and HAProxy `balance source`.
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use harness::{
+    daemon::Daemon,
+    fixture::ServiceSpec,
+    netns::Netns,
+    topology::{Spec, Topology, VIP},
+};
+use serde::Serialize;
+
+use crate::{
+    load::{self, Load, Mode},
+    stats::Summary,
+};
+
+const SERVICE_PORT: u16 = 443;
+const SERVER_PORT: u16 = 4443;
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
+pub enum Balancer {
+    Routing,
+    Lb,
+    Nftables,
+    Haproxy,
+}
+
+impl Balancer {
+    pub const ALL: [Balancer; 4] = [Balancer::Routing, Balancer::Lb, Balancer::Nftables, Balancer::Haproxy];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Balancer::Routing => "kernel routing, no balancing",
+            Balancer::Lb => "lb (XDP, driver mode)",
+            Balancer::Nftables => "nftables DNAT jhash ip saddr + SNAT",
+            Balancer::Haproxy => "HAProxy 2.6 tcp, balance source",
+        }
+    }
+}
+
+pub struct Plan {
+    pub rounds: usize,
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub clients: usize,
+}
+
+#[derive(Serialize, Clone)]
+pub struct Figures {
+    pub balancer: Balancer,
+    pub label: &'static str,
+    pub connections_per_s: Summary,
+    pub requests_per_s: Summary,
+    /// Machine CPU time (user + system + softirq, all processes) per new connection.
+    pub cpu_us_per_connection: Summary,
+    /// Failed connections or requests over all rounds.
+    pub errors: u64,
+}
+
+#[derive(Serialize, Clone)]
+pub struct Veth {
+    pub rounds: usize,
+    pub seconds_per_run: f64,
+    pub concurrency: usize,
+    pub client_addresses: usize,
+    pub figures: Vec<Figures>,
+}
+
+/// A background process that is killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> Result<Process> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {program} in {}", ns.name()))?;
+    Ok(Process(child))
+}
+
+/// Waits until `address` accepts TCP connections from inside `ns`.
+fn wait_listening(ns: &Netns, address: SocketAddrV4) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if ns.run(|| std::net::TcpStream::connect_timeout(&address.into(), Duration::from_millis(200)).is_ok())? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{address} not listening after {READY_TIMEOUT:?}")
+}
+
+/// One nginx per server namespace, answering every request with a 3-byte body.
+fn start_nginx(topology: &Topology, dir: &std::path::Path) -> Result<Vec<Process>> {
+    let mut processes = Vec::new();
+    for b in &topology.backends {
+        let prefix = dir.join(&b.name);
+        std::fs::create_dir_all(&prefix)?;
+        let conf = prefix.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\npid {pid};\nerror_log stderr crit;\nevents {{ worker_connections 16384; }}\n\
+                 http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {tmp};\n\
+                 proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
+                 server {{\n    listen {addr}:{SERVER_PORT} backlog=4096;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+                pid = prefix.join("nginx.pid").display(),
+                tmp = prefix.display(),
+                addr = b.address,
+            ),
+        )?;
+        let conf = conf.display().to_string();
+        let prefix = prefix.display().to_string();
+        processes.push(spawn_in(&b.ns, "nginx", &["-p", &prefix, "-c", &conf, "-g", "daemon off;"])?);
+    }
+    for b in &topology.backends {
+        wait_listening(&topology.client, SocketAddrV4::new(b.address, SERVER_PORT))
+            .with_context(|| format!("nginx on {}", b.name))?;
+    }
+    Ok(processes)
+}
+
+/// Whatever keeps one balancer in place; dropping it removes that balancer.
+enum Active {
+    Routing,
+    /// The daemon; dropping it stops it and removes its pinned data plane.
+    Lb { _daemon: Box<Daemon> },
+    Nftables,
+    Haproxy(Process),
+}
+
+fn nft_ruleset(topology: &Topology) -> String {
+    let mut map = String::new();
+    for (i, b) in topology.backends.iter().enumerate() {
+        let _ = write!(map, "{}{i} : {} . {SERVER_PORT}", if i > 0 { ", " } else { "" }, b.address);
+    }
+    let first = topology.snat_addresses.first().expect("SNAT addresses");
+    let last = topology.snat_addresses.last().expect("SNAT addresses");
+    format!(
+        "table ip lbbench {{\n\
+           chain pre {{ type nat hook prerouting priority dstnat;\n\
+             ip daddr {VIP} tcp dport {SERVICE_PORT} dnat ip to jhash ip saddr mod {n} map {{ {map} }}\n\
+           }}\n\
+           chain post {{ type nat hook postrouting priority srcnat;\n\
+             oifname \"back\" ip daddr 10.2.0.0/24 ct status dnat snat ip to {first}-{last}\n\
+           }}\n\
+         }}\n",
+        n = topology.backends.len(),
+    )
+}
+
+fn haproxy_config(topology: &Topology, dir: &std::path::Path) -> String {
+    let servers: String = topology
+        .backends
+        .iter()
+        .map(|b| format!("  server {} {}:{SERVER_PORT}\n", b.name, b.address))
+        .collect();
+    format!(
+        "global\n  maxconn 9000\n  nbthread 2\n  pidfile {}\n\
+         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend web\n  bind {VIP}:{SERVICE_PORT}\n  default_backend fe\n\
+         backend fe\n  balance source\n  hash-type consistent\n{servers}",
+        dir.join("haproxy.pid").display()
+    )
+}
+
+fn lb_services(topology: &Topology) -> String {
+    let backends: Vec<Ipv4Addr> = topology.backends.iter().map(|b| b.address).collect();
+    ServiceSpec::default().toml(&backends)
+}
+
+fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> Result<Active> {
+    let lb_ns = &topology.lb;
+    Ok(match balancer {
+        Balancer::Routing => Active::Routing,
+        Balancer::Lb => {
+            let extra = "max_flows = 4194304\nmax_affinities = 1048576\n";
+            Active::Lb { _daemon: Box::new(Daemon::start_with(topology, extra, &lb_services(topology))?) }
+        }
+        Balancer::Nftables => {
+            let rules = dir.join("lbbench.nft");
+            std::fs::write(&rules, nft_ruleset(topology))?;
+            lb_ns.exec("nft", &["-f", &rules.display().to_string()])?;
+            Active::Nftables
+        }
+        Balancer::Haproxy => {
+            lb_ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            let conf = dir.join("haproxy.cfg");
+            std::fs::write(&conf, haproxy_config(topology, dir))?;
+            let process = spawn_in(lb_ns, "haproxy", &["-db", "-f", &conf.display().to_string()])?;
+            wait_listening(&topology.client, SocketAddrV4::new(VIP, SERVICE_PORT))?;
+            Active::Haproxy(process)
+        }
+    })
+}
+
+fn deactivate(active: Active, topology: &Topology) -> Result<()> {
+    match active {
+        Active::Routing | Active::Lb { .. } => {}
+        Active::Nftables => {
+            topology.lb.exec("nft", &["delete", "table", "ip", "lbbench"])?;
+            // Conntrack entries of this run must not NAT the next balancer's packets.
+            let _ = topology.lb.exec("conntrack", &["-F"]);
+        }
+        Active::Haproxy(process) => {
+            drop(process);
+            topology.lb.ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"])?;
+        }
+    }
+    Ok(())
+}
+
+/// Machine-wide CPU jiffies spent working (user, nice, system, irq, softirq).
+fn busy_jiffies() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = cpu.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    // user nice system idle iowait irq softirq
+    Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6])
+}
+
+fn jiffy_us() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    1e6 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Where clients connect for `balancer`: the VIP, or with plain routing one server each.
+fn target(balancer: Balancer, topology: &Topology, worker: usize) -> SocketAddrV4 {
+    match balancer {
+        Balancer::Routing => {
+            SocketAddrV4::new(topology.backends[worker % topology.backends.len()].address, SERVER_PORT)
+        }
+        _ => SocketAddrV4::new(VIP, SERVICE_PORT),
+    }
+}
+
+struct Run {
+    connections_per_s: f64,
+    requests_per_s: f64,
+    cpu_us_per_connection: f64,
+    errors: u64,
+}
+
+fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> {
+    // With plain routing each third of the workers goes to one server.
+    let loads: Vec<Load> = (0..topology.backends.len())
+        .map(|i| Load {
+            target: target(balancer, topology, i),
+            sources: topology.client_addresses.iter().copied().skip(i).step_by(topology.backends.len()).collect(),
+            concurrency: plan.concurrency / topology.backends.len(),
+            duration: plan.duration,
+            mode: Mode::NewConnections,
+        })
+        .collect();
+    let loads: Vec<Load> = if balancer == Balancer::Routing {
+        loads
+    } else {
+        vec![Load {
+            target: target(balancer, topology, 0),
+            sources: topology.client_addresses.clone(),
+            concurrency: plan.concurrency,
+            duration: plan.duration,
+            mode: Mode::NewConnections,
+        }]
+    };
+    let cpu_before = busy_jiffies()?;
+    let outcomes = run_loads(&topology.client, &loads)?;
+    let cpu = (busy_jiffies()? - cpu_before) as f64 * jiffy_us();
+    let connections: u64 = outcomes.iter().map(|o| o.completed).sum();
+    let elapsed = outcomes.iter().map(|o| o.elapsed.as_secs_f64()).fold(0.0, f64::max);
+    let mut errors: u64 = outcomes.iter().map(|o| o.errors).sum();
+
+    let kept: Vec<Load> = loads.into_iter().map(|l| Load { mode: Mode::KeepAlive, ..l }).collect();
+    let outcomes = run_loads(&topology.client, &kept)?;
+    let requests: u64 = outcomes.iter().map(|o| o.completed).sum();
+    let kept_elapsed = outcomes.iter().map(|o| o.elapsed.as_secs_f64()).fold(0.0, f64::max);
+    errors += outcomes.iter().map(|o| o.errors).sum::<u64>();
+    Ok(Run {
+        connections_per_s: connections as f64 / elapsed,
+        requests_per_s: requests as f64 / kept_elapsed,
+        cpu_us_per_connection: cpu / connections.max(1) as f64,
+        errors,
+    })
+}
+
+/// Runs the loads side by side from the client namespace.
+fn run_loads(client: &Netns, loads: &[Load]) -> Result<Vec<load::Outcome>> {
+    client.run(|| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = loads.iter().map(|l| s.spawn(move || load::run(l))).collect();
+            handles.into_iter().map(|h| h.join().expect("load thread")).collect::<Result<Vec<_>>>()
+        })
+    })?
+}
+
+pub fn run(plan: &Plan) -> Result<Veth> {
+    let topology = Topology::build(&Spec { clients: plan.clients, snat_addresses: 8, ..Spec::default() })?;
+    let dir = PathBuf::from(std::env::temp_dir()).join(format!("{}-bench", topology.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(plan, &topology, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(plan: &Plan, topology: &Topology, dir: &std::path::Path) -> Result<Veth> {
+    topology.lb.sysctl("net.ipv4.ip_forward", "1")?;
+    // HAProxy opens its own connections to the servers; give it the ports lb's SNAT has.
+    topology.lb.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    topology.lb.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    let _nginx = start_nginx(topology, dir)?;
+    let mut runs: Vec<Vec<Run>> = Balancer::ALL.iter().map(|_| Vec::new()).collect();
+    for round in 0..plan.rounds {
+        for (i, &balancer) in Balancer::ALL.iter().enumerate() {
+            let active = activate(balancer, topology, dir).with_context(|| format!("set up {balancer:?}"))?;
+            let run = measure(balancer, topology, plan).with_context(|| format!("{balancer:?} round {round}"));
+            deactivate(active, topology)?;
+            let run = run?;
+            eprintln!(
+                "  round {round} {:<36} {:>8.0} conn/s {:>8.0} req/s {:>6.1} µs CPU/conn, {} errors",
+                balancer.label(),
+                run.connections_per_s,
+                run.requests_per_s,
+                run.cpu_us_per_connection,
+                run.errors
+            );
+            runs[i].push(run);
+        }
+    }
+    let figures = Balancer::ALL
+        .iter()
+        .zip(&runs)
+        .map(|(&balancer, runs)| Figures {
+            balancer,
+            label: balancer.label(),
+            connections_per_s: Summary::of(&runs.iter().map(|r| r.connections_per_s).collect::<Vec<_>>()),
+            requests_per_s: Summary::of(&runs.iter().map(|r| r.requests_per_s).collect::<Vec<_>>()),
+            cpu_us_per_connection: Summary::of(&runs.iter().map(|r| r.cpu_us_per_connection).collect::<Vec<_>>()),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        })
+        .collect();
+    Ok(Veth {
+        rounds: plan.rounds,
+        seconds_per_run: plan.duration.as_secs_f64(),
+        concurrency: plan.concurrency,
+        client_addresses: plan.clients,
+        figures,
+    })
+}
