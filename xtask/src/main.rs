@@ -1,4 +1,4 @@
-//! `cargo xtask`: set up a bare machine, build, run the demo, run the tests.
+//! `cargo xtask`: set up a bare machine, build, run the demo, the tests, the benchmarks.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -28,6 +28,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up (plus nginx, nftables, HAProxy), build optimised, run the benchmarks and write
+    /// BENCHMARKS.md, bench/results.json and bench/packet-cost.png.
+    Bench {
+        /// A shorter run (under 3 minutes) with fewer rounds and calls.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Packages the harness and the demo run (iproute2: namespaces and veth; ethtool: veth
@@ -36,10 +43,12 @@ const RUNTIME_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "bpft
 /// Debian's Rust toolchain that ships its own library source (`-Z build-std=core` needs it).
 const DEBIAN_RUST_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "zlib1g-dev", "libzstd-dev"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// What the benchmarks compare lb with and serve from, plus the plot's font.
+const BENCH_PACKAGES: &[&str] = &["nginx", "nftables", "conntrack", "haproxy", "fonts-dejavu-core"];
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup(),
+        Task::Setup => setup().map(drop),
         Task::Build => {
             setup()?;
             build()
@@ -53,6 +62,17 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             run(cargo().args(["test", "--workspace"]).args(&args).env("LB_BIN", lb_binary()))
+        }
+        Task::Bench { quick } => {
+            setup()?.ensure(BENCH_PACKAGES)?;
+            run(cargo().args(["build", "--release", "-p", "lb-user", "-p", "lb-tests", "--bins"]))?;
+            let release = workspace().join("target/release");
+            let mut bench = Command::new(release.join("lb-bench"));
+            bench.current_dir(workspace()).env("LB_BIN", release.join("lb"));
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)
         }
     }
 }
@@ -88,7 +108,8 @@ fn build() -> Result<()> {
     run(cargo().args(["build", "-p", "lb-user", "-p", "lb-tests", "--bins"]))
 }
 
-fn setup() -> Result<()> {
+/// Returns the package installer, for tasks that need more packages.
+fn setup() -> Result<Apt> {
     let mut apt = Apt::default();
     apt.ensure(RUNTIME_PACKAGES)?;
     let nightly = output("rustup", &["+nightly", "component", "list", "--installed"])
@@ -104,7 +125,8 @@ fn setup() -> Result<()> {
         apt.ensure(&[&format!("llvm-{llvm}-dev"), &format!("libpolly-{llvm}-dev")])?;
         ensure_bpf_linker(llvm)?;
     }
-    ensure_bpffs()
+    ensure_bpffs()?;
+    Ok(apt)
 }
 
 /// The LLVM major version Debian's rustc was built with ("LLVM version: 22.1.8").

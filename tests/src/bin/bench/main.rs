@@ -1,28 +1,70 @@
-//! `cargo xtask bench`: lb's data plane against its limit (BPF_PROG_TEST_RUN), end to end
-//! against nftables and HAProxy through veth, and the control plane. Writes BENCHMARKS.md,
-//! the raw figures as JSON and a plot. Needs root.
+//! `cargo xtask bench [--quick]`: lb's data plane against its limit (BPF_PROG_TEST_RUN),
+//! end to end against nftables and HAProxy through veth, and the control plane. Writes
+//! BENCHMARKS.md, the raw figures (bench/results.json) and a plot (bench/packet-cost.png)
+//! under the current directory. Needs root.
+mod control;
 mod load;
 mod packet_cost;
+mod plot;
+mod report;
 mod stats;
 mod veth;
 
-use anyhow::Result;
+use std::{path::Path, time::Duration, time::Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct Results {
+    pub mode: &'static str,
+    pub machine: report::Machine,
+    pub packet_cost: packet_cost::PacketCost,
+    pub veth: veth::Veth,
+    pub control: control::Control,
+    pub total_seconds: f64,
+}
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let plan = if quick {
-        packet_cost::Plan { rounds: 3, calls: 2_000, scale_flows: vec![1_000, 100_000, 1_000_000] }
+    let started = Instant::now();
+    let (cost_plan, veth_plan, maglev_rounds, health_rounds) = if quick {
+        (
+            packet_cost::Plan { rounds: 3, calls: 2_000, scale_flows: vec![1_000, 100_000, 1_000_000] },
+            veth::Plan { rounds: 1, duration: Duration::from_secs(3), concurrency: 48, clients: 60 },
+            3,
+            1,
+        )
     } else {
-        packet_cost::Plan { rounds: 7, calls: 20_000, scale_flows: vec![1_000, 100_000, 1_000_000] }
+        (
+            packet_cost::Plan { rounds: 7, calls: 20_000, scale_flows: vec![1_000, 100_000, 1_000_000] },
+            veth::Plan { rounds: 3, duration: Duration::from_secs(8), concurrency: 48, clients: 60 },
+            9,
+            3,
+        )
     };
-    let t = std::time::Instant::now();
-    if std::env::args().any(|a| a == "--veth-only") {
-        let v = veth::run(&veth::Plan { rounds: 1, duration: std::time::Duration::from_secs(3), concurrency: 48, clients: 60 })?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let cost = packet_cost::run(&plan)?;
-    println!("{}", serde_json::to_string_pretty(&cost)?);
-    eprintln!("{:?}", t.elapsed());
+    eprintln!("1/3 per-packet cost (BPF_PROG_TEST_RUN)");
+    let packet_cost = packet_cost::run(&cost_plan).context("per-packet cost")?;
+    eprintln!("2/3 end to end through veth");
+    let veth = veth::run(&veth_plan).context("veth end to end")?;
+    eprintln!("3/3 control plane");
+    let control = control::Control {
+        maglev: control::maglev(maglev_rounds),
+        health: control::health(health_rounds).context("health and drain timing")?,
+    };
+    let results = Results {
+        mode: if quick { "quick" } else { "full" },
+        machine: report::Machine::describe(),
+        packet_cost,
+        veth,
+        control,
+        total_seconds: started.elapsed().as_secs_f64(),
+    };
+    let dir = Path::new("bench");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    plot::packet_cost(&results.packet_cost, &dir.join("packet-cost.png")).context("plot")?;
+    std::fs::write("BENCHMARKS.md", report::markdown(&results))?;
+    eprintln!("wrote BENCHMARKS.md, bench/results.json, bench/packet-cost.png in {:.0} s", results.total_seconds);
     Ok(())
 }

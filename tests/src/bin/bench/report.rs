@@ -1,0 +1,207 @@
+//! BENCHMARKS.md from one run's results.
+use std::{fmt::Write as _, process::Command};
+
+use serde::Serialize;
+
+use crate::{stats::Summary, veth::Balancer, Results};
+
+#[derive(Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub commit: String,
+    pub date: String,
+}
+
+fn command(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Machine {
+    pub fn describe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0.0);
+        let dirty = !command("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        Self {
+            cpu,
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            memory_gib: kib / 1024.0 / 1024.0,
+            kernel: command("uname", &["-r"]),
+            commit: format!("{}{}", command("git", &["rev-parse", "--short", "HEAD"]), if dirty { " (with local changes)" } else { "" }),
+            date: command("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        }
+    }
+}
+
+fn spread(s: &Summary, digits: usize) -> String {
+    format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+pub fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Written by `cargo xtask bench{}` ({} mode, {:.0} s). Machine: {} CPUs ({}), {:.1} GiB, kernel {}, \
+         commit {}, {}. Raw figures: [`bench/results.json`](bench/results.json).\n",
+        if r.mode == "quick" { " --quick" } else { "" },
+        r.mode,
+        r.total_seconds,
+        m.cpus,
+        m.cpu,
+        m.memory_gib,
+        m.kernel,
+        m.commit,
+        m.date
+    );
+
+    let c = &r.packet_cost;
+    let _ = writeln!(out, "## 1. Per-packet cost of the XDP program\n");
+    let _ = writeln!(
+        out,
+        "Each figure is the kernel-measured duration of single `BPF_PROG_TEST_RUN` calls with repeat = 1 \
+         (a rewriting program cannot be timed with repeat > 1: it would run again on its own output). \
+         Per round: the median over {} calls, each on a fresh copy of its input; the table shows the median \
+         of {} rounds and their range. *Net* subtracts `xdp_pass`'s per-call cost of the same round (the fixed \
+         cost of a call). Ratios are to the MAC-swap baseline of the same run. New-flow paths use a new \
+         connection per call (a new source port from a client with an affinity, or a new client address).\n",
+        c.calls_per_round, c.rounds
+    );
+    let swap = c.paths.iter().find(|p| p.path.starts_with("mac swap"));
+    let _ = writeln!(out, "| path | ns per call | net ns | per call ÷ MAC swap |");
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for p in &c.paths {
+        let r = swap.map(|s| ratio(p.per_call.median, s.per_call.median)).unwrap_or_default();
+        let _ = writeln!(out, "| {} | {} | {} | {r} |", p.path, spread(&p.per_call, 0), spread(&p.net, 0));
+    }
+    let _ = writeln!(
+        out,
+        "\nThe MAC swap's own net cost is within the resolution of a single call's clock (about 10 ns), \
+         so ratios are of whole calls; the net column is the program's own work."
+    );
+    let _ = writeln!(out, "\n![per-packet cost](bench/packet-cost.png)\n");
+    let _ = writeln!(
+        out,
+        "**Table size.** The established path with N live connections (2N flow entries) and N affinities, \
+         each call on a connection picked at random, so lookups miss the CPU caches as real traffic would.\n"
+    );
+    let _ = writeln!(out, "| live connections | ns per call | net ns |");
+    let _ = writeln!(out, "|---:|---:|---:|");
+    for s in &c.scale {
+        let _ = writeln!(out, "| {} | {} | {} |", s.flows, spread(&s.per_call, 0), spread(&s.net, 0));
+    }
+
+    let v = &r.veth;
+    let _ = writeln!(out, "\n## 2. End to end through veth\n");
+    let _ = writeln!(
+        out,
+        "One topology (client namespace with {} addresses → balancer namespace → bridge → 3 server namespaces \
+         running nginx 1.22, one worker each, answering `GET /` with 3 bytes). Each balancer is set up in turn \
+         on the same namespaces and the sequence is repeated {} times; every run lasts {:.0} s with {} concurrent \
+         client workers (a Rust tokio client in this repository, `tests/src/bin/bench/load.rs`). *New connections*: \
+         one request per connection, the client closes first. *Kept-alive*: requests back to back on {} open \
+         connections. *CPU*: busy time of the whole machine (user + system + softirq: clients, servers and \
+         balancer together) per new connection, so differences between rows are what the balancer costs. \
+         Median of rounds, range in brackets.\n",
+        v.client_addresses, v.rounds, v.seconds_per_run, v.concurrency, v.concurrency
+    );
+    let _ = writeln!(out, "| balancer | new connections/s | kept-alive requests/s | machine CPU µs per connection | errors |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for f in &v.figures {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            f.label,
+            spread(&f.connections_per_s, 0),
+            spread(&f.requests_per_s, 0),
+            spread(&f.cpu_us_per_connection, 1),
+            f.errors
+        );
+    }
+    let fig = |b: Balancer| v.figures.iter().find(|f| f.balancer == b);
+    if let (Some(lb), Some(nft), Some(ha), Some(route)) =
+        (fig(Balancer::Lb), fig(Balancer::Nftables), fig(Balancer::Haproxy), fig(Balancer::Routing))
+    {
+        let _ = writeln!(out, "\n| ratio | new connections/s | kept-alive requests/s |");
+        let _ = writeln!(out, "|---|---:|---:|");
+        for (name, other) in [("lb / nftables", nft), ("lb / HAProxy", ha), ("lb / plain routing", route)] {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} |",
+                ratio(lb.connections_per_s.median, other.connections_per_s.median),
+                ratio(lb.requests_per_s.median, other.requests_per_s.median)
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n## 3. Control plane\n");
+    let _ = writeln!(
+        out,
+        "Maglev table builds (M = 65537) in process: build time, the largest and smallest share of a backend \
+         relative to its fair share (weighted pools: every third backend has weight 2), and the share of slots \
+         that change owner when one backend is removed or added (ideal: 1/N).\n"
+    );
+    let _ = writeln!(out, "| backends | weights | build ms | max ÷ fair | min ÷ fair | moved on remove | moved on add | 1/N |");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|");
+    for p in &r.control.maglev {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.3} | {:.3} | {:.2} % | {:.2} % | {:.2} % |",
+            p.backends,
+            if p.weighted { "1 and 2" } else { "equal" },
+            spread(&p.build_ms, 1),
+            p.max_over_fair,
+            p.min_over_fair,
+            p.moved_on_remove * 100.0,
+            p.moved_on_add * 100.0,
+            100.0 / p.backends as f64
+        );
+    }
+    let h = &r.control.health;
+    let _ = writeln!(
+        out,
+        "\nAgainst a running daemon (veth harness, TCP check on port 5061 every {} s, fall {}): a server's \
+         monitored port closed → server out of selection after **{} s** (median, range; expected between \
+         (fall − 1) × interval and fall × interval plus the 0.3 s check timeout: the first failed check comes up to \
+         one interval later). `lb backend drain` round trip: **{} ms**; the Maglev table is swapped before the \
+         command returns, and of {} new connections from that server's clients made right after it returned \
+         (affinities flushed), {} reached the drained server.\n",
+        h.interval_s,
+        h.fall,
+        spread(&h.detection_s, 2),
+        spread(&h.drain_command_ms, 1),
+        h.checked_connections,
+        h.reached_drained_server
+    );
+    let _ = writeln!(
+        out,
+        "A criterion benchmark of the Maglev build runs with `cargo bench -p lb-user --bench maglev` (not part of this report)."
+    );
+    out
+}
