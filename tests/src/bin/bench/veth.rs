@@ -263,27 +263,18 @@ struct Run {
 }
 
 fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> {
-    // With plain routing each third of the workers goes to one server.
-    let loads: Vec<Load> = (0..topology.backends.len())
+    // With plain routing each server gets its own group of workers and client addresses;
+    // a balancer gets them all.
+    let groups = if balancer == Balancer::Routing { topology.backends.len() } else { 1 };
+    let loads: Vec<Load> = (0..groups)
         .map(|i| Load {
             target: target(balancer, topology, i),
-            sources: topology.client_addresses.iter().copied().skip(i).step_by(topology.backends.len()).collect(),
-            concurrency: plan.concurrency / topology.backends.len(),
+            sources: topology.client_addresses.iter().copied().skip(i).step_by(groups).collect(),
+            concurrency: plan.concurrency / groups,
             duration: plan.duration,
             mode: Mode::NewConnections,
         })
         .collect();
-    let loads: Vec<Load> = if balancer == Balancer::Routing {
-        loads
-    } else {
-        vec![Load {
-            target: target(balancer, topology, 0),
-            sources: topology.client_addresses.clone(),
-            concurrency: plan.concurrency,
-            duration: plan.duration,
-            mode: Mode::NewConnections,
-        }]
-    };
     let cpu_before = busy_jiffies()?;
     let outcomes = run_loads(&topology.client, &loads)?;
     let cpu = (busy_jiffies()? - cpu_before) as f64 * jiffy_us();
