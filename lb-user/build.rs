@@ -14,7 +14,12 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let ebpf_dir = root.join("lb-ebpf");
-    for watched in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-ebpf/Cargo.lock", "lb-common/src"] {
+    for watched in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-ebpf/Cargo.lock",
+        "lb-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=LB_EBPF_CARGO");
@@ -35,9 +40,17 @@ fn main() {
     if toolchain.bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }
+    // BTF (from debug info): the kernel needs its function info for the `bpf_loop` callback.
     cmd.current_dir(&ebpf_dir)
         .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none"])
+        .env("RUSTFLAGS", "-C link-arg=--btf")
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .args(["-Z", "build-std=core"]);
     let status = cmd
         .status()
@@ -65,13 +78,24 @@ fn ebpf_cargo() -> (Command, Toolchain) {
         let rustc = env::var("LB_EBPF_RUSTC").ok().map(PathBuf::from);
         return (
             Command::new(&cargo),
-            Toolchain { rustc, bootstrap: true, describe: format!("LB_EBPF_CARGO={cargo}") },
+            Toolchain {
+                rustc,
+                bootstrap: true,
+                describe: format!("LB_EBPF_CARGO={cargo}"),
+            },
         );
     }
     if nightly_has_rust_src() {
         let mut cmd = Command::new("rustup");
         cmd.args(["run", "nightly", "cargo"]);
-        return (cmd, Toolchain { rustc: None, bootstrap: false, describe: "rustup nightly".into() });
+        return (
+            cmd,
+            Toolchain {
+                rustc: None,
+                bootstrap: false,
+                describe: "rustup nightly".into(),
+            },
+        );
     }
     let debian_src = Path::new("/usr/lib/rustlib/src/rust/library");
     assert!(
@@ -93,5 +117,7 @@ fn nightly_has_rust_src() -> bool {
     Command::new("rustup")
         .args(["+nightly", "component", "list", "--installed"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src")
+        })
 }

@@ -41,7 +41,11 @@ pub fn client_hash(addr_be: &[u32; 4], port_be: u16) -> u32 {
 /// Hash of a whole connection, for services without affinity.
 #[inline(always)]
 pub fn flow_hash(src_be: &[u32; 4], dst_be: &[u32; 4], src_port_be: u16, dst_port_be: u16) -> u32 {
-    finish(mix_endpoint(client_hash(src_be, src_port_be), dst_be, dst_port_be))
+    finish(mix_endpoint(
+        client_hash(src_be, src_port_be),
+        dst_be,
+        dst_port_be,
+    ))
 }
 
 /// SNAT (address, port) pairs tried per new flow before it is refused: with independent
@@ -53,7 +57,13 @@ pub const SNAT_ATTEMPTS: u32 = 16;
 /// is an independent draw over all `addresses * ports` pairs: probing neighbouring ports
 /// instead clusters like linear probing and gave up at 15 % of 64 x 64512 pairs.
 #[inline(always)]
-pub fn snat_probe(flow_hash: u32, salt: u32, attempt: u32, addresses: u32, ports: u32) -> (u32, u32) {
+pub fn snat_probe(
+    flow_hash: u32,
+    salt: u32,
+    attempt: u32,
+    addresses: u32,
+    ports: u32,
+) -> (u32, u32) {
     let draw = finish(flow_hash ^ salt ^ attempt.wrapping_mul(0x9e37_79b1));
     (draw % addresses, (draw / addresses) % ports)
 }
@@ -67,8 +77,15 @@ mod tests {
     fn flows_until_exhausted(addresses: u32, ports: u32, flows: u32) -> u32 {
         let mut used = std::collections::HashSet::new();
         for i in 0..flows {
-            let h = flow_hash(&[(0x0b00_0001 + i).to_be(), 0, 0, 0], &[0x0a64_0001u32.to_be(), 0, 0, 0], 40000, 443);
-            if !(0..SNAT_ATTEMPTS).any(|attempt| used.insert(snat_probe(h, 0, attempt, addresses, ports))) {
+            let h = flow_hash(
+                &[(0x0b00_0001 + i).to_be(), 0, 0, 0],
+                &[0x0a64_0001u32.to_be(), 0, 0, 0],
+                40000,
+                443,
+            );
+            if !(0..SNAT_ATTEMPTS)
+                .any(|attempt| used.insert(snat_probe(h, 0, attempt, addresses, ports)))
+            {
                 return i;
             }
         }

@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout below changes, so pinned maps of another layout are never
 /// read as if they were ours.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 // Map names: used by `#[map(name = ...)]` in lb-ebpf and by the daemon. Kernel limit: 15 chars.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
@@ -21,6 +21,9 @@ pub const MAP_VIPS: &str = "LB_VIPS";
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 pub const MAP_FLOWS: &str = "LB_FLOWS";
+pub const MAP_HALF_OPEN: &str = "LB_HALF_OPEN";
+pub const MAP_FRAGMENTS: &str = "LB_FRAGMENTS";
+pub const MAP_VLANS: &str = "LB_VLANS";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_SNAT_ADDRS: &str = "LB_SNAT_ADDRS";
 pub const MAP_SETTINGS: &str = "LB_SETTINGS";
@@ -28,19 +31,31 @@ pub const MAP_TX_PORTS: &str = "LB_TX_PORTS";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
+pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
+/// The program `lb_xdp` tail-calls for packets that may open a flow, at slot 0 of
+/// `LB_PROGRAMS`.
+pub const NEW_FLOW_PROGRAM_NAME: &str = "lb_new_flow";
 
 // Capacities. The Maglev table size must be prime; 65537 keeps the per-backend share within a
 // fraction of a percent of fair for pools of up to a few hundred servers.
 pub const MAGLEV_SIZE: u32 = 65_537;
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
-pub const MAX_SNAT_ADDRS: u32 = 64;
+/// IPv4 SNAT addresses live at `[0, MAX_SNAT_PER_FAMILY)` of `LB_SNAT_ADDRS`, IPv6 ones at
+/// `[SNAT_V6_BASE, SNAT_V6_BASE + MAX_SNAT_PER_FAMILY)`.
+pub const MAX_SNAT_PER_FAMILY: u32 = 64;
+pub const SNAT_V6_BASE: u32 = MAX_SNAT_PER_FAMILY;
+pub const MAX_SNAT_ADDRS: u32 = 2 * MAX_SNAT_PER_FAMILY;
 pub const MAX_INTERFACES: u32 = 64;
 /// Slots in `LB_COUNTERS`: room for counters added later without a layout change.
 pub const MAX_COUNTERS: u32 = 64;
 pub const MAX_FLOWS: u32 = 1 << 20;
+/// Connections not yet confirmed (see `LB_HALF_OPEN`); a SYN flood can only churn these.
+pub const MAX_HALF_OPEN: u32 = 1 << 18;
+/// Datagrams whose later IP fragments are still expected.
+pub const MAX_FRAGMENTS: u32 = 1 << 14;
 pub const MAX_AFFINITIES: u32 = 1 << 20;
 /// Two halves per service: the daemon fills the idle half, then flips `Service::table_half`.
 pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * 2 * MAGLEV_SIZE;
@@ -51,6 +66,8 @@ pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 pub const AFFINITY_NONE: u32 = 0;
 /// Client address only: all connections of one client reach one server.
@@ -70,6 +87,10 @@ pub const BACKEND_F_DOWN: u32 = 1 << 2;
 pub const FLOW_F_REVERSE: u32 = 1;
 /// FIN or RST seen in this direction: the entry lives `closing_timeout_s` only.
 pub const FLOW_F_CLOSING: u32 = 1 << 1;
+/// Answer ICMP echo requests to VIPs (`Settings::flags`); otherwise they go to the kernel.
+pub const SETTINGS_F_ECHO_REPLY: u32 = 1;
+/// Log new flows and drops through aya-log (`lb debug on`).
+pub const SETTINGS_F_DEBUG_LOG: u32 = 1 << 1;
 
 /// `(vip, port, protocol)` -> [`Service`].
 #[repr(C)]
@@ -162,7 +183,9 @@ pub struct FlowEntry {
     pub flags: u32,
     /// Idle timeout of this entry; an entry not seen for longer is a miss.
     pub timeout_s: u32,
-    pub _pad: u32,
+    /// The service's idle timeout: `timeout_s` once the flow is confirmed (it starts at the
+    /// handshake timeout in `LB_HALF_OPEN`).
+    pub idle_timeout_s: u32,
     /// `bpf_ktime_get_ns` of the last refresh (refreshed coarsely, see `REFRESH_INTERVAL_NS`).
     pub last_seen_ns: u64,
 }
@@ -183,7 +206,9 @@ pub struct AffinityKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AffinityEntry {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// New flows this client opened under this entry (wraps): the daemon names the clients
+    /// with the largest share of a service's new flows (the mega-proxy case).
+    pub new_flows: u32,
     pub last_seen_ns: u64,
 }
 
@@ -193,13 +218,43 @@ pub struct AffinityEntry {
 pub struct Settings {
     /// Number of valid IPv4 entries at the start of `LB_SNAT_ADDRS`.
     pub snat_v4_count: u32,
+    /// Number of valid IPv6 entries from `SNAT_V6_BASE` on.
+    pub snat_v6_count: u32,
     /// SNAT source ports are taken from `[snat_port_min, snat_port_max]` (host order).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     /// Lifetime of a flow entry after FIN or RST.
     pub closing_timeout_s: u32,
-    /// Non-zero: the data plane logs new flows and drops through aya-log (`lb debug on`).
-    pub debug_log: u32,
+    /// Lifetime of a half-open flow (and its SNAT port) until it is confirmed.
+    pub handshake_timeout_s: u32,
+    /// Lifetime of a fragment-tracking entry.
+    pub fragment_timeout_s: u32,
+    /// `SETTINGS_F_*`.
+    pub flags: u32,
+}
+
+/// `LB_VLANS` value, keyed by the ifindex of a VLAN device on one of lb's interfaces: where
+/// a packet routed out of that device really goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VlanPort {
+    /// The interface lb is attached to (the VLAN device's lower device).
+    pub lower_ifindex: u32,
+    /// 802.1Q VLAN id (12 bits, host order).
+    pub vid: u16,
+    pub _pad: u16,
+}
+
+/// `LB_FRAGMENTS` key: one fragmented datagram (IPv4 id is 16 bits, IPv6's 32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src_be: [u32; 4],
+    pub dst_be: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Per-service and per-backend traffic counters (per CPU; the daemon sums them).
@@ -219,25 +274,28 @@ pub struct TrafficStats {
 
 /// Index into the per-CPU `LB_COUNTERS` array: one slot per outcome of a packet.
 /// `Packets` counts every packet the program sees; every packet also lands in exactly one of
-/// the `Pass*`, `Tx`, `Redirect` or `Drop*` slots.
+/// the `Pass*`, `Tx`, `Redirect` or `Drop*` slots. The others count events, not packets.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
+    /// Every packet the program sees.
     Packets = 0,
-    /// Not IPv4 (ARP, IPv6, ...): handed to the kernel untouched.
-    PassNotIpv4,
-    /// IPv4 but not addressed to any service or tracked flow.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): handed to the kernel untouched.
+    PassNotIp,
+    /// IP, but not addressed to any service or tracked flow.
     PassNotService,
-    /// Carries an 802.1Q tag; VLAN-tagged VIP traffic is left to the kernel for now.
-    PassVlan,
+    /// More than one VLAN tag (QinQ): left to the kernel.
+    PassVlanStacked,
     /// Too short or malformed to tell whether it is for a VIP: the kernel drops and counts it.
     PassMalformed,
     /// Rewritten, but the next hop's MAC is not known yet: the kernel forwards it and resolves.
     PassNoNeigh,
-    /// TTL would expire: the kernel answers with ICMP time exceeded.
+    /// TTL or hop limit would expire: the kernel answers with ICMP time exceeded.
     PassTtlExpired,
     /// Rewritten, but the egress interface has no lb program: the kernel forwards it.
     PassEgressNotAttached,
+    /// ICMP for a VIP that lb does not answer itself (echo with replies off, other types).
+    PassIcmp,
     /// Forwarded back out of the interface it came in on.
     Tx,
     /// Forwarded out of another interface.
@@ -248,24 +306,33 @@ pub enum Counter {
     AffinityHits,
     /// New flows that had to consult the Maglev table.
     AffinityMisses,
-    /// Addressed to a VIP, but its L4 header is truncated.
+    /// Half-open flows confirmed (TCP: the client's handshake ACK; UDP: the server's first reply) and moved to the flow table.
+    FlowsConfirmed,
+    /// A confirmed flow found the flow table full: it stays half-open and ends at the handshake timeout. Raise `max_flows`.
+    FlowTableFull,
+    /// ICMP echo requests to a VIP answered by lb (also counted as `tx`).
+    EchoReplies,
+    /// First fragments whose datagram's later fragments will follow the same flow.
+    FragmentsTracked,
+    /// Addressed to a VIP, but its L4 header is truncated or inconsistent.
     DropMalformed,
-    /// IPv4 fragment addressed to a VIP (cannot be matched to ports).
-    DropFragment,
+    /// IPv6 to a VIP behind an extension header lb does not skip (see README), or too many of them.
+    DropIpv6Extension,
+    /// A later IP fragment to a VIP whose first fragment lb has not seen (or whose flow is gone).
+    DropFragmentUnknown,
     /// TCP packet other than a SYN with no live flow (e.g. after the flow expired).
     DropTcpNoFlow,
     /// Service has no usable backend.
     DropNoBackend,
     /// No free SNAT port after the bounded number of attempts.
     DropSnatExhausted,
-    /// Could not record the flow (table update failed).
+    /// Could not record the new flow (table update failed).
     DropFlowInsert,
     /// Route lookup failed (no route, blackhole, prohibited, MTU).
     DropNoRoute,
     /// The settings map was not populated (daemon not finished starting).
     DropNotConfigured,
-    /// A per-CPU scratch slot was missing: cannot happen in a loaded program, counted so
-    /// that it would be seen if it did.
+    /// A per-CPU scratch slot was missing or the frame could not be resized: cannot happen in a loaded program, counted so that it would be seen if it did.
     DropInternal,
 }
 
@@ -273,20 +340,26 @@ impl Counter {
     pub const COUNT: u32 = Counter::DropInternal as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Packets,
-        Counter::PassNotIpv4,
+        Counter::PassNotIp,
         Counter::PassNotService,
-        Counter::PassVlan,
+        Counter::PassVlanStacked,
         Counter::PassMalformed,
         Counter::PassNoNeigh,
         Counter::PassTtlExpired,
         Counter::PassEgressNotAttached,
+        Counter::PassIcmp,
         Counter::Tx,
         Counter::Redirect,
         Counter::NewFlows,
         Counter::AffinityHits,
         Counter::AffinityMisses,
+        Counter::FlowsConfirmed,
+        Counter::FlowTableFull,
+        Counter::EchoReplies,
+        Counter::FragmentsTracked,
         Counter::DropMalformed,
-        Counter::DropFragment,
+        Counter::DropIpv6Extension,
+        Counter::DropFragmentUnknown,
         Counter::DropTcpNoFlow,
         Counter::DropNoBackend,
         Counter::DropSnatExhausted,
@@ -300,20 +373,26 @@ impl Counter {
     pub const fn name(self) -> &'static str {
         match self {
             Counter::Packets => "packets",
-            Counter::PassNotIpv4 => "pass_not_ipv4",
+            Counter::PassNotIp => "pass_not_ip",
             Counter::PassNotService => "pass_not_service",
-            Counter::PassVlan => "pass_vlan",
+            Counter::PassVlanStacked => "pass_vlan_stacked",
             Counter::PassMalformed => "pass_malformed",
             Counter::PassNoNeigh => "pass_no_neigh",
             Counter::PassTtlExpired => "pass_ttl_expired",
             Counter::PassEgressNotAttached => "pass_egress_not_attached",
+            Counter::PassIcmp => "pass_icmp",
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
             Counter::NewFlows => "new_flows",
             Counter::AffinityHits => "affinity_hits",
             Counter::AffinityMisses => "affinity_misses",
+            Counter::FlowsConfirmed => "flows_confirmed",
+            Counter::FlowTableFull => "flow_table_full",
+            Counter::EchoReplies => "echo_replies",
+            Counter::FragmentsTracked => "fragments_tracked",
             Counter::DropMalformed => "drop_malformed",
-            Counter::DropFragment => "drop_fragment",
+            Counter::DropIpv6Extension => "drop_ipv6_extension",
+            Counter::DropFragmentUnknown => "drop_fragment_unknown",
             Counter::DropTcpNoFlow => "drop_tcp_no_flow",
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropSnatExhausted => "drop_snat_exhausted",
@@ -328,7 +407,14 @@ impl Counter {
     pub const fn is_verdict(self) -> bool {
         !matches!(
             self,
-            Counter::Packets | Counter::NewFlows | Counter::AffinityHits | Counter::AffinityMisses
+            Counter::Packets
+                | Counter::NewFlows
+                | Counter::AffinityHits
+                | Counter::AffinityMisses
+                | Counter::FlowsConfirmed
+                | Counter::FlowTableFull
+                | Counter::EchoReplies
+                | Counter::FragmentsTracked
         )
     }
 }
@@ -349,7 +435,9 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowEntry>() == 64);
 const _: () = assert!(size_of::<AffinityKey>() == 24);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
-const _: () = assert!(size_of::<Settings>() == 12 + 4);
+const _: () = assert!(size_of::<Settings>() == 28);
+const _: () = assert!(size_of::<VlanPort>() == 8);
+const _: () = assert!(size_of::<FragmentKey>() == 40);
 const _: () = assert!(size_of::<TrafficStats>() == 56);
 const _: () = assert!(MAGLEV_ENTRIES <= u32::MAX / 2);
 const _: () = assert!(Counter::COUNT <= MAX_COUNTERS);
@@ -368,6 +456,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for VlanPort {}
+    unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for TrafficStats {}
 }
 
@@ -375,6 +465,32 @@ mod pod {
 #[inline(always)]
 pub const fn v4_words(addr_be: u32) -> [u32; 4] {
     [addr_be, 0, 0, 0]
+}
+
+/// An IPv6 address as four words, each as read raw (native load) from the packet.
+#[inline(always)]
+pub const fn v6_words(addr: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
+
+/// The 16 bytes of an address stored by [`v6_words`].
+#[inline(always)]
+pub const fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = [
+        words[0].to_ne_bytes(),
+        words[1].to_ne_bytes(),
+        words[2].to_ne_bytes(),
+        words[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 #[cfg(test)]

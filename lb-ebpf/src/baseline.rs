@@ -29,7 +29,12 @@ pub fn xdp_mac_swap(ctx: XdpContext) -> u32 {
         return XDP_DROP;
     }
     // SAFETY: both headers bounds-checked just above.
-    let (eth, ip) = unsafe { (&mut *(start as *mut EthHdr), &*((start + EthHdr::LEN) as *const Ipv4Hdr)) };
+    let (eth, ip) = unsafe {
+        (
+            &mut *(start as *mut EthHdr),
+            &*((start + EthHdr::LEN) as *const Ipv4Hdr),
+        )
+    };
     if eth.ether_type != EtherType::Ipv4 as u16 || ip.version() != 4 {
         return XDP_PASS;
     }

@@ -1,46 +1,69 @@
-//! Sending a rewritten packet on: the kernel's FIB picks the egress interface and MACs.
+//! Sending a rewritten packet on: the kernel's FIB picks the egress interface and MACs; a
+//! VLAN egress device is resolved to its lower interface and the tag is set, added or removed.
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        xdp_action::XDP_PASS,
+        bpf_fib_lookup as FibParams, xdp_action::XDP_PASS, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::generated::bpf_fib_lookup,
+    helpers::{bpf_xdp_adjust_head, generated::bpf_fib_lookup},
     programs::XdpContext,
     EbpfContext,
 };
 use lb_common::Counter;
+use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{scratch, TX_PORTS},
-    parse::Packet,
+    maps::{fib_params, TX_PORTS, VLANS},
+    parse::{ptr_at, Packet, L3, VLAN_TAG_LEN},
     verdict::Verdict,
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const ETH_P_8021Q_BE: u16 = 0x8100_u16.to_be();
+/// The VLAN id bits of a TCI; the rest (priority, DEI) is kept when retagging.
+const VLAN_VID_MASK: u16 = 0x0fff;
+
+/// The tag lb writes into a frame: TCI then the encapsulated EtherType, as on the wire.
+#[repr(C)]
+struct VlanTag {
+    tci_be: u16,
+    ether_type: u16,
+}
 
 /// Routes the (already rewritten) packet. An unresolved neighbour or an egress interface
 /// without lb is handed to the kernel, which forwards it itself, so nothing is lost.
-#[inline(always)]
-pub fn forward_v4(ctx: &XdpContext, pkt: &Packet) -> Verdict {
-    // SAFETY: headers bounds-checked in `parse`.
-    let (eth, ip, tcp) = unsafe { (&mut *pkt.eth, &*pkt.ip, &*pkt.tcp) };
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let ingress = ctx.ingress_ifindex() as u32;
-
-    let Some(scratch) = scratch() else {
+    let Some(params) = fib_params() else {
         return Verdict::drop(Counter::DropInternal);
     };
-    let params = &mut scratch.fib;
     // SAFETY: all-zero is a valid value of this plain C struct.
     *params = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = ip.proto;
-    params.sport = u16::from_ne_bytes(tcp.source);
-    params.dport = u16::from_ne_bytes(tcp.dest);
+    params.l4_protocol = pkt.key.proto;
+    params.sport = pkt.key.src_port_be;
+    params.dport = pkt.key.dst_port_be;
     params.__bindgen_anon_1.tot_len = pkt.ip_len;
-    params.__bindgen_anon_2.tos = ip.tos;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
     params.ifindex = ingress;
+    match pkt.l3 {
+        L3::V4(ip) => {
+            // SAFETY: bounds-checked in `parse`.
+            let ip = unsafe { &*ip };
+            params.family = AF_INET;
+            params.__bindgen_anon_2.tos = ip.tos;
+            params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+            params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+        }
+        L3::V6(ip) => {
+            // SAFETY: bounds-checked in `parse`.
+            let ip = unsafe { &*ip };
+            params.family = AF_INET6;
+            params.__bindgen_anon_3.ipv6_src = lb_common::v6_words(ip.src_addr);
+            params.__bindgen_anon_4.ipv6_dst = lb_common::v6_words(ip.dst_addr);
+        }
+    }
 
     // SAFETY: `params` is a valid, correctly sized bpf_fib_lookup for this helper.
     let rc = unsafe {
@@ -52,19 +75,99 @@ pub fn forward_v4(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         )
     };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            eth.dst_addr = params.dmac;
-            eth.src_addr = params.smac;
-            if params.ifindex == ingress {
-                Verdict::tx()
-            } else {
-                match TX_PORTS.redirect(params.ifindex, u64::from(XDP_PASS)) {
-                    Ok(_) => Verdict::redirect(),
-                    Err(_) => Verdict::pass(Counter::PassEgressNotAttached),
-                }
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::pass(Counter::PassNoNeigh),
+        _ => return Verdict::drop(Counter::DropNoRoute),
+    }
+    let (egress, vid) = match VLANS.get_ptr(&params.ifindex) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(port) => unsafe { ((*port).lower_ifindex, Some((*port).vid)) },
+        None => (params.ifindex, None),
+    };
+    if !set_link_header(ctx, pkt.tagged, vid, params.dmac, params.smac) {
+        return Verdict::drop(Counter::DropInternal);
+    }
+    if egress == ingress {
+        Verdict::tx()
+    } else {
+        match TX_PORTS.redirect(egress, u64::from(XDP_PASS)) {
+            Ok(_) => Verdict::redirect(),
+            Err(_) => Verdict::pass(Counter::PassEgressNotAttached),
+        }
+    }
+}
+
+/// Writes the next hop's MACs and makes the frame carry `vid` (or no tag), growing or
+/// shrinking the head by one tag when the tagging changes. False if the frame cannot be
+/// resized, which XDP's fixed headroom makes impossible in practice.
+#[inline(always)]
+fn set_link_header(
+    ctx: &XdpContext,
+    tagged: bool,
+    vid: Option<u16>,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+) -> bool {
+    match (tagged, vid) {
+        (true, Some(vid)) => {
+            let Some(tag) = ptr_at::<VlanTag>(ctx, EthHdr::LEN) else {
+                return false;
+            };
+            // SAFETY: bounds-checked just above.
+            let tag = unsafe { &mut *tag };
+            let tci = u16::from_be(tag.tci_be) & !VLAN_VID_MASK | vid & VLAN_VID_MASK;
+            tag.tci_be = tci.to_be();
+        }
+        (false, None) => {}
+        (true, None) => {
+            // Pop: the encapsulated EtherType becomes the frame's; the MACs are rewritten below.
+            let Some(tag) = ptr_at::<VlanTag>(ctx, EthHdr::LEN) else {
+                return false;
+            };
+            // SAFETY: bounds-checked just above.
+            let inner = unsafe { (*tag).ether_type };
+            // SAFETY: the context is valid; the helper checks the new head itself.
+            if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, VLAN_TAG_LEN as i32) } != 0 {
+                return false;
+            }
+            let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+                return false;
+            };
+            // SAFETY: bounds-checked just above.
+            unsafe { (*eth).ether_type = inner };
+        }
+        (false, Some(vid)) => {
+            // Push: the old EtherType moves into the tag.
+            let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+                return false;
+            };
+            // SAFETY: bounds-checked just above.
+            let inner = unsafe { (*eth).ether_type };
+            // SAFETY: as above.
+            if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(VLAN_TAG_LEN as i32)) } != 0 {
+                return false;
+            }
+            let (Some(eth), Some(tag)) = (
+                ptr_at::<EthHdr>(ctx, 0),
+                ptr_at::<VlanTag>(ctx, EthHdr::LEN),
+            ) else {
+                return false;
+            };
+            // SAFETY: bounds-checked just above.
+            unsafe {
+                (*eth).ether_type = ETH_P_8021Q_BE;
+                (*tag).tci_be = (vid & VLAN_VID_MASK).to_be();
+                (*tag).ether_type = inner;
             }
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Verdict::pass(Counter::PassNoNeigh),
-        _ => Verdict::drop(Counter::DropNoRoute),
     }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: bounds-checked just above.
+    unsafe {
+        (*eth).dst_addr = dmac;
+        (*eth).src_addr = smac;
+    }
+    true
 }

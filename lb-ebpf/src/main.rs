@@ -1,9 +1,11 @@
-//! lb's XDP program. Entry point only; the packet path starts in `balancer::process`.
+//! lb's XDP programs. Entry points only; the packet path starts in `balancer::process`.
 #![no_std]
 #![no_main]
 
 mod balancer;
 mod forward;
+mod fragments;
+mod icmp;
 mod log;
 mod maps;
 mod nat;
@@ -17,10 +19,21 @@ use lb_common::Counter;
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     stats::count(Counter::Packets);
-    let verdict = balancer::process(&ctx);
+    finish(&ctx, balancer::process(&ctx))
+}
+
+/// Tail-called by `lb_xdp` for packets that may open a flow (see `balancer::process_new_flow`).
+#[xdp]
+pub fn lb_new_flow(ctx: XdpContext) -> u32 {
+    finish(&ctx, balancer::process_new_flow(&ctx))
+}
+
+/// Counts the packet's one verdict and returns its action.
+#[inline(always)]
+fn finish(ctx: &XdpContext, verdict: verdict::Verdict) -> u32 {
     stats::count(verdict.counter);
     if verdict.action == XDP_DROP {
-        log::drop(&ctx, verdict.counter);
+        log::drop(ctx, verdict.counter);
     }
     verdict.action
 }

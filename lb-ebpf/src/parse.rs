@@ -1,19 +1,59 @@
-//! Header parsing. Every access goes through `ptr_at`, which proves to the verifier (and to
-//! the reader) that the bytes exist before they are touched.
+//! Header parsing: Ethernet, one 802.1Q tag, IPv4 or IPv6 (skipping the common extension
+//! headers), then TCP, UDP or ICMP. Every access goes through `ptr_at`, which proves to the
+//! verifier (and to the reader) that the bytes exist before they are touched.
 use aya_ebpf::programs::XdpContext;
-use lb_common::{v4_words, AddrKey, Counter, FlowKey, FAMILY_V4, PROTO_TCP};
+use lb_common::{
+    v4_words, v6_words, AddrKey, Counter, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP,
+};
 use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
-    tcp::TcpHdr,
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{maps::VIPS, verdict::Verdict};
+use crate::{
+    maps::{key_slot, KeySlot, VIPS},
+    verdict::Verdict,
+};
+
+// EtherTypes as they sit in the frame (network order), compared with raw loads.
+const ETH_P_IPV4: u16 = 0x0800_u16.to_be();
+const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
+const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
+const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
+pub const VLAN_TAG_LEN: usize = 4;
 
 /// IPv4 "more fragments" flag and fragment offset mask, in host order of the `frags` field.
 const IPV4_MF: u16 = 0x2000;
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
 const IPV4_MIN_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+
+// IPv6 extension headers lb skips (RFC 8200 section 4), and the fragment header's fields.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers that may precede TCP/UDP but that lb does not look past.
+const NEXTHDR_ESP: u8 = 50;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_MOBILITY: u8 = 135;
+/// More extension headers than this in front of the transport header: not parsed.
+const MAX_EXTENSION_HEADERS: usize = 4;
+const EXTENSION_HEADER_UNIT: usize = 8;
+const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
+const IPV6_FRAG_MORE: u16 = 1;
+
+pub const TCP_MIN_HEADER: usize = 20;
+pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_HEADER: usize = 8;
+pub const UDP_CHECK_OFFSET: usize = 6;
+pub const ICMP_HEADER: usize = 8;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` if the packet is shorter.
 #[inline(always)]
@@ -26,122 +66,334 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// An IPv4 TCP packet addressed to a VIP or a SNAT address, with pointers to its headers.
+#[derive(Clone, Copy)]
+pub enum L3 {
+    V4(*mut Ipv4Hdr),
+    V6(*mut Ipv6Hdr),
+}
+
+/// Which part of a datagram a packet carries; `id` is the IP identification.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// Offset 0, more to come: carries the transport header.
+    FirstFragment {
+        id: u32,
+    },
+    /// No transport header; follows its first fragment's flow.
+    LaterFragment {
+        id: u32,
+    },
+}
+
+/// An IP packet with pointers to its headers.
 pub struct Packet {
     pub eth: *mut EthHdr,
-    pub ip: *mut Ipv4Hdr,
-    pub tcp: *mut TcpHdr,
-    /// The 5-tuple as it arrived: the flow table key.
-    pub key: FlowKey,
+    /// The frame carries one 802.1Q (or 802.1ad) tag between Ethernet and IP.
+    pub tagged: bool,
+    pub l3: L3,
+    /// Offset of the TCP, UDP or ICMP header, whose fixed part `parse` found complete (a
+    /// `LaterFragment` has none). An offset, not a pointer: the verifier cannot tie a stored
+    /// pointer's checked length to the protocol read back later, so each use re-checks
+    /// through `transport`.
+    pub l4_offset: usize,
+    /// The 5-tuple as it arrived: the flow table key (in the per-CPU scratch slot
+    /// `KeySlot::Packet`). Ports are 0 for ICMP and later fragments.
+    pub key: &'static FlowKey,
     /// IP total length (host order), for byte counters and the route lookup.
     pub ip_len: u16,
+    pub part: Part,
+    /// TCP flags byte; 0 for other protocols.
+    pub tcp_flags: u8,
 }
 
 impl Packet {
+    /// A TCP connection opening: SYN without ACK.
     #[inline(always)]
-    pub fn tcp_flags(&self) -> TcpFlags {
-        // SAFETY: `tcp` was bounds-checked in `parse`.
-        let tcp = unsafe { &*self.tcp };
-        TcpFlags {
-            syn: tcp.syn() != 0,
-            ack: tcp.ack() != 0,
-            fin: tcp.fin() != 0,
-            rst: tcp.rst() != 0,
+    pub fn opens(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A TCP segment past the handshake from the client: ACK without SYN.
+    #[inline(always)]
+    pub fn acknowledges(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+    }
+
+    #[inline(always)]
+    pub fn closes(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
+    /// The first `N` bytes of the transport header, if the packet has them.
+    #[inline(always)]
+    pub fn transport<const N: usize>(&self, ctx: &XdpContext) -> Option<*mut [u8; N]> {
+        if matches!(self.part, Part::LaterFragment { .. }) {
+            return None;
+        }
+        ptr_at(ctx, self.l4_offset)
+    }
+
+    #[inline(always)]
+    pub fn hop_limit(&self) -> u8 {
+        // SAFETY: the IP header was bounds-checked in `parse`.
+        match self.l3 {
+            L3::V4(ip) => unsafe { (*ip).ttl },
+            L3::V6(ip) => unsafe { (*ip).hop_limit },
         }
     }
 }
 
-#[derive(Clone, Copy)]
-pub struct TcpFlags {
-    pub syn: bool,
-    pub ack: bool,
-    pub fin: bool,
-    pub rst: bool,
-}
-
-impl TcpFlags {
-    /// A connection opening: SYN without ACK.
-    #[inline(always)]
-    pub fn opens(self) -> bool {
-        self.syn && !self.ack
-    }
-
-    #[inline(always)]
-    pub fn closes(self) -> bool {
-        self.fin || self.rst
-    }
-}
-
-/// Parses Ethernet / IPv4 / TCP. Anything that is not ours comes back as the verdict to
-/// return for it (pass untouched, or a counted drop for malformed VIP traffic).
-#[inline(always)]
+/// Parses a frame. Anything that is not ours comes back as the verdict to return for it
+/// (pass untouched, or a counted drop for malformed VIP traffic).
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(Counter::PassMalformed))?;
     // SAFETY: bounds-checked just above.
-    let ether_type = unsafe { (*eth).ether_type };
-    if ether_type == EtherType::Ieee8021q as u16 {
-        return Err(Verdict::pass(Counter::PassVlan));
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_offset = EthHdr::LEN;
+    let tagged = ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD;
+    if tagged {
+        // The tag's TCI, then the encapsulated EtherType.
+        let tag: *const [u16; 2] =
+            ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::pass(Counter::PassMalformed))?;
+        // SAFETY: bounds-checked just above.
+        ether_type = unsafe { (*tag)[1] };
+        l3_offset += VLAN_TAG_LEN;
+        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+            return Err(Verdict::pass(Counter::PassVlanStacked));
+        }
     }
-    if ether_type != EtherType::Ipv4 as u16 {
-        return Err(Verdict::pass(Counter::PassNotIpv4));
+    if ether_type == ETH_P_IPV4 {
+        parse_v4(ctx, eth, l3_offset, tagged)
+    } else if ether_type == ETH_P_IPV6 {
+        parse_v6(ctx, eth, l3_offset, tagged)
+    } else {
+        Err(Verdict::pass(Counter::PassNotIp))
     }
+}
 
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::pass(Counter::PassMalformed))?;
+#[inline(always)]
+fn parse_v4(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    l3_offset: usize,
+    tagged: bool,
+) -> Result<Packet, Verdict> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_offset).ok_or(Verdict::pass(Counter::PassMalformed))?;
     // SAFETY: bounds-checked just above.
     let ip_ref = unsafe { &*ip };
     let header_len = usize::from(ip_ref.ihl());
     if ip_ref.version() != 4 || header_len < IPV4_MIN_HEADER {
         return Err(Verdict::pass(Counter::PassMalformed));
     }
-    if ip_ref.proto != PROTO_TCP {
-        return Err(Verdict::pass(Counter::PassNotService));
-    }
-    let src = u32::from_ne_bytes(ip_ref.src_addr);
-    let dst = u32::from_ne_bytes(ip_ref.dst_addr);
-    let for_vip = is_vip(dst);
-
     let frags = u16::from_be_bytes(ip_ref.frags);
-    if frags & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
-        return Err(if for_vip {
-            Verdict::drop(Counter::DropFragment)
-        } else {
-            Verdict::pass(Counter::PassNotService)
-        });
-    }
-
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, EthHdr::LEN + header_len) else {
-        return Err(if for_vip {
-            Verdict::drop(Counter::DropMalformed)
-        } else {
-            Verdict::pass(Counter::PassMalformed)
-        });
+    let id = u32::from(u16::from_be_bytes(ip_ref.id));
+    let part = if frags & (IPV4_MF | IPV4_OFFSET_MASK) == 0 {
+        Part::Whole
+    } else if frags & IPV4_OFFSET_MASK == 0 {
+        Part::FirstFragment { id }
+    } else {
+        Part::LaterFragment { id }
     };
-    // SAFETY: bounds-checked just above.
-    let tcp_ref = unsafe { &*tcp };
-    let key = FlowKey {
-        src_be: v4_words(src),
-        dst_be: v4_words(dst),
-        src_port_be: u16::from_ne_bytes(tcp_ref.source),
-        dst_port_be: u16::from_ne_bytes(tcp_ref.dest),
-        proto: PROTO_TCP,
+    let key = key_slot(KeySlot::Packet).ok_or(Verdict::drop(Counter::DropInternal))?;
+    *key = FlowKey {
+        src_be: v4_words(u32::from_ne_bytes(ip_ref.src_addr)),
+        dst_be: v4_words(u32::from_ne_bytes(ip_ref.dst_addr)),
+        src_port_be: 0,
+        dst_port_be: 0,
+        proto: ip_ref.proto,
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    Ok(Packet {
+    let ip_len = u16::from_be_bytes(ip_ref.tot_len);
+    parse_l4(
+        ctx,
         eth,
-        ip,
-        tcp,
+        tagged,
+        L3::V4(ip),
+        l3_offset + header_len,
         key,
-        ip_len: u16::from_be_bytes(ip_ref.tot_len),
-    })
+        ip_len,
+        part,
+    )
 }
 
 #[inline(always)]
-fn is_vip(dst_be: u32) -> bool {
-    let key = AddrKey {
-        addr_be: v4_words(dst_be),
-        family: FAMILY_V4,
+fn parse_v6(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    l3_offset: usize,
+    tagged: bool,
+) -> Result<Packet, Verdict> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_offset).ok_or(Verdict::pass(Counter::PassMalformed))?;
+    // SAFETY: bounds-checked just above.
+    let ip_ref = unsafe { &*ip };
+    if ip_ref.vcf[0] >> 4 != 6 {
+        return Err(Verdict::pass(Counter::PassMalformed));
+    }
+    let key = key_slot(KeySlot::Packet).ok_or(Verdict::drop(Counter::DropInternal))?;
+    *key = FlowKey {
+        src_be: v6_words(ip_ref.src_addr),
+        dst_be: v6_words(ip_ref.dst_addr),
+        src_port_be: 0,
+        dst_port_be: 0,
+        proto: ip_ref.next_hdr,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    };
+    let ip_len = u16::from_be_bytes(ip_ref.payload_len).saturating_add(IPV6_HEADER as u16);
+    let mut offset = l3_offset + IPV6_HEADER;
+    let mut part = Part::Whole;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match key.proto {
+            NEXTHDR_HOP | NEXTHDR_DEST | NEXTHDR_ROUTING => {
+                // Next header, length in 8-byte units beyond the first, and for a routing
+                // header: type, segments left.
+                let Some(ext) = ptr_at::<[u8; 4]>(ctx, offset) else {
+                    return Err(malformed(key));
+                };
+                // SAFETY: bounds-checked just above.
+                let ext = unsafe { *ext };
+                if key.proto == NEXTHDR_ROUTING && ext[3] != 0 {
+                    // Segments left: the destination field is not the final destination.
+                    return Err(unsupported_extension(key));
+                }
+                key.proto = ext[0];
+                offset += (usize::from(ext[1]) + 1) * EXTENSION_HEADER_UNIT;
+            }
+            NEXTHDR_FRAGMENT => {
+                let Some(ext) = ptr_at::<[u8; 8]>(ctx, offset) else {
+                    return Err(malformed(key));
+                };
+                // SAFETY: bounds-checked just above.
+                let ext = unsafe { *ext };
+                let offset_and_flags = u16::from_be_bytes([ext[2], ext[3]]);
+                let id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+                part = if offset_and_flags & IPV6_FRAG_OFFSET_MASK != 0 {
+                    Part::LaterFragment { id }
+                } else if offset_and_flags & IPV6_FRAG_MORE != 0 {
+                    Part::FirstFragment { id }
+                } else {
+                    // An atomic fragment (RFC 6946): a whole datagram.
+                    Part::Whole
+                };
+                key.proto = ext[0];
+                offset += EXTENSION_HEADER_UNIT;
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        key.proto,
+        NEXTHDR_HOP
+            | NEXTHDR_DEST
+            | NEXTHDR_ROUTING
+            | NEXTHDR_FRAGMENT
+            | NEXTHDR_ESP
+            | NEXTHDR_AUTH
+            | NEXTHDR_MOBILITY
+    ) {
+        return Err(unsupported_extension(key));
+    }
+    parse_l4(ctx, eth, tagged, L3::V6(ip), offset, key, ip_len, part)
+}
+
+#[inline(always)]
+fn parse_l4(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    tagged: bool,
+    l3: L3,
+    l4_offset: usize,
+    key: &'static mut FlowKey,
+    ip_len: u16,
+    part: Part,
+) -> Result<Packet, Verdict> {
+    let mut tcp_flags = 0;
+    let later_fragment = matches!(part, Part::LaterFragment { .. });
+    // One bounds check per protocol, on the pointer that is kept: the verifier tracks the
+    // checked length per pointer.
+    match key.proto {
+        PROTO_TCP => {
+            if !later_fragment {
+                let Some(tcp) = ptr_at::<[u8; TCP_MIN_HEADER]>(ctx, l4_offset) else {
+                    return Err(malformed(key));
+                };
+                // SAFETY: bounds-checked just above.
+                let tcp_ref = unsafe { &*tcp };
+                key.src_port_be = u16::from_ne_bytes([tcp_ref[0], tcp_ref[1]]);
+                key.dst_port_be = u16::from_ne_bytes([tcp_ref[2], tcp_ref[3]]);
+                tcp_flags = tcp_ref[TCP_FLAGS_OFFSET];
+            }
+        }
+        PROTO_UDP => {
+            if !later_fragment {
+                let Some(udp) = ptr_at::<[u8; UDP_HEADER]>(ctx, l4_offset) else {
+                    return Err(malformed(key));
+                };
+                // SAFETY: bounds-checked just above.
+                let udp_ref = unsafe { &*udp };
+                key.src_port_be = u16::from_ne_bytes([udp_ref[0], udp_ref[1]]);
+                key.dst_port_be = u16::from_ne_bytes([udp_ref[2], udp_ref[3]]);
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let expected = if key.family == FAMILY_V4 {
+                PROTO_ICMP
+            } else {
+                PROTO_ICMPV6
+            };
+            if key.proto != expected {
+                return Err(Verdict::pass(Counter::PassNotService));
+            }
+            if !later_fragment {
+                if ptr_at::<[u8; ICMP_HEADER]>(ctx, l4_offset).is_none() {
+                    return Err(malformed(key));
+                }
+            }
+        }
+        _ => return Err(Verdict::pass(Counter::PassNotService)),
+    }
+    Ok(Packet {
+        eth,
+        tagged,
+        l3,
+        l4_offset,
+        key,
+        ip_len,
+        part,
+        tcp_flags,
+    })
+}
+
+/// A truncated header: a counted drop if the packet was meant for a VIP, else the kernel's.
+#[inline(always)]
+fn malformed(key: &FlowKey) -> Verdict {
+    if is_vip(key) {
+        Verdict::drop(Counter::DropMalformed)
+    } else {
+        Verdict::pass(Counter::PassMalformed)
+    }
+}
+
+#[inline(always)]
+fn unsupported_extension(key: &FlowKey) -> Verdict {
+    if is_vip(key) {
+        Verdict::drop(Counter::DropIpv6Extension)
+    } else {
+        Verdict::pass(Counter::PassNotService)
+    }
+}
+
+/// Is the packet's destination a VIP? Only asked on the slow paths that need it.
+#[inline(always)]
+pub fn is_vip(key: &FlowKey) -> bool {
+    let vip = AddrKey {
+        addr_be: key.dst_be,
+        family: key.family,
         _pad: [0; 3],
     };
-    VIPS.get_ptr(&key).is_some()
+    VIPS.get_ptr(&vip).is_some()
 }

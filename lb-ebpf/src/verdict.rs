@@ -11,21 +11,33 @@ pub struct Verdict {
 impl Verdict {
     #[inline(always)]
     pub const fn pass(counter: Counter) -> Self {
-        Self { action: XDP_PASS, counter }
+        Self {
+            action: XDP_PASS,
+            counter,
+        }
     }
 
     #[inline(always)]
     pub const fn drop(counter: Counter) -> Self {
-        Self { action: XDP_DROP, counter }
+        Self {
+            action: XDP_DROP,
+            counter,
+        }
     }
 
     #[inline(always)]
     pub const fn tx() -> Self {
-        Self { action: XDP_TX, counter: Counter::Tx }
+        Self {
+            action: XDP_TX,
+            counter: Counter::Tx,
+        }
     }
 
     #[inline(always)]
     pub const fn redirect() -> Self {
-        Self { action: XDP_REDIRECT, counter: Counter::Redirect }
+        Self {
+            action: XDP_REDIRECT,
+            counter: Counter::Redirect,
+        }
     }
 }

@@ -6,7 +6,13 @@ use lb::maglev::{build, Member};
 use lb_common::MAGLEV_SIZE;
 
 fn pool(n: u32) -> Vec<Member> {
-    (0..n).map(|i| Member { id: i, identity: (u64::from(0x0a02_0000 + i) << 16) | 4443, weight: 1 + i % 2 }).collect()
+    (0..n)
+        .map(|i| Member {
+            id: i,
+            identity: (u64::from(0x0a02_0000 + i) << 16) | 4443,
+            weight: 1 + i % 2,
+        })
+        .collect()
 }
 
 fn maglev_build(c: &mut Criterion) {

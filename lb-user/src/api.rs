@@ -1,5 +1,5 @@
 //! The control protocol: one JSON request per line on a Unix socket, one JSON response line.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -19,16 +19,44 @@ pub enum Request {
     Status,
     /// Re-read the config file and apply it.
     Reload,
-    BackendAdd { service: String, address: Ipv4Addr, port: Option<u16>, weight: Option<u32> },
-    BackendRemove { service: String, address: Ipv4Addr },
+    BackendAdd {
+        service: String,
+        address: IpAddr,
+        port: Option<u16>,
+        weight: Option<u32>,
+    },
+    BackendRemove {
+        service: String,
+        address: IpAddr,
+    },
     /// No new clients; after `deadline_s` (if given) remaining flows and affinities are cut.
-    BackendDrain { service: String, address: Ipv4Addr, deadline_s: Option<u64> },
-    BackendUndrain { service: String, address: Ipv4Addr },
-    BackendWeight { service: String, address: Ipv4Addr, weight: u32 },
-    AffinityList { service: String, client: Option<Ipv4Addr> },
-    AffinityFlush { service: String, client: Option<Ipv4Addr>, backend: Option<Ipv4Addr> },
+    BackendDrain {
+        service: String,
+        address: IpAddr,
+        deadline_s: Option<u64>,
+    },
+    BackendUndrain {
+        service: String,
+        address: IpAddr,
+    },
+    BackendWeight {
+        service: String,
+        address: IpAddr,
+        weight: u32,
+    },
+    AffinityList {
+        service: String,
+        client: Option<IpAddr>,
+    },
+    AffinityFlush {
+        service: String,
+        client: Option<IpAddr>,
+        backend: Option<IpAddr>,
+    },
     /// Data-plane debug logging (new flows and drops) on or off.
-    DebugLog { enabled: bool },
+    DebugLog {
+        enabled: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,17 +65,23 @@ pub enum Response {
     Status(StatusReport),
     /// The request was applied.
     Done,
-    Affinities { entries: Vec<AffinityRecord> },
-    Flushed { removed: usize },
-    Error { message: String },
+    Affinities {
+        entries: Vec<AffinityRecord>,
+    },
+    Flushed {
+        removed: usize,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffinityRecord {
-    pub client: Ipv4Addr,
+    pub client: IpAddr,
     /// Only for `source-port` affinity.
     pub client_port: Option<u16>,
-    pub backend: Ipv4Addr,
+    pub backend: IpAddr,
     /// Seconds since the client was last seen.
     pub idle_s: u64,
 }
@@ -66,7 +100,10 @@ pub struct StatusReport {
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct TableReport {
+    /// Confirmed connections (both directions).
     pub flows: TableFill,
+    /// Connections not yet confirmed (both directions); LRU, so a flood fills it harmlessly.
+    pub half_open: TableFill,
     pub affinities: TableFill,
     /// Garbage collections that found a table at 90 % or more (LRU evicting live entries).
     pub gc_passes_nearly_full: u64,
@@ -84,20 +121,34 @@ pub struct TableFill {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub backend_port: u16,
     pub protocol: String,
     pub affinity: String,
     pub affinity_timeout: u32,
     pub idle_timeout: u32,
+    /// Clients with the most new flows among live affinities (none without affinity).
+    #[serde(default)]
+    pub top_sources: Vec<SourceShare>,
     pub stats: Traffic,
     pub backends: Vec<BackendStatus>,
 }
 
+/// One client's part of a service's new flows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceShare {
+    pub client: IpAddr,
+    pub new_flows: u64,
+    /// Of the new flows of all live affinities of the service, 0..=1.
+    pub share: f64,
+    /// Large enough a share to suggest a proxy or NAT in front (see `lb status`).
+    pub hot: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// up, down, draining (N s left), drained, no-new-clients.
@@ -141,17 +192,26 @@ impl From<lb_common::TrafficStats> for Traffic {
 /// Sends one request to the daemon and returns its response.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!("cannot reach the lb daemon at {} (is it running?)", socket.display())
+        format!(
+            "cannot reach the lb daemon at {} (is it running?)",
+            socket.display()
+        )
     })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    write.write_all(line.as_bytes()).await.context("send request")?;
-    let mut reply = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(30), BufReader::new(read).read_line(&mut reply))
+    write
+        .write_all(line.as_bytes())
         .await
-        .context("the daemon did not answer within 30 s")?
-        .context("read response")?;
+        .context("send request")?;
+    let mut reply = String::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(30),
+        BufReader::new(read).read_line(&mut reply),
+    )
+    .await
+    .context("the daemon did not answer within 30 s")?
+    .context("read response")?;
     if n == 0 {
         bail!("the daemon closed the connection without answering");
     }
@@ -164,7 +224,10 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"request":"status"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"request":"status"}"#
+        );
         let parsed: Request = serde_json::from_str(r#"{"request":"reload"}"#).unwrap();
         assert_eq!(parsed, Request::Reload);
         assert!(serde_json::from_str::<Request>(r#"{"request":"format-disk"}"#).is_err());

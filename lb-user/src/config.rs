@@ -1,6 +1,6 @@
 //! The TOML configuration: parsing, defaults and validation. Every error names the key
 //! that caused it (`service[1] "web".backends[2].address: ...`).
-use std::{collections::HashSet, net::Ipv4Addr, path::Path};
+use std::{collections::HashSet, net::IpAddr, path::Path};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,12 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 1800;
 /// 1800 s is never evicted.
 pub const DEFAULT_IDLE_TIMEOUT_S: u32 = 3600;
 pub const DEFAULT_CLOSING_TIMEOUT_S: u32 = 10;
+/// A connection must finish its handshake (UDP: get a reply) within this, or its SNAT port
+/// is given back: what spoofed SYNs cost is bounded by it.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_S: u32 = 10;
+/// Like the kernel's `ipfrag_time`.
+pub const DEFAULT_FRAGMENT_TIMEOUT_S: u32 = 30;
+pub const DEFAULT_MAX_HALF_OPEN: u32 = lb_common::MAX_HALF_OPEN;
 pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 pub const DEFAULT_MAX_AFFINITIES: u32 = 1 << 20;
 /// Weights are relative; the cap keeps the Maglev fill loop short.
@@ -37,7 +43,7 @@ pub struct DaemonConfig {
     pub xdp_mode: XdpModeConfig,
     /// Source addresses for the server-side connections; must be local addresses of this
     /// box on the server-facing side so the kernel answers ARP for them.
-    pub snat_addresses: Vec<Ipv4Addr>,
+    pub snat_addresses: Vec<IpAddr>,
     #[serde(default = "default_snat_port_min")]
     pub snat_port_min: u16,
     #[serde(default = "default_snat_port_max")]
@@ -48,6 +54,19 @@ pub struct DaemonConfig {
     pub pin_dir: String,
     #[serde(default = "default_closing_timeout")]
     pub closing_timeout: u32,
+    /// Seconds a new flow may stay unconfirmed (TCP: handshake; UDP: first reply).
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: u32,
+    /// Seconds the later fragments of a datagram may trail its first.
+    #[serde(default = "default_fragment_timeout")]
+    pub fragment_timeout: u32,
+    /// Answer pings to VIPs (true) or leave them to the kernel (false).
+    #[serde(default = "default_true")]
+    pub echo_reply: bool,
+    /// Unconfirmed flows tracked at once (both directions count); a SYN flood churns only
+    /// this table.
+    #[serde(default = "default_max_half_open")]
+    pub max_half_open: u32,
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
     #[serde(default = "default_max_affinities")]
@@ -73,6 +92,39 @@ pub enum XdpModeConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+/// The data plane's family code of an address.
+pub fn family(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => lb_common::FAMILY_V4,
+        IpAddr::V6(_) => lb_common::FAMILY_V6,
+    }
+}
+
+/// Addresses that can be neither a VIP nor a server.
+fn unusable_address(addr: IpAddr) -> bool {
+    addr.is_unspecified()
+        || addr.is_multicast()
+        || addr.is_loopback()
+        || matches!(addr, IpAddr::V4(a) if a.is_broadcast())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -97,7 +149,7 @@ impl Affinity {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// Port on the servers; defaults to `port` (443 -> 4443 for the external web VIP).
     pub backend_port: Option<u16>,
@@ -195,7 +247,7 @@ impl ServiceConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// Server-side port of this server; default: the service's `backend_port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -217,6 +269,18 @@ fn default_pin_dir() -> String {
 }
 fn default_closing_timeout() -> u32 {
     DEFAULT_CLOSING_TIMEOUT_S
+}
+fn default_handshake_timeout() -> u32 {
+    DEFAULT_HANDSHAKE_TIMEOUT_S
+}
+fn default_fragment_timeout() -> u32 {
+    DEFAULT_FRAGMENT_TIMEOUT_S
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_half_open() -> u32 {
+    DEFAULT_MAX_HALF_OPEN
 }
 fn default_max_flows() -> u32 {
     DEFAULT_MAX_FLOWS
@@ -269,8 +333,27 @@ impl Config {
         if d.snat_addresses.is_empty() {
             bail!("daemon.snat_addresses: at least one SNAT address is required (full NAT)");
         }
-        if d.snat_addresses.len() > lb_common::MAX_SNAT_ADDRS as usize {
-            bail!("daemon.snat_addresses: at most {} addresses", lb_common::MAX_SNAT_ADDRS);
+        for (name, is_v6) in [("IPv4", false), ("IPv6", true)] {
+            let n = d
+                .snat_addresses
+                .iter()
+                .filter(|a| a.is_ipv6() == is_v6)
+                .count();
+            if n > lb_common::MAX_SNAT_PER_FAMILY as usize {
+                bail!(
+                    "daemon.snat_addresses: at most {} {name} addresses, got {n}",
+                    lb_common::MAX_SNAT_PER_FAMILY
+                );
+            }
+        }
+        let mut snat_seen = HashSet::new();
+        for (i, a) in d.snat_addresses.iter().enumerate() {
+            if unusable_address(*a) {
+                bail!("daemon.snat_addresses[{i}]: {a} cannot be a source address");
+            }
+            if !snat_seen.insert(a) {
+                bail!("daemon.snat_addresses[{i}]: duplicate address {a}");
+            }
         }
         if d.snat_port_min == 0 || d.snat_port_min > d.snat_port_max {
             bail!(
@@ -280,10 +363,22 @@ impl Config {
             );
         }
         if !d.pin_dir.starts_with('/') {
-            bail!("daemon.pin_dir: must be an absolute path on bpffs, got {:?}", d.pin_dir);
+            bail!(
+                "daemon.pin_dir: must be an absolute path on bpffs, got {:?}",
+                d.pin_dir
+            );
         }
-        if d.closing_timeout == 0 {
-            bail!("daemon.closing_timeout: must be at least 1 second");
+        for (key, value) in [
+            ("closing_timeout", d.closing_timeout),
+            ("handshake_timeout", d.handshake_timeout),
+            ("fragment_timeout", d.fragment_timeout),
+        ] {
+            if value == 0 {
+                bail!("daemon.{key}: must be at least 1 second");
+            }
+        }
+        if d.max_half_open < 1024 {
+            bail!("daemon.max_half_open: must be at least 1024");
         }
         if d.gc_interval == 0 {
             bail!("daemon.gc_interval: must be at least 1 second");
@@ -305,10 +400,26 @@ impl Config {
                 bail!("{at}.name: duplicate service name");
             }
             if !endpoints.insert((s.vip, s.port, s.protocol)) {
-                bail!("{at}: another service already uses {}:{} {:?}", s.vip, s.port, s.protocol);
+                bail!(
+                    "{at}: another service already uses {}:{} {:?}",
+                    s.vip,
+                    s.port,
+                    s.protocol
+                );
             }
-            if s.vip.is_unspecified() || s.vip.is_multicast() || s.vip.is_broadcast() {
+            if unusable_address(s.vip) {
                 bail!("{at}.vip: {} cannot be a VIP", s.vip);
+            }
+            if !d
+                .snat_addresses
+                .iter()
+                .any(|a| a.is_ipv6() == s.vip.is_ipv6())
+            {
+                bail!(
+                    "{at}.vip: {} is {}, but daemon.snat_addresses has no address of that family",
+                    s.vip,
+                    if s.vip.is_ipv6() { "IPv6" } else { "IPv4" }
+                );
             }
             if s.port == 0 {
                 bail!("{at}.port: must not be 0");
@@ -325,10 +436,16 @@ impl Config {
             if let Some(h) = &s.health {
                 let valid = |v: f64| v.is_finite() && (0.05..=3600.0).contains(&v);
                 if !valid(h.interval) {
-                    bail!("{at}.health.interval: must be 0.05..=3600 seconds, got {}", h.interval);
+                    bail!(
+                        "{at}.health.interval: must be 0.05..=3600 seconds, got {}",
+                        h.interval
+                    );
                 }
                 if !valid(h.timeout) {
-                    bail!("{at}.health.timeout: must be 0.05..=3600 seconds, got {}", h.timeout);
+                    bail!(
+                        "{at}.health.timeout: must be 0.05..=3600 seconds, got {}",
+                        h.timeout
+                    );
                 }
                 if h.rise == 0 || h.fall == 0 {
                     bail!("{at}.health.rise/fall: must be at least 1");
@@ -346,16 +463,32 @@ impl Config {
             let mut seen = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 if !seen.insert(b.address) {
-                    bail!("{at}.backends[{j}].address: duplicate backend {}", b.address);
+                    bail!(
+                        "{at}.backends[{j}].address: duplicate backend {}",
+                        b.address
+                    );
                 }
-                if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_broadcast() {
-                    bail!("{at}.backends[{j}].address: {} cannot be a server", b.address);
+                if unusable_address(b.address) {
+                    bail!(
+                        "{at}.backends[{j}].address: {} cannot be a server",
+                        b.address
+                    );
+                }
+                if b.address.is_ipv6() != s.vip.is_ipv6() {
+                    bail!(
+                        "{at}.backends[{j}].address: {} is not of the VIP's address family ({}): lb translates v4 -> v4 and v6 -> v6 only",
+                        b.address,
+                        s.vip
+                    );
                 }
                 if b.port == Some(0) {
                     bail!("{at}.backends[{j}].port: must not be 0");
                 }
                 if b.weight > MAX_WEIGHT {
-                    bail!("{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}", b.weight);
+                    bail!(
+                        "{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}",
+                        b.weight
+                    );
                 }
             }
         }
@@ -387,7 +520,10 @@ pub(crate) mod tests {
         let s = &c.services[0];
         assert_eq!(s.affinity, Affinity::Source);
         assert_eq!(s.affinity_timeout, 1800);
-        assert!(s.idle_timeout > 1800, "a 1800 s idle long-poll must survive");
+        assert!(
+            s.idle_timeout > 1800,
+            "a 1800 s idle long-poll must survive"
+        );
         assert_eq!(s.backend_port(), 4443);
         assert_eq!(s.backends[0].weight, 1);
         assert_eq!(c.daemon.xdp_mode, XdpModeConfig::Auto);
@@ -413,18 +549,23 @@ pub(crate) mod tests {
     #[test]
     fn duplicate_backend_is_named_with_its_path() {
         let e = error_of(&MINIMAL.replace("10.2.0.12", "10.2.0.11"));
-        assert!(e.contains("service[0] \"web-ext\".backends[1].address"), "{e}");
+        assert!(
+            e.contains("service[0] \"web-ext\".backends[1].address"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_endpoint_is_rejected() {
-        let twice = format!("{MINIMAL}\n[[service]]\nname = \"b\"\nvip = \"10.100.0.1\"\nport = 443\n");
+        let twice =
+            format!("{MINIMAL}\n[[service]]\nname = \"b\"\nvip = \"10.100.0.1\"\nport = 443\n");
         assert!(error_of(&twice).contains("already uses 10.100.0.1:443"));
     }
 
     #[test]
     fn missing_snat_is_rejected() {
-        let e = error_of(&MINIMAL.replace("snat_addresses = [\"10.2.0.100\"]", "snat_addresses = []"));
+        let e =
+            error_of(&MINIMAL.replace("snat_addresses = [\"10.2.0.100\"]", "snat_addresses = []"));
         assert!(e.contains("daemon.snat_addresses"), "{e}");
     }
 
@@ -436,10 +577,14 @@ pub(crate) mod tests {
 
     #[test]
     fn health_section_is_validated() {
-        let with = |h: &str| MINIMAL.replace("port = 443", &format!("port = 443\nhealth = {{ {h} }}"));
+        let with =
+            |h: &str| MINIMAL.replace("port = 443", &format!("port = 443\nhealth = {{ {h} }}"));
         let c = Config::parse(&with("kind = \"tcp\", port = 5061")).unwrap();
         let h = c.services[0].health.as_ref().unwrap();
-        assert_eq!((h.port, h.rise, h.fall, h.on_down), (Some(5061), 2, 3, OnDown::Keep));
+        assert_eq!(
+            (h.port, h.rise, h.fall, h.on_down),
+            (Some(5061), 2, 3, OnDown::Keep)
+        );
         assert!(error_of(&with("kind = \"tcp\", interval = 0")).contains(".health.interval"));
         assert!(error_of(&with("kind = \"tcp\", fall = 0")).contains(".health.rise/fall"));
         assert!(error_of(&with("kind = \"http\", path = \"x\"")).contains("path starting with /"));

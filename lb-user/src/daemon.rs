@@ -59,45 +59,65 @@ impl State {
             config.daemon = running;
         }
         let services = config.services.len();
+        let vlans = install_vlans(&mut self.dataplane, &config.daemon.interfaces)?;
         self.pool.set_config(config);
         self.pool.sync(&mut self.dataplane)?;
-        info!(services, "configuration reloaded");
+        info!(services, vlans, "configuration reloaded");
         Ok(())
     }
 
     fn handle(&mut self, request: Request) -> Response {
         // Anything but a read may change which servers exist, so health follows afterwards.
-        let changes_servers =
-            !matches!(request, Request::Status | Request::AffinityList { .. } | Request::DebugLog { .. });
+        let changes_servers = !matches!(
+            request,
+            Request::Status | Request::AffinityList { .. } | Request::DebugLog { .. }
+        );
         let dp = &mut self.dataplane;
         let pool = &mut self.pool;
         let done = |r: Result<()>| r.map(|()| Response::Done);
         let result = match request {
             Request::Status => pool.status(dp).map(Response::Status),
             Request::Reload => done(self.reload()),
-            Request::BackendAdd { service, address, port, weight } => {
-                done(pool.add_backend(dp, &service, address, port, weight))
+            Request::BackendAdd {
+                service,
+                address,
+                port,
+                weight,
+            } => done(pool.add_backend(dp, &service, address, port, weight)),
+            Request::BackendRemove { service, address } => {
+                done(pool.remove_backend(dp, &service, address))
             }
-            Request::BackendRemove { service, address } => done(pool.remove_backend(dp, &service, address)),
-            Request::BackendDrain { service, address, deadline_s } => {
-                done(pool.drain(dp, &service, address, deadline_s))
+            Request::BackendDrain {
+                service,
+                address,
+                deadline_s,
+            } => done(pool.drain(dp, &service, address, deadline_s)),
+            Request::BackendUndrain { service, address } => {
+                done(pool.undrain(dp, &service, address))
             }
-            Request::BackendUndrain { service, address } => done(pool.undrain(dp, &service, address)),
-            Request::BackendWeight { service, address, weight } => {
-                done(pool.set_weight(dp, &service, address, weight))
-            }
-            Request::AffinityList { service, client } => {
-                pool.affinity_list(dp, &service, client).map(|entries| Response::Affinities { entries })
-            }
-            Request::AffinityFlush { service, client, backend } => {
-                pool.affinity_flush(dp, &service, client, backend).map(|removed| Response::Flushed { removed })
-            }
+            Request::BackendWeight {
+                service,
+                address,
+                weight,
+            } => done(pool.set_weight(dp, &service, address, weight)),
+            Request::AffinityList { service, client } => pool
+                .affinity_list(dp, &service, client)
+                .map(|entries| Response::Affinities { entries }),
+            Request::AffinityFlush {
+                service,
+                client,
+                backend,
+            } => pool
+                .affinity_flush(dp, &service, client, backend)
+                .map(|removed| Response::Flushed { removed }),
             Request::DebugLog { enabled } => {
                 info!(enabled, "data-plane debug logging switched");
                 done(pool.set_debug_log(dp, enabled))
             }
         };
-        let response = result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
+        let response = result.unwrap_or_else(|e| Response::Error {
+            message: format!("{e:#}"),
+        });
         if changes_servers {
             self.reconcile_health();
         }
@@ -105,23 +125,37 @@ impl State {
     }
 }
 
-/// Sysctls the data plane relies on, per attached interface:
-/// - `forwarding`: `bpf_fib_lookup` refuses to route for an interface that does not forward,
-///   and the kernel forwards what the program hands it while a neighbour is unresolved;
+/// Sysctls the data plane relies on, per attached interface and VLAN device on one:
+/// - `forwarding` (IPv4 and IPv6): `bpf_fib_lookup` refuses to route for an interface that
+///   does not forward, and the kernel forwards what the program hands it while a
+///   neighbour is unresolved;
 /// - `accept_local` and `rp_filter=0`: such handed-over packets carry a SNAT address (a
 ///   local address) as their source, which the kernel otherwise drops as martian.
+///
+/// IPv6 settings are skipped on a host without IPv6.
 fn prepare_host(interfaces: &[String]) -> Result<()> {
-    for iface in interfaces {
-        for (key, value) in [("forwarding", "1"), ("accept_local", "1"), ("rp_filter", "0")] {
-            let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
+    let vlans = crate::vlan::devices_on(interfaces)?;
+    let devices = interfaces.iter().chain(vlans.iter().map(|v| &v.name));
+    for iface in devices {
+        for (family, key, value) in [
+            ("ipv4", "forwarding", "1"),
+            ("ipv4", "accept_local", "1"),
+            ("ipv4", "rp_filter", "0"),
+            ("ipv6", "forwarding", "1"),
+        ] {
+            let path = format!("/proc/sys/net/{family}/conf/{iface}/{key}");
+            if family == "ipv6" && !Path::new(&path).exists() {
+                continue;
+            }
             let current = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
             if current.trim() != value {
                 std::fs::write(&path, value).with_context(|| format!("set {path} = {value}"))?;
-                info!(%iface, sysctl = key, value, "sysctl set for the data plane");
+                info!(%iface, sysctl = %format!("{family}.{key}"), value, "sysctl set for the data plane");
             }
         }
     }
-    let all_rp = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap_or_default();
+    let all_rp =
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap_or_default();
     if all_rp.trim() != "0" {
         warn!("net.ipv4.conf.all.rp_filter is not 0; packets handed to the kernel while a neighbour resolves may be dropped");
     }
@@ -136,11 +170,16 @@ pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Resu
     let overlay = Overlay::load(&state_file)?;
     prepare_host(&config.daemon.interfaces)?;
     let mut dataplane = Dataplane::load(
-        Capacity { max_flows: config.daemon.max_flows, max_affinities: config.daemon.max_affinities },
+        Capacity {
+            max_flows: config.daemon.max_flows,
+            max_half_open: config.daemon.max_half_open,
+            max_affinities: config.daemon.max_affinities,
+        },
         Some(Path::new(&config.daemon.pin_dir)),
     )?;
     let interfaces = config.daemon.interfaces.clone();
     let mode = config.daemon.xdp_mode;
+    install_vlans(&mut dataplane, &interfaces)?;
     let mut pool = Pool::new(config, overlay, Some(state_file));
     pool.adopt(&dataplane)?;
     // Maps first, then attach: the program never runs against empty tables.
@@ -148,9 +187,25 @@ pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Resu
     for iface in &interfaces {
         dataplane.attach(iface, mode)?;
     }
-    let mut state = State { config_path: config_path.to_path_buf(), dataplane, pool, checker: Checker::new(reports) };
+    let mut state = State {
+        config_path: config_path.to_path_buf(),
+        dataplane,
+        pool,
+        checker: Checker::new(reports),
+    };
     state.reconcile_health();
     Ok(state)
+}
+
+/// Tells the data plane about the VLAN devices on `interfaces` (see `vlan`); returns how
+/// many. VLAN devices added later are picked up by the next reload.
+fn install_vlans(dataplane: &mut Dataplane, interfaces: &[String]) -> Result<usize> {
+    let devices = crate::vlan::devices_on(interfaces)?;
+    dataplane.set_vlans(&crate::vlan::ports(&devices)?)?;
+    for d in &devices {
+        info!(vlan = %d.name, vid = d.vid, lower = %d.lower, "VLAN device on an lb interface");
+    }
+    Ok(devices.len())
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -173,7 +228,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut drain_tick = tokio::time::interval(DRAIN_TICK);
-    let gc_every = Duration::from_secs(u64::from(state.lock().await.pool.config().daemon.gc_interval));
+    let gc_every = Duration::from_secs(u64::from(
+        state.lock().await.pool.config().daemon.gc_interval,
+    ));
     let mut gc_tick = tokio::time::interval(gc_every);
     loop {
         tokio::select! {
@@ -193,6 +250,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 let s = &mut *s;
                 if let Err(e) = s.pool.expire_drains(&mut s.dataplane, unix_now()) {
                     error!(error = %format!("{e:#}"), "cutting expired drains");
+                }
+                if let Err(e) = s.pool.watch_counters(&s.dataplane) {
+                    error!(error = %format!("{e:#}"), "reading data-plane counters");
                 }
             }
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
@@ -269,10 +329,15 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
     }
     let response = match serde_json::from_str::<Request>(line.trim()) {
         Ok(request) => state.lock().await.handle(request),
-        Err(e) => Response::Error { message: format!("malformed request: {e}") },
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await.context("client hung up before the response")?;
+    write
+        .write_all(out.as_bytes())
+        .await
+        .context("client hung up before the response")?;
     Ok(())
 }

@@ -1,13 +1,13 @@
 //! The one typed wrapper around the XDP program and its maps. Nothing else in the daemon
 //! touches a raw map.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, ProgramArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -17,14 +17,15 @@ use aya::{
 };
 use lb_common::{
     maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
-    Service, ServiceKey, Settings, TrafficStats, VipInfo, FAMILY_V4, MAGLEV_SIZE, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_SERVICES,
-    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, LAYOUT_VERSION,
-    MAX_BACKENDS, PROGRAM_NAME,
+    Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, FAMILY_V6, LAYOUT_VERSION,
+    MAGLEV_SIZE, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS,
+    MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_SERVICES, MAP_SERVICE_STATS,
+    MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
+    NEW_FLOW_PROGRAM_NAME, PROGRAM_NAME, SNAT_V6_BASE,
 };
 use tracing::{info, warn};
 
-use crate::config::XdpModeConfig;
+use crate::config::{family, XdpModeConfig};
 
 /// The XDP object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -36,15 +37,20 @@ pub static BASELINE_OBJECT: &[u8] =
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
     pub max_flows: u32,
+    pub max_half_open: u32,
     pub max_affinities: u32,
 }
 
-const ALL_MAPS: [&str; 12] = [
+const ALL_MAPS: [&str; 16] = [
+    MAP_PROGRAMS,
     MAP_SERVICES,
     MAP_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_FLOWS,
+    MAP_HALF_OPEN,
+    MAP_FRAGMENTS,
+    MAP_VLANS,
     MAP_AFFINITY,
     MAP_SNAT_ADDRS,
     MAP_SETTINGS,
@@ -55,7 +61,40 @@ const ALL_MAPS: [&str; 12] = [
 ];
 
 /// Forwards the program's aya-log records (see `lb debug`) to the `log` facade.
-pub type DataplaneLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+pub type DataplaneLogger = aya_log::EbpfLogger<DropNames>;
+
+/// The program logs drops as `drop: counter N` (see lb-ebpf `log::drop`); this passes
+/// every record on to the global logger with N replaced by the counter's name.
+pub struct DropNames;
+
+const DROP_PREFIX: &str = "drop: counter ";
+
+impl log::Log for DropNames {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        let message = record.args().to_string();
+        let name = message
+            .strip_prefix(DROP_PREFIX)
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| Counter::ALL.get(n));
+        match name {
+            Some(counter) => log::logger().log(
+                &log::Record::builder()
+                    .metadata(record.metadata().clone())
+                    .args(format_args!("drop: {}", counter.name()))
+                    .build(),
+            ),
+            None => log::logger().log(record),
+        }
+    }
+
+    fn flush(&self) {
+        log::logger().flush()
+    }
+}
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -68,6 +107,10 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    half_open: HashMap<MapData, FlowKey, FlowEntry>,
+    /// Held open: the kernel empties a program array when its last user reference goes.
+    _programs: ProgramArray<MapData>,
+    vlans: HashMap<MapData, u32, VlanPort>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     snat: Array<MapData, [u32; 4]>,
     settings: Array<MapData, Settings>,
@@ -77,24 +120,38 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, TrafficStats>,
 }
 
-/// An address as the data plane stores it (network byte order in word 0).
-pub fn v4_key_words(addr: Ipv4Addr) -> [u32; 4] {
-    lb_common::v4_words(u32::from_ne_bytes(addr.octets()))
+/// An address as the data plane stores it: the bytes as they appear in a packet, IPv4 in
+/// word 0.
+pub fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => lb_common::v4_words(u32::from_ne_bytes(a.octets())),
+        IpAddr::V6(a) => lb_common::v6_words(a.octets()),
+    }
 }
 
-pub fn v4_from_words(words: [u32; 4]) -> Ipv4Addr {
-    Ipv4Addr::from(words[0].to_ne_bytes())
+pub fn addr_from_words(words: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        IpAddr::V6(Ipv6Addr::from(lb_common::v6_bytes(words)))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+    }
 }
 
-pub fn vip_key(addr: Ipv4Addr) -> AddrKey {
-    AddrKey { addr_be: v4_key_words(addr), family: FAMILY_V4, _pad: [0; 3] }
+pub fn vip_key(addr: IpAddr) -> AddrKey {
+    AddrKey {
+        addr_be: addr_words(addr),
+        family: family(addr),
+        _pad: [0; 3],
+    }
 }
 
 fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T::Error: std::error::Error + Send + Sync + 'static,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -123,7 +180,10 @@ pub struct Removal {
 }
 
 /// Keys of the entries `remove` selects, and how many it did not select.
-fn partition_keys<K, V>(entries: impl Iterator<Item = (K, V)>, remove: impl Fn(&K, &V) -> bool) -> (Vec<K>, usize) {
+fn partition_keys<K, V>(
+    entries: impl Iterator<Item = (K, V)>,
+    remove: impl Fn(&K, &V) -> bool,
+) -> (Vec<K>, usize) {
     let mut kept = 0;
     let doomed = entries
         .filter_map(|(k, v)| {
@@ -167,7 +227,8 @@ pub fn versioned_pin_dir(pin_dir: &Path) -> Result<PathBuf> {
 /// flows and affinities are gone.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     if pin_dir.exists() {
-        std::fs::remove_dir_all(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
+        std::fs::remove_dir_all(pin_dir)
+            .with_context(|| format!("remove {}", pin_dir.display()))?;
     }
     Ok(())
 }
@@ -180,9 +241,13 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_FLOWS, capacity.max_flows)
+            .map_max_entries(MAP_HALF_OPEN, capacity.max_half_open)
             .map_max_entries(MAP_AFFINITY, capacity.max_affinities);
         let pin_paths: Vec<(&str, PathBuf)> = match &pin_dir {
-            Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+            Some(dir) => ALL_MAPS
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect(),
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
@@ -195,8 +260,25 @@ impl Dataplane {
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the XDP object"))?
             .try_into()?;
-        program.load().context("the kernel verifier rejected the XDP program")?;
-        let logger = aya_log::EbpfLogger::init(&mut ebpf).context("open the data-plane log ring")?;
+        program
+            .load()
+            .context("the kernel verifier rejected the XDP program")?;
+        let new_flow: &mut Xdp = ebpf
+            .program_mut(NEW_FLOW_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {NEW_FLOW_PROGRAM_NAME} missing from the XDP object"))?
+            .try_into()?;
+        new_flow
+            .load()
+            .context("the kernel verifier rejected the new-flow XDP program")?;
+        let new_flow_fd = new_flow.fd()?.try_clone()?;
+        // Pinned with the other maps: a running data plane keeps its new-flow program while
+        // no daemon runs, and the next daemon swaps its own in.
+        let mut programs: ProgramArray<MapData> = take(&mut ebpf, MAP_PROGRAMS)?;
+        programs
+            .set(0, &new_flow_fd, 0)
+            .context("install the new-flow program")?;
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, DropNames)
+            .context("open the data-plane log ring")?;
         Ok(Self {
             logger: Some(logger),
             services: take(&mut ebpf, MAP_SERVICES)?,
@@ -204,6 +286,9 @@ impl Dataplane {
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             maglev: take(&mut ebpf, MAP_MAGLEV)?,
             flows: take(&mut ebpf, MAP_FLOWS)?,
+            half_open: take(&mut ebpf, MAP_HALF_OPEN)?,
+            _programs: programs,
+            vlans: take(&mut ebpf, MAP_VLANS)?,
             affinity: take(&mut ebpf, MAP_AFFINITY)?,
             snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
             settings: take(&mut ebpf, MAP_SETTINGS)?,
@@ -244,14 +329,18 @@ impl Dataplane {
     /// adopted by swapping our program into it atomically (no packet goes unbalanced).
     pub fn attach(&mut self, iface: &str, mode: XdpModeConfig) -> Result<&'static str> {
         let ifindex = ifindex(iface)?;
-        let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
+        let link_pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link_{iface}")));
         let how = match &link_pin {
             Some(pin) if pin.exists() => match self.adopt_link(pin) {
                 Ok(()) => "adopted",
                 Err(e) => {
                     // The interface was recreated or the link is otherwise dead.
                     warn!(%iface, error = %format!("{e:#}"), "pinned link not usable; attaching afresh");
-                    std::fs::remove_file(pin).with_context(|| format!("remove {}", pin.display()))?;
+                    std::fs::remove_file(pin)
+                        .with_context(|| format!("remove {}", pin.display()))?;
                     self.attach_new(iface, mode, link_pin.as_deref())?
                 }
             },
@@ -265,17 +354,26 @@ impl Dataplane {
     }
 
     fn attach_in(&mut self, iface: &str, mode: XdpMode, name: &str) -> Result<XdpLinkId> {
-        self.program_mut()?.attach(iface, mode).with_context(|| format!("attach to {iface} in {name} mode"))
+        self.program_mut()?
+            .attach(iface, mode)
+            .with_context(|| format!("attach to {iface} in {name} mode"))
     }
 
     fn adopt_link(&mut self, pin: &Path) -> Result<()> {
         let pinned = PinnedLink::from_pin(pin).context("open pinned link")?;
         let link = XdpLink::try_from(FdLink::from(pinned)).context("not an XDP link")?;
-        self.program_mut()?.attach_to_link(link).context("swap program into the pinned link")?;
+        self.program_mut()?
+            .attach_to_link(link)
+            .context("swap program into the pinned link")?;
         Ok(())
     }
 
-    fn attach_new(&mut self, iface: &str, mode: XdpModeConfig, pin: Option<&Path>) -> Result<&'static str> {
+    fn attach_new(
+        &mut self,
+        iface: &str,
+        mode: XdpModeConfig,
+        pin: Option<&Path>,
+    ) -> Result<&'static str> {
         let (id, how) = match mode {
             XdpModeConfig::Driver => (self.attach_in(iface, XdpMode::Driver, "driver")?, "driver"),
             XdpModeConfig::Generic => (self.attach_in(iface, XdpMode::Skb, "generic")?, "generic"),
@@ -301,20 +399,50 @@ impl Dataplane {
         self.settings.set(0, settings, 0).context("write settings")
     }
 
-    pub fn set_snat_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
-        for (i, addr) in addrs.iter().enumerate() {
-            self.snat.set(i as u32, v4_key_words(*addr), 0).context("write SNAT address")?;
+    /// Writes the SNAT addresses, IPv4 from slot 0 and IPv6 from `SNAT_V6_BASE`, in the
+    /// order given; `Settings` says how many of each are valid.
+    pub fn set_snat_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let v4 = addrs.iter().filter(|a| a.is_ipv4());
+        let v6 = addrs.iter().filter(|a| a.is_ipv6());
+        for (slot, addr) in (0..).zip(v4).chain((SNAT_V6_BASE..).zip(v6)) {
+            self.snat
+                .set(slot, addr_words(*addr), 0)
+                .context("write SNAT address")?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the VLAN devices the data plane tags for (ifindex -> lower device, VLAN id).
+    pub fn set_vlans(&mut self, vlans: &[(u32, VlanPort)]) -> Result<()> {
+        let stale: Vec<u32> = self
+            .vlans
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|ifindex| !vlans.iter().any(|(i, _)| i == ifindex))
+            .collect();
+        for ifindex in stale {
+            self.vlans.remove(&ifindex).context("remove VLAN device")?;
+        }
+        for (ifindex, port) in vlans {
+            self.vlans
+                .insert(ifindex, port, 0)
+                .context("write VLAN device")?;
         }
         Ok(())
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).with_context(|| format!("write backend {id}"))
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("write backend {id}"))
     }
 
     /// Writes one half of a service's Maglev table; the half must not be live.
     pub fn write_maglev(&mut self, service_id: u32, half: u32, table: &[u32]) -> Result<()> {
-        anyhow::ensure!(table.len() == MAGLEV_SIZE as usize, "Maglev table has the wrong size");
+        anyhow::ensure!(
+            table.len() == MAGLEV_SIZE as usize,
+            "Maglev table has the wrong size"
+        );
         for (slot, id) in table.iter().enumerate() {
             self.maglev
                 .set(maglev_index(service_id, half, slot as u32), id, 0)
@@ -324,18 +452,22 @@ impl Dataplane {
     }
 
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
-        self.services.insert(key, service, 0).context("write service")
+        self.services
+            .insert(key, service, 0)
+            .context("write service")
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         self.services.remove(key).context("remove service")
     }
 
-    pub fn set_vip(&mut self, addr: Ipv4Addr, services: u32) -> Result<()> {
-        self.vips.insert(vip_key(addr), VipInfo { services, _pad: 0 }, 0).context("write VIP")
+    pub fn set_vip(&mut self, addr: IpAddr, services: u32) -> Result<()> {
+        self.vips
+            .insert(vip_key(addr), VipInfo { services, _pad: 0 }, 0)
+            .context("write VIP")
     }
 
-    pub fn remove_vip(&mut self, addr: Ipv4Addr) -> Result<()> {
+    pub fn remove_vip(&mut self, addr: IpAddr) -> Result<()> {
         self.vips.remove(&vip_key(addr)).context("remove VIP")
     }
 
@@ -350,12 +482,18 @@ impl Dataplane {
     }
 
     pub fn service_stats(&self, id: u32) -> Result<TrafficStats> {
-        let values = self.service_stats.get(&id, 0).context("read service stats")?;
+        let values = self
+            .service_stats
+            .get(&id, 0)
+            .context("read service stats")?;
         Ok(sum_traffic(&values))
     }
 
     pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
-        let values = self.backend_stats.get(&id, 0).context("read backend stats")?;
+        let values = self
+            .backend_stats
+            .get(&id, 0)
+            .context("read backend stats")?;
         Ok(sum_traffic(&values))
     }
 
@@ -364,28 +502,62 @@ impl Dataplane {
         self.affinity.iter().filter_map(Result::ok)
     }
 
-    /// Flow entries, both directions.
+    /// Confirmed flow entries, both directions.
     pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
         self.flows.iter().filter_map(Result::ok)
     }
 
+    /// Half-open flow entries (not yet confirmed), both directions.
+    pub fn half_open(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
+        self.half_open.iter().filter_map(Result::ok)
+    }
+
     /// Removes every affinity entry matching `remove`, in one walk of the table.
-    pub fn remove_affinities(&mut self, remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool) -> Result<Removal> {
+    pub fn remove_affinities(
+        &mut self,
+        remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool,
+    ) -> Result<Removal> {
         let (doomed, kept) = partition_keys(self.affinities(), remove);
         for key in &doomed {
             // Already gone (LRU eviction, a racing delete) is fine.
             let _ = self.affinity.remove(key);
         }
-        Ok(Removal { removed: doomed.len(), kept })
+        Ok(Removal {
+            removed: doomed.len(),
+            kept,
+        })
     }
 
-    /// Removes every flow entry (both directions) matching `remove`, in one walk of the table.
-    pub fn remove_flows(&mut self, remove: impl Fn(&FlowKey, &FlowEntry) -> bool) -> Result<Removal> {
+    /// Removes every confirmed flow entry (both directions) matching `remove`, in one walk
+    /// of the table.
+    pub fn remove_flows(
+        &mut self,
+        remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<Removal> {
         let (doomed, kept) = partition_keys(self.flows(), remove);
         for key in &doomed {
             let _ = self.flows.remove(key);
         }
-        Ok(Removal { removed: doomed.len(), kept })
+        Ok(Removal {
+            removed: doomed.len(),
+            kept,
+        })
+    }
+
+    /// Removes every half-open entry matching `remove` (the LRU bounds them anyway; this is
+    /// for GC and for resetting a failed server's flows).
+    pub fn remove_half_open(
+        &mut self,
+        remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<Removal> {
+        let (doomed, kept) = partition_keys(self.half_open(), remove);
+        for key in &doomed {
+            let _ = self.half_open.remove(key);
+        }
+        Ok(Removal {
+            removed: doomed.len(),
+            kept,
+        })
     }
 
     /// Services currently in the data plane (for adopting a running one).
@@ -411,14 +583,20 @@ pub fn ifindex(iface: &str) -> Result<u32> {
     // SAFETY: `name` is a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if index == 0 {
-        return Err(anyhow!("interface {iface:?} not found: {}", std::io::Error::last_os_error()));
+        return Err(anyhow!(
+            "interface {iface:?} not found: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(index)
 }
 
 /// Monotonic clock in the data plane's unit (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -437,7 +615,10 @@ mod tests {
         assert_eq!(versioned_pin_dir(&dir).unwrap(), ours);
         std::fs::create_dir_all(dir.join("v0")).unwrap();
         let err = format!("{:#}", versioned_pin_dir(&dir).unwrap_err());
-        assert!(err.contains("layout v0") && err.contains("lb detach"), "{err}");
+        assert!(
+            err.contains("layout v0") && err.contains("lb detach"),
+            "{err}"
+        );
         remove_pins(&dir).unwrap();
         assert!(!dir.exists());
     }

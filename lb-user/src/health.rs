@@ -3,7 +3,7 @@
 //! start up, so a daemon restart does not empty the pool while the first checks run.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -15,7 +15,7 @@ use crate::config::{HealthConfig, HealthKind};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub service: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The monitor port (may differ from the balanced port).
     pub port: u16,
     pub config: HealthConfig,
@@ -25,36 +25,42 @@ pub struct Target {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub service: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub result: Result<Duration, String>,
     /// `Some(up)` when this check moved the server up or down.
     pub transition: Option<bool>,
 }
 
 pub struct Checker {
-    tasks: BTreeMap<(String, Ipv4Addr), (Target, JoinHandle<()>)>,
+    tasks: BTreeMap<(String, IpAddr), (Target, JoinHandle<()>)>,
     reports: mpsc::UnboundedSender<Report>,
 }
 
 impl Checker {
     pub fn new(reports: mpsc::UnboundedSender<Report>) -> Self {
-        Self { tasks: BTreeMap::new(), reports }
+        Self {
+            tasks: BTreeMap::new(),
+            reports,
+        }
     }
 
     /// Starts, restarts (when its settings changed) or stops tasks to match `targets`.
     pub fn reconcile(&mut self, targets: Vec<Target>) {
-        let mut wanted: BTreeMap<(String, Ipv4Addr), Target> =
-            targets.into_iter().map(|t| ((t.service.clone(), t.address), t)).collect();
-        self.tasks.retain(|key, (target, task)| match wanted.get(key) {
-            Some(t) if t == target => {
-                wanted.remove(key);
-                true
-            }
-            _ => {
-                task.abort();
-                false
-            }
-        });
+        let mut wanted: BTreeMap<(String, IpAddr), Target> = targets
+            .into_iter()
+            .map(|t| ((t.service.clone(), t.address), t))
+            .collect();
+        self.tasks
+            .retain(|key, (target, task)| match wanted.get(key) {
+                Some(t) if t == target => {
+                    wanted.remove(key);
+                    true
+                }
+                _ => {
+                    task.abort();
+                    false
+                }
+            });
         for (key, target) in wanted {
             let task = tokio::spawn(run(target.clone(), self.reports.clone()));
             self.tasks.insert(key, (target, task));
@@ -113,7 +119,12 @@ async fn run(target: Target, reports: mpsc::UnboundedSender<Report>) {
                 }
             }
         }
-        let report = Report { service: target.service.clone(), address: target.address, result, transition };
+        let report = Report {
+            service: target.service.clone(),
+            address: target.address,
+            result,
+            transition,
+        };
         if reports.send(report).is_err() {
             return; // the daemon is shutting down
         }
@@ -132,15 +143,25 @@ fn http_client(target: &Target) -> reqwest::Result<Option<reqwest::Client>> {
         // Pools present internal certificates; the check is about liveness, not identity.
         .danger_accept_invalid_certs(true);
     if let Some(sni) = &cfg.sni {
-        builder = builder.resolve(sni, SocketAddr::from(SocketAddrV4::new(target.address, target.port)));
+        builder = builder.resolve(
+            sni,
+            SocketAddr::from(SocketAddr::new(target.address, target.port)),
+        );
     }
     builder.build().map(Some)
 }
 
 fn url(target: &Target) -> String {
     let cfg = &target.config;
-    let scheme = if cfg.kind == HealthKind::Https { "https" } else { "http" };
-    let host = cfg.sni.clone().unwrap_or_else(|| target.address.to_string());
+    let scheme = if cfg.kind == HealthKind::Https {
+        "https"
+    } else {
+        "http"
+    };
+    let host = cfg
+        .sni
+        .clone()
+        .unwrap_or_else(|| target.address.to_string());
     format!("{scheme}://{host}:{}{}", target.port, cfg.path)
 }
 
@@ -150,7 +171,7 @@ pub async fn probe(target: &Target, client: Option<&reqwest::Client>) -> Result<
     let timeout = seconds(target.config.timeout);
     match client {
         None => {
-            let addr = SocketAddrV4::new(target.address, target.port);
+            let addr = SocketAddr::new(target.address, target.port);
             match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Err(_) => Err(format!("tcp connect to {addr}: no answer in {timeout:?}")),
                 Ok(Err(e)) => Err(format!("tcp connect to {addr}: {e}")),
@@ -159,12 +180,19 @@ pub async fn probe(target: &Target, client: Option<&reqwest::Client>) -> Result<
         }
         Some(client) => {
             let url = url(target);
-            let response = client.get(&url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+            let response = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
             let status = response.status().as_u16();
             if target.config.expect.contains(&status) {
                 Ok(started.elapsed())
             } else {
-                Err(format!("GET {url}: status {status}, expected {:?}", target.config.expect))
+                Err(format!(
+                    "GET {url}: status {status}, expected {:?}",
+                    target.config.expect
+                ))
             }
         }
     }
@@ -179,7 +207,7 @@ mod tests {
     fn target(kind: HealthKind, port: u16, expect: Vec<u16>) -> Target {
         Target {
             service: "web".into(),
-            address: Ipv4Addr::LOCALHOST,
+            address: IpAddr::from([127, 0, 0, 1]),
             port,
             config: HealthConfig {
                 kind,
@@ -205,7 +233,9 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = s.read(&mut buf).await;
-                    let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
                     let _ = s.write_all(reply.as_bytes()).await;
                 });
             }
@@ -217,9 +247,13 @@ mod tests {
     async fn tcp_probe_sees_listener_and_refusal() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert!(probe(&target(HealthKind::Tcp, port, vec![]), None).await.is_ok());
+        assert!(probe(&target(HealthKind::Tcp, port, vec![]), None)
+            .await
+            .is_ok());
         drop(listener);
-        let err = probe(&target(HealthKind::Tcp, port, vec![]), None).await.unwrap_err();
+        let err = probe(&target(HealthKind::Tcp, port, vec![]), None)
+            .await
+            .unwrap_err();
         assert!(err.contains("refused"), "{err}");
     }
 
@@ -230,7 +264,9 @@ mod tests {
         let client = http_client(&ok).unwrap();
         assert!(probe(&ok, client.as_ref()).await.is_ok());
         let strict = target(HealthKind::Http, port, vec![200]);
-        let err = probe(&strict, http_client(&strict).unwrap().as_ref()).await.unwrap_err();
+        let err = probe(&strict, http_client(&strict).unwrap().as_ref())
+            .await
+            .unwrap_err();
         assert!(err.contains("status 204"), "{err}");
     }
 
@@ -238,7 +274,9 @@ mod tests {
     async fn https_probe_fails_cleanly_against_plain_http() {
         let port = http_server(200).await;
         let t = target(HealthKind::Https, port, vec![200]);
-        let err = probe(&t, http_client(&t).unwrap().as_ref()).await.unwrap_err();
+        let err = probe(&t, http_client(&t).unwrap().as_ref())
+            .await
+            .unwrap_err();
         assert!(err.starts_with("GET https://127.0.0.1"), "{err}");
     }
 
@@ -246,7 +284,10 @@ mod tests {
     async fn checks_until(rx: &mut mpsc::UnboundedReceiver<Report>, up: bool) -> u32 {
         let mut matching = 0;
         loop {
-            let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+            let r = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
             if r.result.is_ok() == up {
                 matching += 1;
             }
@@ -265,7 +306,9 @@ mod tests {
         checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])]);
         drop(listener);
         assert_eq!(checks_until(&mut rx, false).await, 2, "fall = 2");
-        let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         assert_eq!(checks_until(&mut rx, true).await, 2, "rise = 2");
         checker.reconcile(Vec::new());
         assert!(checker.tasks.is_empty());

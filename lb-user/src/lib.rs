@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod pool;
 pub mod runtime;
 pub mod status;
+pub mod vlan;

@@ -73,7 +73,13 @@ mod tests {
     use lb_common::MAGLEV_SIZE;
 
     fn members(n: u32) -> Vec<Member> {
-        (0..n).map(|i| Member { id: i, identity: 0x0a02_0000 + u64::from(i), weight: 1 }).collect()
+        (0..n)
+            .map(|i| Member {
+                id: i,
+                identity: 0x0a02_0000 + u64::from(i),
+                weight: 1,
+            })
+            .collect()
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<usize> {
@@ -89,7 +95,10 @@ mod tests {
         let table = build(&members(7), MAGLEV_SIZE);
         let fair = MAGLEV_SIZE as f64 / 7.0;
         for count in shares(&table, 7) {
-            assert!((count as f64 - fair).abs() / fair < 0.02, "{count} vs {fair}");
+            assert!(
+                (count as f64 - fair).abs() / fair < 0.02,
+                "{count} vs {fair}"
+            );
         }
     }
 
@@ -121,7 +130,10 @@ mod tests {
             .filter(|(b, a)| **b != 4 && b != a)
             .count();
         // Maglev trades perfect stability for balance: a few percent of other slots move.
-        assert!((moved_other as f64) < MAGLEV_SIZE as f64 * 0.05, "{moved_other}");
+        assert!(
+            (moved_other as f64) < MAGLEV_SIZE as f64 * 0.05,
+            "{moved_other}"
+        );
         assert!(after.iter().all(|&id| id < 4));
     }
 

@@ -1,5 +1,5 @@
 //! `lb`: the daemon and its command-line client.
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -10,7 +10,11 @@ use lb::{
 };
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "XDP load balancer for Lync / Skype for Business Front End pools")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP load balancer for Lync / Skype for Business Front End pools"
+)]
 struct Cli {
     /// Control socket of the daemon.
     #[arg(long, global = true, env = "LB_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
@@ -71,26 +75,30 @@ enum BackendCommand {
     /// Add a server (default port: the service's backend_port).
     Add {
         service: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         #[arg(long)]
         port: Option<u16>,
         #[arg(long)]
         weight: Option<u32>,
     },
     /// Remove a server; its open connections keep working until they end.
-    Remove { service: String, address: Ipv4Addr },
+    Remove { service: String, address: IpAddr },
     /// No new clients; existing connections and affinities continue. With --deadline,
     /// whatever is left after that many seconds is cut.
     Drain {
         service: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         #[arg(long)]
         deadline: Option<u64>,
     },
     /// Take new clients again.
-    Undrain { service: String, address: Ipv4Addr },
+    Undrain { service: String, address: IpAddr },
     /// Change a server's relative weight (0: no new clients).
-    Weight { service: String, address: Ipv4Addr, weight: u32 },
+    Weight {
+        service: String,
+        address: IpAddr,
+        weight: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,7 +107,7 @@ enum AffinityCommand {
     List {
         service: String,
         #[arg(long)]
-        client: Option<Ipv4Addr>,
+        client: Option<IpAddr>,
         #[arg(long)]
         json: bool,
     },
@@ -107,9 +115,9 @@ enum AffinityCommand {
     Flush {
         service: String,
         #[arg(long, conflicts_with = "backend")]
-        client: Option<Ipv4Addr>,
+        client: Option<IpAddr>,
         #[arg(long)]
-        backend: Option<Ipv4Addr>,
+        backend: Option<IpAddr>,
     },
 }
 
@@ -137,7 +145,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let call = |request: Request| -> Result<Response> {
         match runtime.block_on(api::call(&cli.socket, &request))? {
             Response::Error { message } => bail!("{message}"),
@@ -157,55 +167,105 @@ fn run(cli: Cli) -> Result<()> {
         Command::Daemon { config } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
             runtime.block_on(lb::daemon::run(&config))
         }
         Command::Status { json } | Command::Stats { json } if json => {
-            let Response::Status(report) = call(Request::Status)? else { bail!("unexpected response") };
+            let Response::Status(report) = call(Request::Status)? else {
+                bail!("unexpected response")
+            };
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Status { .. } => {
-            let Response::Status(report) = call(Request::Status)? else { bail!("unexpected response") };
+            let Response::Status(report) = call(Request::Status)? else {
+                bail!("unexpected response")
+            };
             print!("{}", status::render(&report));
             Ok(())
         }
         Command::Stats { .. } => {
-            let Response::Status(report) = call(Request::Status)? else { bail!("unexpected response") };
+            let Response::Status(report) = call(Request::Status)? else {
+                bail!("unexpected response")
+            };
             print!("{}", status::render_stats(&report));
             Ok(())
         }
         Command::Reload => done(Request::Reload, "configuration reloaded".into()),
         Command::Backend { command } => match command {
-            BackendCommand::Add { service, address, port, weight } => {
+            BackendCommand::Add {
+                service,
+                address,
+                port,
+                weight,
+            } => {
                 let what = format!("{address} added to {service}");
-                done(Request::BackendAdd { service, address, port, weight }, what)
+                done(
+                    Request::BackendAdd {
+                        service,
+                        address,
+                        port,
+                        weight,
+                    },
+                    what,
+                )
             }
             BackendCommand::Remove { service, address } => {
                 let what = format!("{address} removed from {service}");
                 done(Request::BackendRemove { service, address }, what)
             }
-            BackendCommand::Drain { service, address, deadline } => {
+            BackendCommand::Drain {
+                service,
+                address,
+                deadline,
+            } => {
                 let what = match deadline {
-                    Some(d) => format!("{address} of {service} draining; remaining connections cut in {d} s"),
+                    Some(d) => format!(
+                        "{address} of {service} draining; remaining connections cut in {d} s"
+                    ),
                     None => format!("{address} of {service} draining"),
                 };
-                done(Request::BackendDrain { service, address, deadline_s: deadline }, what)
+                done(
+                    Request::BackendDrain {
+                        service,
+                        address,
+                        deadline_s: deadline,
+                    },
+                    what,
+                )
             }
             BackendCommand::Undrain { service, address } => {
                 let what = format!("{address} of {service} takes new clients again");
                 done(Request::BackendUndrain { service, address }, what)
             }
-            BackendCommand::Weight { service, address, weight } => {
+            BackendCommand::Weight {
+                service,
+                address,
+                weight,
+            } => {
                 let what = format!("{address} of {service} now has weight {weight}");
-                done(Request::BackendWeight { service, address, weight }, what)
+                done(
+                    Request::BackendWeight {
+                        service,
+                        address,
+                        weight,
+                    },
+                    what,
+                )
             }
         },
         Command::Affinity { command } => match command {
-            AffinityCommand::List { service, client, json } => {
-                let Response::Affinities { entries } = call(Request::AffinityList { service, client })? else {
+            AffinityCommand::List {
+                service,
+                client,
+                json,
+            } => {
+                let Response::Affinities { entries } =
+                    call(Request::AffinityList { service, client })?
+                else {
                     bail!("unexpected response")
                 };
                 if json {
@@ -215,8 +275,17 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Ok(())
             }
-            AffinityCommand::Flush { service, client, backend } => {
-                let Response::Flushed { removed } = call(Request::AffinityFlush { service, client, backend })? else {
+            AffinityCommand::Flush {
+                service,
+                client,
+                backend,
+            } => {
+                let Response::Flushed { removed } = call(Request::AffinityFlush {
+                    service,
+                    client,
+                    backend,
+                })?
+                else {
                     bail!("unexpected response")
                 };
                 println!("{removed} affinities removed");
@@ -225,24 +294,39 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Debug { state } => {
             let enabled = matches!(state, Switch::On);
-            let what = format!("data-plane debug logging {}", if enabled { "on" } else { "off" });
+            let what = format!(
+                "data-plane debug logging {}",
+                if enabled { "on" } else { "off" }
+            );
             done(Request::DebugLog { enabled }, what)
         }
-        Command::Config { command: ConfigCommand::Check { file } } => {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
             let config = Config::load(&file)?;
             let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
-            println!("{}: ok ({} services, {backends} backends)", file.display(), config.services.len());
+            println!(
+                "{}: ok ({} services, {backends} backends)",
+                file.display(),
+                config.services.len()
+            );
             Ok(())
         }
         Command::Detach { config } => {
             let config = Config::load(&config)?;
             let socket = PathBuf::from(&config.daemon.control_socket);
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                bail!("the daemon is still running on {}; stop it first", socket.display());
+                bail!(
+                    "the daemon is still running on {}; stop it first",
+                    socket.display()
+                );
             }
             dataplane::remove_pins(std::path::Path::new(&config.daemon.pin_dir))
                 .context("unpin the data plane")?;
-            println!("data plane detached: pins under {} removed", config.daemon.pin_dir);
+            println!(
+                "data plane detached: pins under {} removed",
+                config.daemon.pin_dir
+            );
             Ok(())
         }
     }

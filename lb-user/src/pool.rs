@@ -7,23 +7,27 @@
 //! live by one update of the service entry, so no packet sees a half-written table.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{anyhow, bail, Result};
 use lb_common::{
-    Backend, Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT,
-    BACKEND_F_CONFIGURED, BACKEND_F_DOWN, BACKEND_F_DRAINING, FAMILY_V4, FLOW_F_REVERSE,
-    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP,
+    Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, AFFINITY_NONE,
+    AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
+    BACKEND_F_DRAINING, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
 };
 use tracing::{info, warn};
 
 use crate::{
-    api::{AffinityRecord, BackendStatus, ServiceStatus, StatusReport, TableFill, TableReport},
-    config::{Affinity, BackendConfig, Config, OnDown, ServiceConfig, MAX_WEIGHT},
-    dataplane::{monotonic_ns, v4_from_words, v4_key_words, Dataplane},
+    api::{
+        AffinityRecord, BackendStatus, ServiceStatus, SourceShare, StatusReport, TableFill,
+        TableReport,
+    },
+    config::{family, Affinity, BackendConfig, Config, OnDown, ServiceConfig, MAX_WEIGHT},
+    dataplane::{addr_from_words, addr_words, monotonic_ns, Dataplane},
     health, maglev,
     runtime::{Drain, EffectiveBackend, Overlay},
 };
@@ -35,12 +39,14 @@ const NEARLY_FULL: f64 = 0.9;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct BackendIdentity {
     service: String,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub struct Pool {
@@ -49,9 +55,9 @@ pub struct Pool {
     /// Where `overlay` is persisted; `None` keeps it in memory only.
     state_path: Option<PathBuf>,
     /// Servers that failed their health checks, by (service, address).
-    down: BTreeSet<(String, Ipv4Addr)>,
+    down: BTreeSet<(String, IpAddr)>,
     /// The last health-check result per server (summary, latency if it passed).
-    last_check: BTreeMap<(String, Ipv4Addr), (String, Option<f64>)>,
+    last_check: BTreeMap<(String, IpAddr), (String, Option<f64>)>,
     /// Table fill levels seen by the last garbage collection.
     tables: TableReport,
     service_ids: BTreeMap<String, u32>,
@@ -61,19 +67,40 @@ pub struct Pool {
     /// Service keys currently in the data plane, by name, for removal on reload.
     installed: BTreeMap<String, ServiceKey>,
     /// VIPs currently in the data plane.
-    vips: BTreeSet<Ipv4Addr>,
+    vips: BTreeSet<IpAddr>,
     /// Data-plane debug logging (`lb debug on|off`). Deliberately not persisted: a restart
     /// returns to the quiet default.
     debug_log: bool,
+    /// Last seen value of each counter that `watch_counters` raises alarms for.
+    alarms_seen: BTreeMap<&'static str, u64>,
 }
 
+/// A client with at least this share of a service's new flows (among live affinities) is
+/// "hot": probably a reverse proxy or NAT carrying many users (the mega-proxy case).
+pub const HOT_SOURCE_SHARE: f64 = 0.2;
+/// ... once the service has seen at least this many new flows from live affinities.
+pub const HOT_SOURCE_MIN_FLOWS: u64 = 100;
+/// Clients listed per service in `lb status`.
+pub const TOP_SOURCES: usize = 5;
+
+/// Counters that mean new connections are being refused, with what the operator should do.
+const ALARM_COUNTERS: [(Counter, &str); 3] = [
+    (Counter::DropSnatExhausted, "SNAT ports exhausted: new flows refused, existing ones unaffected; add daemon.snat_addresses or widen snat_port_min..snat_port_max"),
+    (Counter::FlowTableFull, "flow table full: confirmed flows stay half-open and end at the handshake timeout; raise daemon.max_flows"),
+    (Counter::DropFlowInsert, "half-open table refused an insert: new flows refused; raise daemon.max_half_open"),
+];
 fn lowest_free(used: impl Iterator<Item = u32>, limit: u32) -> Option<u32> {
     let used: BTreeSet<u32> = used.collect();
     (0..limit).find(|id| !used.contains(id))
 }
 
 fn service_key(s: &ServiceConfig) -> ServiceKey {
-    ServiceKey { vip_be: v4_key_words(s.vip), port_be: s.port.to_be(), proto: PROTO_TCP, family: FAMILY_V4 }
+    ServiceKey {
+        vip_be: addr_words(s.vip),
+        port_be: s.port.to_be(),
+        proto: s.protocol.number(),
+        family: family(s.vip),
+    }
 }
 
 fn affinity_mode(a: Affinity) -> u32 {
@@ -90,9 +117,22 @@ fn is_fresh(last_seen_ns: u64, timeout_ns: u64, now: u64) -> bool {
     now.saturating_sub(last_seen_ns) <= timeout_ns
 }
 
-/// A stable identity for Maglev: address and port, independent of config order.
-fn maglev_identity(address: Ipv4Addr, port: u16) -> u64 {
-    (u64::from(u32::from(address)) << 16) | u64::from(port)
+/// A stable identity for Maglev: address and port, independent of config order and node.
+/// IPv6 addresses are folded with FNV-1a, which is fixed (unlike std's hasher).
+fn maglev_identity(address: IpAddr, port: u16) -> u64 {
+    match address {
+        IpAddr::V4(a) => (u64::from(u32::from(a)) << 16) | u64::from(port),
+        IpAddr::V6(a) => {
+            const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+            const FNV_PRIME: u64 = 0x0100_0000_01b3;
+            a.octets()
+                .iter()
+                .chain(port.to_be_bytes().iter())
+                .fold(FNV_OFFSET, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
+                })
+        }
+    }
 }
 
 impl Pool {
@@ -110,7 +150,32 @@ impl Pool {
             installed: BTreeMap::new(),
             vips: BTreeSet::new(),
             debug_log: false,
+            alarms_seen: BTreeMap::new(),
         }
+    }
+
+    /// Logs a warning whenever a counter in `ALARM_COUNTERS` has grown since the last call
+    /// (called every second): the operator sees refused connections in the log, not only
+    /// in `lb status`.
+    pub fn watch_counters(&mut self, dp: &Dataplane) -> Result<()> {
+        let counters = dp.counters()?;
+        for (counter, advice) in ALARM_COUNTERS {
+            let now = counters
+                .iter()
+                .find(|(c, _)| *c == counter)
+                .map_or(0, |(_, v)| *v);
+            let before = self.alarms_seen.insert(counter.name(), now);
+            // The first reading (and a data plane restarted from zero) only sets the baseline.
+            if let Some(before) = before.filter(|b| now > *b) {
+                warn!(
+                    counter = counter.name(),
+                    new = now - before,
+                    total = now,
+                    "{advice}"
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -122,7 +187,12 @@ impl Pool {
         self.config
             .services
             .iter()
-            .filter_map(|s| Some((*self.service_ids.get(&s.name)?, u64::from(s.affinity_timeout) * NS_PER_SEC)))
+            .filter_map(|s| {
+                Some((
+                    *self.service_ids.get(&s.name)?,
+                    u64::from(s.affinity_timeout) * NS_PER_SEC,
+                ))
+            })
             .collect()
     }
 
@@ -144,14 +214,18 @@ impl Pool {
             if let Some(service) = names_by_id.get(&b.service_id) {
                 let identity = BackendIdentity {
                     service: service.clone(),
-                    address: v4_from_words(b.addr_be),
+                    address: addr_from_words(b.addr_be, b.family),
                     port: u16::from_be(b.port_be),
                 };
                 self.backend_ids.insert(identity, id);
             }
         }
         if !self.service_ids.is_empty() {
-            info!(services = self.service_ids.len(), backends = self.backend_ids.len(), "adopted the running data plane");
+            info!(
+                services = self.service_ids.len(),
+                backends = self.backend_ids.len(),
+                "adopted the running data plane"
+            );
         }
         Ok(())
     }
@@ -163,17 +237,26 @@ impl Pool {
     }
 
     fn service(&self, name: &str) -> Result<&ServiceConfig> {
-        self.config.services.iter().find(|s| s.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.config.services.iter().map(|s| s.name.as_str()).collect();
-            anyhow!("unknown service {name:?} (known: {})", known.join(", "))
-        })
+        self.config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self
+                    .config
+                    .services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                anyhow!("unknown service {name:?} (known: {})", known.join(", "))
+            })
     }
 
     pub fn backends(&self, service: &str) -> Vec<EffectiveBackend> {
         self.overlay.backends(&self.config, service)
     }
 
-    fn backend(&self, service: &str, address: Ipv4Addr) -> Result<EffectiveBackend> {
+    fn backend(&self, service: &str, address: IpAddr) -> Result<EffectiveBackend> {
         self.service(service)?;
         self.backends(service)
             .into_iter()
@@ -195,8 +278,14 @@ impl Pool {
         self.write_settings(dp)?;
 
         // Ids first, so running out (table full) leaves the data plane as it was.
-        let wanted_services: BTreeSet<String> = self.config.services.iter().map(|s| s.name.clone()).collect();
-        self.service_ids.retain(|name, _| wanted_services.contains(name));
+        let wanted_services: BTreeSet<String> = self
+            .config
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        self.service_ids
+            .retain(|name, _| wanted_services.contains(name));
         let mut wanted_backends = BTreeSet::new();
         for s in &self.config.services {
             if !self.service_ids.contains_key(&s.name) {
@@ -205,7 +294,11 @@ impl Pool {
                 self.service_ids.insert(s.name.clone(), id);
             }
             for b in self.backends(&s.name) {
-                wanted_backends.insert(BackendIdentity { service: s.name.clone(), address: b.address, port: b.port });
+                wanted_backends.insert(BackendIdentity {
+                    service: s.name.clone(),
+                    address: b.address,
+                    port: b.port,
+                });
             }
         }
         let removed: Vec<u32> = self
@@ -214,7 +307,8 @@ impl Pool {
             .filter(|(identity, _)| !wanted_backends.contains(*identity))
             .map(|(_, id)| *id)
             .collect();
-        self.backend_ids.retain(|identity, _| wanted_backends.contains(identity));
+        self.backend_ids
+            .retain(|identity, _| wanted_backends.contains(identity));
         for identity in wanted_backends {
             if !self.backend_ids.contains_key(&identity) {
                 let id = lowest_free(self.backend_ids.values().copied(), MAX_BACKENDS)
@@ -262,9 +356,9 @@ impl Pool {
             dp.set_backend(
                 id,
                 Backend {
-                    addr_be: v4_key_words(b.address),
+                    addr_be: addr_words(b.address),
                     port_be: b.port.to_be(),
-                    family: FAMILY_V4,
+                    family: family(b.address),
                     _pad: 0,
                     flags,
                     service_id,
@@ -302,7 +396,7 @@ impl Pool {
     }
 
     fn sync_vips(&mut self, dp: &mut Dataplane) -> Result<()> {
-        let mut counts: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
         for s in &self.config.services {
             *counts.entry(s.vip).or_default() += 1;
         }
@@ -318,25 +412,40 @@ impl Pool {
         Ok(())
     }
 
-    fn backend_id(&self, service: &str, address: Ipv4Addr, port: u16) -> Result<u32> {
-        let identity = BackendIdentity { service: service.into(), address, port };
+    fn backend_id(&self, service: &str, address: IpAddr, port: u16) -> Result<u32> {
+        let identity = BackendIdentity {
+            service: service.into(),
+            address,
+            port,
+        };
         self.backend_ids
             .get(&identity)
             .copied()
             .ok_or_else(|| anyhow!("backend {address}:{port} of {service} has no id"))
     }
 
-    fn id_of(&self, service: &str, address: Ipv4Addr) -> Result<u32> {
+    fn id_of(&self, service: &str, address: IpAddr) -> Result<u32> {
         let b = self.backend(service, address)?;
         self.backend_id(service, address, b.port)
     }
 
     // --- runtime changes (each persisted, then applied) ---
 
-    pub fn add_backend(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, port: Option<u16>, weight: Option<u32>) -> Result<()> {
+    pub fn add_backend(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        address: IpAddr,
+        port: Option<u16>,
+        weight: Option<u32>,
+    ) -> Result<()> {
         self.service(service)?;
         if self.backends(service).iter().any(|b| b.address == address) {
             bail!("service {service:?} already has backend {address}");
+        }
+        let vip = self.service(service)?.vip;
+        if address.is_ipv6() != vip.is_ipv6() {
+            bail!("backend {address} is not of the VIP's address family ({vip}): lb translates v4 -> v4 and v6 -> v6 only");
         }
         let weight = weight.unwrap_or(1);
         if weight > MAX_WEIGHT || port == Some(0) {
@@ -345,11 +454,23 @@ impl Pool {
         let o = self.overlay.service_mut(service);
         o.removed.remove(&address);
         o.weights.remove(&address);
-        o.added.insert(address, BackendConfig { address, port, weight });
+        o.added.insert(
+            address,
+            BackendConfig {
+                address,
+                port,
+                weight,
+            },
+        );
         self.commit(dp, format_args!("backend {address} added to {service}"))
     }
 
-    pub fn remove_backend(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr) -> Result<()> {
+    pub fn remove_backend(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        address: IpAddr,
+    ) -> Result<()> {
         self.backend(service, address)?;
         let o = self.overlay.service_mut(service);
         if o.added.remove(&address).is_none() {
@@ -360,28 +481,64 @@ impl Pool {
         self.commit(dp, format_args!("backend {address} removed from {service}"))
     }
 
-    pub fn drain(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, deadline_s: Option<u64>) -> Result<()> {
+    pub fn drain(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        address: IpAddr,
+        deadline_s: Option<u64>,
+    ) -> Result<()> {
         self.backend(service, address)?;
-        let drain = Drain { deadline_unix: deadline_s.map(|d| unix_now() + d), cut: false };
-        self.overlay.service_mut(service).draining.insert(address, drain);
-        self.commit(dp, format_args!("backend {address} of {service} draining (deadline {deadline_s:?} s)"))
+        let drain = Drain {
+            deadline_unix: deadline_s.map(|d| unix_now() + d),
+            cut: false,
+        };
+        self.overlay
+            .service_mut(service)
+            .draining
+            .insert(address, drain);
+        self.commit(
+            dp,
+            format_args!("backend {address} of {service} draining (deadline {deadline_s:?} s)"),
+        )
     }
 
-    pub fn undrain(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr) -> Result<()> {
+    pub fn undrain(&mut self, dp: &mut Dataplane, service: &str, address: IpAddr) -> Result<()> {
         self.backend(service, address)?;
-        if self.overlay.service_mut(service).draining.remove(&address).is_none() {
+        if self
+            .overlay
+            .service_mut(service)
+            .draining
+            .remove(&address)
+            .is_none()
+        {
             bail!("backend {address} of {service:?} is not draining");
         }
-        self.commit(dp, format_args!("backend {address} of {service} takes new clients again"))
+        self.commit(
+            dp,
+            format_args!("backend {address} of {service} takes new clients again"),
+        )
     }
 
-    pub fn set_weight(&mut self, dp: &mut Dataplane, service: &str, address: Ipv4Addr, weight: u32) -> Result<()> {
+    pub fn set_weight(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        address: IpAddr,
+        weight: u32,
+    ) -> Result<()> {
         self.backend(service, address)?;
         if weight > MAX_WEIGHT {
             bail!("weight must be 0..={MAX_WEIGHT}");
         }
-        self.overlay.service_mut(service).weights.insert(address, weight);
-        self.commit(dp, format_args!("backend {address} of {service} weight {weight}"))
+        self.overlay
+            .service_mut(service)
+            .weights
+            .insert(address, weight);
+        self.commit(
+            dp,
+            format_args!("backend {address} of {service} weight {weight}"),
+        )
     }
 
     fn commit(&mut self, dp: &mut Dataplane, what: std::fmt::Arguments<'_>) -> Result<()> {
@@ -406,7 +563,10 @@ impl Pool {
             }
         }
         // Forget health state of servers that are no longer checked.
-        let checked: BTreeSet<(String, Ipv4Addr)> = targets.iter().map(|t| (t.service.clone(), t.address)).collect();
+        let checked: BTreeSet<(String, IpAddr)> = targets
+            .iter()
+            .map(|t| (t.service.clone(), t.address))
+            .collect();
         self.down.retain(|k| checked.contains(k));
         self.last_check.retain(|k, _| checked.contains(k));
         targets
@@ -422,10 +582,17 @@ impl Pool {
             }
             Err(reason) => (format!("failed: {reason}"), None),
         };
-        self.last_check.insert(key.clone(), (summary.clone(), latency_ms));
-        let Some(up) = report.transition else { return Ok(()) };
+        self.last_check
+            .insert(key.clone(), (summary.clone(), latency_ms));
+        let Some(up) = report.transition else {
+            return Ok(());
+        };
         let reason = summary;
-        let changed = if up { self.down.remove(&key) } else { self.down.insert(key) };
+        let changed = if up {
+            self.down.remove(&key)
+        } else {
+            self.down.insert(key)
+        };
         if !changed {
             return Ok(());
         }
@@ -435,10 +602,15 @@ impl Pool {
             info!(%service, %address, %reason, "server up: back in selection");
         } else {
             warn!(%service, %address, %reason, "server down: out of selection");
-            let reset = self.service(service)?.health.as_ref().is_some_and(|h| h.on_down == OnDown::Reset);
+            let reset = self
+                .service(service)?
+                .health
+                .as_ref()
+                .is_some_and(|h| h.on_down == OnDown::Reset);
             if reset {
                 let id = self.id_of(service, address)?;
-                let flows = dp.remove_flows(|_, e| e.backend_id == id)?.removed;
+                let flows = dp.remove_flows(|_, e| e.backend_id == id)?.removed
+                    + dp.remove_half_open(|_, e| e.backend_id == id)?.removed;
                 warn!(%service, %address, flows, "on_down = reset: its connections were dropped");
             }
         }
@@ -457,9 +629,15 @@ impl Pool {
         }
         for (service, address) in due {
             let id = self.id_of(&service, address)?;
-            let flows = dp.remove_flows(|_, e| e.backend_id == id)?.removed;
+            let flows = dp.remove_flows(|_, e| e.backend_id == id)?.removed
+                + dp.remove_half_open(|_, e| e.backend_id == id)?.removed;
             let affinities = dp.remove_affinities(|_, e| e.backend_id == id)?.removed;
-            if let Some(drain) = self.overlay.service_mut(&service).draining.get_mut(&address) {
+            if let Some(drain) = self
+                .overlay
+                .service_mut(&service)
+                .draining
+                .get_mut(&address)
+            {
                 drain.cut = true;
             }
             self.persist()?;
@@ -473,26 +651,49 @@ impl Pool {
     /// `NEARLY_FULL` is logged: the LRU then evicts live entries.
     pub fn collect_garbage(&mut self, dp: &mut Dataplane) -> Result<()> {
         let now = monotonic_ns();
-        let flows = dp.remove_flows(|_, e| !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now))?;
+        let expired = |_: &FlowKey, e: &FlowEntry| {
+            !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now)
+        };
+        let flows = dp.remove_flows(expired)?;
+        let half_open = dp.remove_half_open(expired)?;
         let timeouts = self.affinity_timeouts_ns();
         // Entries of services that no longer exist are garbage too.
         let affinities = dp.remove_affinities(|k, e| {
-            timeouts.get(&k.service_id).is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
+            timeouts
+                .get(&k.service_id)
+                .is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
         })?;
         let d = &self.config.daemon;
         let previous = self.tables;
         let mut tables = TableReport {
-            flows: TableFill { entries: flows.kept as u64, capacity: u64::from(d.max_flows) },
-            affinities: TableFill { entries: affinities.kept as u64, capacity: u64::from(d.max_affinities) },
+            flows: TableFill {
+                entries: flows.kept as u64,
+                capacity: u64::from(d.max_flows),
+            },
+            half_open: TableFill {
+                entries: half_open.kept as u64,
+                capacity: u64::from(d.max_half_open),
+            },
+            affinities: TableFill {
+                entries: affinities.kept as u64,
+                capacity: u64::from(d.max_affinities),
+            },
             gc_passes_nearly_full: previous.gc_passes_nearly_full,
-            collected_flows: previous.collected_flows + flows.removed as u64,
+            collected_flows: previous.collected_flows
+                + flows.removed as u64
+                + half_open.removed as u64,
             collected_affinities: previous.collected_affinities + affinities.removed as u64,
         };
+        // The half-open table is left out: under a SYN flood it is full by design.
         for (name, fill) in [("flows", tables.flows), ("affinities", tables.affinities)] {
             if fill.entries as f64 >= fill.capacity as f64 * NEARLY_FULL {
                 tables.gc_passes_nearly_full += 1;
-                warn!(table = name, entries = fill.entries, capacity = fill.capacity,
-                    "table nearly full: the least recently used entries are being evicted; raise max_{name}");
+                warn!(
+                    table = name,
+                    entries = fill.entries,
+                    capacity = fill.capacity,
+                    "table nearly full; raise max_{name}"
+                );
             }
         }
         self.tables = tables;
@@ -501,21 +702,31 @@ impl Pool {
 
     // --- affinities ---
 
-    pub fn affinity_list(&self, dp: &Dataplane, service: &str, client: Option<Ipv4Addr>) -> Result<Vec<AffinityRecord>> {
+    pub fn affinity_list(
+        &self,
+        dp: &Dataplane,
+        service: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Vec<AffinityRecord>> {
         let svc = self.service(service)?;
-        let service_id = self.service_ids.get(service).copied().ok_or_else(|| anyhow!("service {service:?} not installed"))?;
-        let by_id: BTreeMap<u32, &BackendIdentity> = self.backend_ids.iter().map(|(k, v)| (*v, k)).collect();
+        let service_id = self
+            .service_ids
+            .get(service)
+            .copied()
+            .ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let by_id: BTreeMap<u32, &BackendIdentity> =
+            self.backend_ids.iter().map(|(k, v)| (*v, k)).collect();
         let now = monotonic_ns();
         let timeout = u64::from(svc.affinity_timeout) * NS_PER_SEC;
         let mut records: Vec<AffinityRecord> = dp
             .affinities()
             .filter(|(k, _)| k.service_id == service_id)
-            .filter(|(k, _)| client.is_none_or(|c| v4_from_words(k.client_be) == c))
+            .filter(|(k, _)| client.is_none_or(|c| addr_from_words(k.client_be, k.family) == c))
             .filter(|(_, e)| is_fresh(e.last_seen_ns, timeout, now))
             .filter_map(|(k, e)| {
                 let backend = by_id.get(&e.backend_id)?;
                 Some(AffinityRecord {
-                    client: v4_from_words(k.client_be),
+                    client: addr_from_words(k.client_be, k.family),
                     client_port: (k.client_port_be != 0).then(|| u16::from_be(k.client_port_be)),
                     backend: backend.address,
                     idle_s: now.saturating_sub(e.last_seen_ns) / NS_PER_SEC,
@@ -526,13 +737,23 @@ impl Pool {
         Ok(records)
     }
 
-    pub fn affinity_flush(&self, dp: &mut Dataplane, service: &str, client: Option<Ipv4Addr>, backend: Option<Ipv4Addr>) -> Result<usize> {
+    pub fn affinity_flush(
+        &self,
+        dp: &mut Dataplane,
+        service: &str,
+        client: Option<IpAddr>,
+        backend: Option<IpAddr>,
+    ) -> Result<usize> {
         self.service(service)?;
-        let service_id = self.service_ids.get(service).copied().ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let service_id = self
+            .service_ids
+            .get(service)
+            .copied()
+            .ok_or_else(|| anyhow!("service {service:?} not installed"))?;
         let backend_id = backend.map(|b| self.id_of(service, b)).transpose()?;
         let removal = dp.remove_affinities(|k, e| {
             k.service_id == service_id
-                && client.is_none_or(|c| v4_from_words(k.client_be) == c)
+                && client.is_none_or(|c| addr_from_words(k.client_be, k.family) == c)
                 && backend_id.is_none_or(|id| e.backend_id == id)
         })?;
         Ok(removal.removed)
@@ -545,16 +766,31 @@ impl Pool {
         let timeouts = self.affinity_timeouts_ns();
         let (mut affinity_entries, mut flow_entries) = (0, 0);
         let mut affinities: BTreeMap<u32, u64> = BTreeMap::new();
+        // New flows per (service id, client address) among live affinities.
+        let mut sources: BTreeMap<u32, BTreeMap<IpAddr, u64>> = BTreeMap::new();
         for (key, entry) in dp.affinities() {
             affinity_entries += 1;
-            if timeouts.get(&key.service_id).is_some_and(|t| is_fresh(entry.last_seen_ns, *t, now)) {
+            if timeouts
+                .get(&key.service_id)
+                .is_some_and(|t| is_fresh(entry.last_seen_ns, *t, now))
+            {
                 *affinities.entry(entry.backend_id).or_default() += 1;
+                let client = addr_from_words(key.client_be, key.family);
+                *sources
+                    .entry(key.service_id)
+                    .or_default()
+                    .entry(client)
+                    .or_default() += u64::from(entry.new_flows);
             }
         }
         let mut flows: BTreeMap<u32, u64> = BTreeMap::new();
         for (_, entry) in dp.flows() {
             flow_entries += 1;
-            let fresh = is_fresh(entry.last_seen_ns, u64::from(entry.timeout_s) * NS_PER_SEC, now);
+            let fresh = is_fresh(
+                entry.last_seen_ns,
+                u64::from(entry.timeout_s) * NS_PER_SEC,
+                now,
+            );
             if fresh && entry.flags & FLOW_F_REVERSE == 0 {
                 *flows.entry(entry.backend_id).or_default() += 1;
             }
@@ -563,7 +799,9 @@ impl Pool {
         let unix = unix_now();
         let mut services = Vec::new();
         for s in &self.config.services {
-            let Some(&id) = self.service_ids.get(&s.name) else { continue };
+            let Some(&id) = self.service_ids.get(&s.name) else {
+                continue;
+            };
             let mut backends = Vec::new();
             for b in self.backends(&s.name) {
                 let bid = self.backend_id(&s.name, b.address, b.port)?;
@@ -572,7 +810,13 @@ impl Pool {
                 let state = match (down, b.drain) {
                     (true, _) => "down".to_string(),
                     (false, Some(Drain { cut: true, .. })) => "drained".to_string(),
-                    (false, Some(Drain { deadline_unix: Some(d), .. })) => format!("draining ({} s left)", d.saturating_sub(unix)),
+                    (
+                        false,
+                        Some(Drain {
+                            deadline_unix: Some(d),
+                            ..
+                        }),
+                    ) => format!("draining ({} s left)", d.saturating_sub(unix)),
                     (false, Some(_)) => "draining".to_string(),
                     (false, None) if b.weight == 0 => "no-new-clients".to_string(),
                     (false, None) => "up".to_string(),
@@ -594,19 +838,30 @@ impl Pool {
                 vip: s.vip,
                 port: s.port,
                 backend_port: s.backend_port(),
-                protocol: "tcp".into(),
+                protocol: s.protocol.as_str().into(),
                 affinity: s.affinity.as_str().into(),
                 affinity_timeout: s.affinity_timeout,
                 idle_timeout: s.idle_timeout,
+                top_sources: top_sources(sources.remove(&id).unwrap_or_default()),
                 stats: dp.service_stats(id)?.into(),
                 backends,
             });
         }
-        let counters = dp.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect();
+        let counters = dp
+            .counters()?
+            .into_iter()
+            .map(|(c, v)| (c.name().to_string(), v))
+            .collect();
         let mut tables = self.tables;
         tables.flows.entries = flow_entries;
+        tables.half_open.entries = dp.half_open().count() as u64;
         tables.affinities.entries = affinity_entries;
-        Ok(StatusReport { services, counters, tables, debug_log: self.debug_log })
+        Ok(StatusReport {
+            services,
+            counters,
+            tables,
+            debug_log: self.debug_log,
+        })
     }
 
     pub fn set_debug_log(&mut self, dp: &mut Dataplane, enabled: bool) -> Result<()> {
@@ -617,18 +872,73 @@ impl Pool {
     fn write_settings(&self, dp: &mut Dataplane) -> Result<()> {
         let d = &self.config.daemon;
         dp.set_settings(Settings {
-            snat_v4_count: d.snat_addresses.len() as u32,
+            snat_v4_count: d.snat_addresses.iter().filter(|a| a.is_ipv4()).count() as u32,
+            snat_v6_count: d.snat_addresses.iter().filter(|a| a.is_ipv6()).count() as u32,
             snat_port_min: d.snat_port_min,
             snat_port_max: d.snat_port_max,
             closing_timeout_s: d.closing_timeout,
-            debug_log: u32::from(self.debug_log),
+            handshake_timeout_s: d.handshake_timeout,
+            fragment_timeout_s: d.fragment_timeout,
+            flags: if d.echo_reply {
+                SETTINGS_F_ECHO_REPLY
+            } else {
+                0
+            } | if self.debug_log {
+                SETTINGS_F_DEBUG_LOG
+            } else {
+                0
+            },
         })
     }
+}
+
+/// The clients with the most new flows, largest first, with their share and whether that
+/// makes them hot (see `HOT_SOURCE_SHARE`).
+fn top_sources(per_client: BTreeMap<IpAddr, u64>) -> Vec<SourceShare> {
+    let total: u64 = per_client.values().sum();
+    let mut ranked: Vec<(IpAddr, u64)> = per_client.into_iter().filter(|(_, n)| *n > 0).collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked
+        .into_iter()
+        .take(TOP_SOURCES)
+        .map(|(client, new_flows)| {
+            let share = new_flows as f64 / total as f64;
+            SourceShare {
+                client,
+                new_flows,
+                share,
+                hot: total >= HOT_SOURCE_MIN_FLOWS && share >= HOT_SOURCE_SHARE,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_client_with_most_new_flows_is_hot() {
+        let ip = |last: u8| IpAddr::from([192, 0, 2, last]);
+        let mut per_client: BTreeMap<IpAddr, u64> = (1..=20).map(|i| (ip(i), 5)).collect();
+        per_client.insert(ip(200), 300);
+        let top = top_sources(per_client);
+        assert_eq!(top.len(), TOP_SOURCES);
+        assert_eq!((top[0].client, top[0].new_flows), (ip(200), 300));
+        assert!(top[0].hot && (top[0].share - 0.75).abs() < 1e-9);
+        assert!(top[1..].iter().all(|s| !s.hot && s.new_flows == 5));
+    }
+
+    #[test]
+    fn few_flows_or_an_even_spread_is_not_hot() {
+        let ip = |last: u8| IpAddr::from([192, 0, 2, last]);
+        // One client, but only 10 flows: too little to call.
+        assert!(!top_sources([(ip(1), 10)].into()).iter().any(|s| s.hot));
+        // 100 clients with 10 flows each: 1 % each.
+        assert!(!top_sources((1..=100).map(|i| (ip(i), 10)).collect())
+            .iter()
+            .any(|s| s.hot));
+    }
 
     #[test]
     fn lowest_free_reuses_gaps() {
@@ -638,7 +948,13 @@ mod tests {
 
     #[test]
     fn maglev_identity_distinguishes_port() {
-        let a = Ipv4Addr::new(10, 2, 0, 11);
+        let a = IpAddr::from([10, 2, 0, 11]);
         assert_ne!(maglev_identity(a, 443), maglev_identity(a, 4443));
+        let b: IpAddr = "fd00:2::11".parse().unwrap();
+        assert_ne!(maglev_identity(b, 443), maglev_identity(b, 4443));
+        assert_ne!(
+            maglev_identity(b, 443),
+            maglev_identity("fd00:2::12".parse().unwrap(), 443)
+        );
     }
 }

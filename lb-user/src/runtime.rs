@@ -3,7 +3,7 @@
 //! they survive daemon restarts and config reloads.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -24,14 +24,14 @@ pub struct Overlay {
 pub struct ServiceOverlay {
     /// Servers added with `lb backend add`.
     #[serde(default)]
-    pub added: BTreeMap<Ipv4Addr, BackendConfig>,
+    pub added: BTreeMap<IpAddr, BackendConfig>,
     /// Configured servers taken out with `lb backend remove`.
     #[serde(default)]
-    pub removed: BTreeSet<Ipv4Addr>,
+    pub removed: BTreeSet<IpAddr>,
     #[serde(default)]
-    pub weights: BTreeMap<Ipv4Addr, u32>,
+    pub weights: BTreeMap<IpAddr, u32>,
     #[serde(default)]
-    pub draining: BTreeMap<Ipv4Addr, Drain>,
+    pub draining: BTreeMap<IpAddr, Drain>,
 }
 
 /// A drain in progress: no new clients; existing flows and affinities continue until the
@@ -48,7 +48,7 @@ pub struct Drain {
 /// One server as it is now: config plus runtime changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EffectiveBackend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub drain: Option<Drain>,
@@ -57,8 +57,12 @@ pub struct EffectiveBackend {
 impl Overlay {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("state file {} is unreadable; move it away to start from the config alone", path.display())),
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "state file {} is unreadable; move it away to start from the config alone",
+                    path.display()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
         }
@@ -99,7 +103,8 @@ impl Overlay {
     /// Drops entries for services the config no longer has, so a stale overlay cannot
     /// resurrect them.
     pub fn retain_services(&mut self, config: &Config) {
-        self.services.retain(|name, _| config.services.iter().any(|s| &s.name == name));
+        self.services
+            .retain(|name, _| config.services.iter().any(|s| &s.name == name));
     }
 }
 
@@ -125,16 +130,32 @@ mod tests {
         let s = o.service_mut("web-ext");
         s.added.insert(
             "10.2.0.13".parse().unwrap(),
-            BackendConfig { address: "10.2.0.13".parse().unwrap(), port: Some(8443), weight: 2 },
+            BackendConfig {
+                address: "10.2.0.13".parse().unwrap(),
+                port: Some(8443),
+                weight: 2,
+            },
         );
         s.removed.insert("10.2.0.11".parse().unwrap());
         s.weights.insert("10.2.0.12".parse().unwrap(), 5);
-        s.draining.insert("10.2.0.12".parse().unwrap(), Drain { deadline_unix: Some(9), cut: false });
+        s.draining.insert(
+            "10.2.0.12".parse().unwrap(),
+            Drain {
+                deadline_unix: Some(9),
+                cut: false,
+            },
+        );
         let b = o.backends(&config, "web-ext");
         assert_eq!(b.len(), 2);
-        assert_eq!((b[0].address.to_string(), b[0].port, b[0].weight), ("10.2.0.12".into(), 4443, 5));
+        assert_eq!(
+            (b[0].address.to_string(), b[0].port, b[0].weight),
+            ("10.2.0.12".into(), 4443, 5)
+        );
         assert!(b[0].drain.is_some());
-        assert_eq!((b[1].address.to_string(), b[1].port, b[1].weight), ("10.2.0.13".into(), 8443, 2));
+        assert_eq!(
+            (b[1].address.to_string(), b[1].port, b[1].weight),
+            ("10.2.0.13".into(), 8443, 2)
+        );
     }
 
     #[test]
@@ -145,7 +166,9 @@ mod tests {
         assert!(path.ends_with("lb.toml.state.json"));
         assert_eq!(Overlay::load(&path).unwrap(), Overlay::default());
         let mut o = Overlay::default();
-        o.service_mut("web-ext").removed.insert("10.2.0.11".parse().unwrap());
+        o.service_mut("web-ext")
+            .removed
+            .insert("10.2.0.11".parse().unwrap());
         o.save(&path).unwrap();
         assert_eq!(Overlay::load(&path).unwrap(), o);
         std::fs::write(&path, "{ not json").unwrap();
@@ -156,7 +179,9 @@ mod tests {
     #[test]
     fn stale_services_are_forgotten() {
         let mut o = Overlay::default();
-        o.service_mut("gone").removed.insert("10.2.0.11".parse().unwrap());
+        o.service_mut("gone")
+            .removed
+            .insert("10.2.0.11".parse().unwrap());
         o.service_mut("web-ext");
         o.retain_services(&config());
         assert_eq!(o.services.keys().collect::<Vec<_>>(), ["web-ext"]);

@@ -16,8 +16,17 @@ pub fn render(report: &StatusReport) -> String {
         ));
         let mut table = Table::new();
         table.load_preset(UTF8_BORDERS_ONLY).set_header([
-            "backend", "weight", "state", "flows", "affinities", "new flows", "pkts in", "pkts out",
-            "bytes in", "bytes out", "last check",
+            "backend",
+            "weight",
+            "state",
+            "flows",
+            "affinities",
+            "new flows",
+            "pkts in",
+            "pkts out",
+            "bytes in",
+            "bytes out",
+            "last check",
         ]);
         for b in &s.backends {
             table.add_row([
@@ -35,16 +44,35 @@ pub fn render(report: &StatusReport) -> String {
             ]);
         }
         out.push_str(&table.to_string());
-        out.push_str("\n\n");
+        out.push('\n');
+        if !s.top_sources.is_empty() {
+            let top: Vec<String> = s
+                .top_sources
+                .iter()
+                .map(|t| format!("{} {} ({:.0} %)", t.client, t.new_flows, t.share * 100.0))
+                .collect();
+            out.push_str(&format!("top clients by new flows: {}\n", top.join(", ")));
+        }
+        for hot in s.top_sources.iter().filter(|t| t.hot) {
+            out.push_str(&format!(
+                "HOT SOURCE: {} opened {:.0} % of this service's new flows; if it is a reverse proxy \
+                 or NAT, all its users share one server: consider affinity = \"source-port\"\n",
+                hot.client,
+                hot.share * 100.0
+            ));
+        }
+        out.push('\n');
     }
     let t = &report.tables;
     out.push_str(&format!(
-        "tables: flows {}/{}  affinities {}/{}  (expired and collected: {} flows, {} affinities; nearly-full passes {})\n\n",
-        t.flows.entries, t.flows.capacity, t.affinities.entries, t.affinities.capacity,
+        "tables: flows {}/{}  half-open {}/{}  affinities {}/{}  (expired and collected: {} flows, {} affinities; nearly-full passes {})\n\n",
+        t.flows.entries, t.flows.capacity, t.half_open.entries, t.half_open.capacity, t.affinities.entries, t.affinities.capacity,
         t.collected_flows, t.collected_affinities, t.gc_passes_nearly_full,
     ));
     let mut counters = Table::new();
-    counters.load_preset(UTF8_BORDERS_ONLY).set_header(["counter", "value"]);
+    counters
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["counter", "value"]);
     for (name, value) in &report.counters {
         if *value != 0 || name == "packets" {
             counters.add_row([name.clone(), value.to_string()]);
@@ -63,11 +91,21 @@ pub fn render(report: &StatusReport) -> String {
 pub fn render_stats(report: &StatusReport) -> String {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY).set_header([
-        "service / server", "new flows", "affinity hits", "affinity misses", "pkts in", "pkts out", "bytes in", "bytes out",
+        "service / server",
+        "new flows",
+        "affinity hits",
+        "affinity misses",
+        "pkts in",
+        "pkts out",
+        "bytes in",
+        "bytes out",
     ]);
     for s in &report.services {
-        let rows = std::iter::once((format!("{} {}:{}", s.name, s.vip, s.port), &s.stats))
-            .chain(s.backends.iter().map(|b| (format!("  {}:{}", b.address, b.port), &b.stats)));
+        let rows = std::iter::once((format!("{} {}:{}", s.name, s.vip, s.port), &s.stats)).chain(
+            s.backends
+                .iter()
+                .map(|b| (format!("  {}:{}", b.address, b.port), &b.stats)),
+        );
         for (name, t) in rows {
             table.add_row([
                 name,
@@ -84,7 +122,9 @@ pub fn render_stats(report: &StatusReport) -> String {
     let mut out = table.to_string();
     out.push_str("\n\n");
     let mut counters = Table::new();
-    counters.load_preset(UTF8_BORDERS_ONLY).set_header(["counter", "value"]);
+    counters
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["counter", "value"]);
     for (name, value) in &report.counters {
         counters.add_row([name.clone(), value.to_string()]);
     }
@@ -95,7 +135,12 @@ pub fn render_stats(report: &StatusReport) -> String {
 
 pub fn render_affinities(entries: &[AffinityRecord]) -> String {
     let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_header(["client", "client port", "server", "idle (s)"]);
+    table.load_preset(UTF8_BORDERS_ONLY).set_header([
+        "client",
+        "client port",
+        "server",
+        "idle (s)",
+    ]);
     for e in entries {
         table.add_row([
             e.client.to_string(),

@@ -30,7 +30,12 @@ pub struct Connection {
 
 impl Connection {
     /// Opens a connection from `source` (port chosen by the kernel unless `source_port`).
-    pub fn open(ns: &Netns, source: Ipv4Addr, source_port: u16, target: SocketAddrV4) -> Result<Self> {
+    pub fn open(
+        ns: &Netns,
+        source: Ipv4Addr,
+        source_port: u16,
+        target: SocketAddrV4,
+    ) -> Result<Self> {
         let socket = ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
         socket.set_reuse_address(true)?;
         socket
@@ -44,7 +49,11 @@ impl Connection {
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
         let local = stream.local_addr()?;
-        Ok(Self { reader: BufReader::new(stream.try_clone()?), writer: stream, local })
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            local,
+        })
     }
 
     /// One request / response on this connection.
@@ -55,7 +64,12 @@ impl Connection {
         let mut content_length = None;
         loop {
             let mut line = String::new();
-            if self.reader.read_line(&mut line).context("read response head")? == 0 {
+            if self
+                .reader
+                .read_line(&mut line)
+                .context("read response head")?
+                == 0
+            {
                 bail!("connection closed before a response");
             }
             if line == "\r\n" {
@@ -66,7 +80,9 @@ impl Connection {
             }
         }
         let mut body = vec![0; content_length.ok_or_else(|| anyhow!("no Content-Length"))?];
-        self.reader.read_exact(&mut body).context("read response body")?;
+        self.reader
+            .read_exact(&mut body)
+            .context("read response body")?;
         parse_body(&String::from_utf8_lossy(&body))
     }
 }

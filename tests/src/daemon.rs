@@ -45,9 +45,19 @@ pub struct Daemon {
 /// The `[daemon]` section for a topology plus `extra` keys, with small tables (so tests
 /// load quickly) unless `extra` sizes them.
 pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path, extra: &str) -> String {
-    let interfaces: Vec<String> = topology.lb_interfaces.iter().map(|i| format!("{i:?}")).collect();
-    let snat: Vec<String> = topology.snat_addresses.iter().map(|a| format!("\"{a}\"")).collect();
-    let sized = extra.lines().any(|l| l.trim_start().starts_with("max_flows"));
+    let interfaces: Vec<String> = topology
+        .lb_interfaces
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect();
+    let snat: Vec<String> = topology
+        .snat_addresses
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let sized = extra
+        .lines()
+        .any(|l| l.trim_start().starts_with("max_flows"));
     format!(
         "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\npin_dir = {:?}\n{}{extra}\n",
         interfaces.join(", "),
@@ -59,7 +69,10 @@ pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path, extra:
 }
 
 fn spawn(lb_netns: &str, config_path: &Path, log_path: &Path) -> Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
     // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the bpffs at
     // /sys/fs/bpf where the data plane is pinned (a restart could not adopt it).
     Command::new("nsenter")
@@ -89,12 +102,23 @@ impl Daemon {
         let socket = dir.join("lb.sock");
         let config_path = dir.join("lb.toml");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&topology.prefix);
-        let config = format!("{}{services}", daemon_section(topology, &socket, &pin_dir, daemon_extra));
+        let config = format!(
+            "{}{services}",
+            daemon_section(topology, &socket, &pin_dir, daemon_extra)
+        );
         std::fs::write(&config_path, config)?;
         let child = spawn(topology.lb.name(), &config_path, &dir.join("daemon.log"))?;
         let lb_netns = topology.lb.name().to_string();
         let daemon_extra = daemon_extra.to_string();
-        let mut daemon = Self { child, dir, lb_netns, config_path, socket, pin_dir, daemon_extra };
+        let mut daemon = Self {
+            child,
+            dir,
+            lb_netns,
+            config_path,
+            socket,
+            pin_dir,
+            daemon_extra,
+        };
         daemon.wait_ready()?;
         Ok(daemon)
     }
@@ -104,7 +128,11 @@ impl Daemon {
     pub fn kill_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        self.child = spawn(&self.lb_netns, &self.config_path, &self.dir.join("daemon.log"))?;
+        self.child = spawn(
+            &self.lb_netns,
+            &self.config_path,
+            &self.dir.join("daemon.log"),
+        )?;
         self.wait_ready()
     }
 
@@ -112,14 +140,20 @@ impl Daemon {
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
-                bail!("lb daemon exited ({status}) during start-up:\n{}", self.log());
+                bail!(
+                    "lb daemon exited ({status}) during start-up:\n{}",
+                    self.log()
+                );
             }
             if self.status().is_ok() {
                 return Ok(());
             }
             std::thread::sleep(POLL);
         }
-        bail!("lb daemon not ready after {READY_TIMEOUT:?}:\n{}", self.log())
+        bail!(
+            "lb daemon not ready after {READY_TIMEOUT:?}:\n{}",
+            self.log()
+        )
     }
 
     /// Sends a signal to the daemon process.
@@ -134,7 +168,10 @@ impl Daemon {
     /// Rewrites the config file (daemon section kept) without telling the daemon.
     pub fn write_services(&self, topology: &Topology, services: &str) -> Result<()> {
         let section = daemon_section(topology, &self.socket, &self.pin_dir, &self.daemon_extra);
-        Ok(std::fs::write(&self.config_path, format!("{section}\n{services}"))?)
+        Ok(std::fs::write(
+            &self.config_path,
+            format!("{section}\n{services}"),
+        )?)
     }
 
     pub fn log(&self) -> String {
@@ -142,7 +179,9 @@ impl Daemon {
     }
 
     fn call(&self, request: Request) -> Result<Response> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(api::call(&self.socket, &request))
     }
 
@@ -166,14 +205,22 @@ impl Daemon {
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;
         if !out.status.success() {
-            bail!("`lb {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "`lb {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs the `lb` CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(lb_binary()?).arg("--socket").arg(&self.socket).args(args).output()?)
+        Ok(Command::new(lb_binary()?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?)
     }
 }
 

@@ -43,8 +43,15 @@ impl Default for ServiceSpec {
 
 impl ServiceSpec {
     pub fn toml(&self, backends: &[Ipv4Addr]) -> String {
-        let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
-        let health = self.health.as_ref().map(|h| format!("health = {h}\n")).unwrap_or_default();
+        let list: Vec<String> = backends
+            .iter()
+            .map(|a| format!("{{ address = \"{a}\" }}"))
+            .collect();
+        let health = self
+            .health
+            .as_ref()
+            .map(|h| format!("health = {h}\n"))
+            .unwrap_or_default();
         format!(
             "[[service]]\nname = {:?}\nvip = \"{VIP}\"\nport = {}\nbackend_port = {}\naffinity = {:?}\naffinity_timeout = {}\nidle_timeout = {}\n{health}backends = [{}]\n",
             self.name,
@@ -78,8 +85,17 @@ impl Fixture {
             .iter()
             .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
             .collect::<Result<Vec<_>>>()?;
-        let daemon = Daemon::start_with(&topology, daemon_extra, &service.toml(&Self::addresses(&topology)))?;
-        Ok(Self { daemon, servers, service, topology })
+        let daemon = Daemon::start_with(
+            &topology,
+            daemon_extra,
+            &service.toml(&Self::addresses(&topology)),
+        )?;
+        Ok(Self {
+            daemon,
+            servers,
+            service,
+            topology,
+        })
     }
 
     pub fn addresses(topology: &Topology) -> Vec<Ipv4Addr> {
@@ -97,7 +113,10 @@ impl Fixture {
 
     /// The server each client reaches on a new connection.
     pub fn servers_of(&self, clients: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, String>> {
-        clients.iter().map(|&c| self.ask(c).map(|r| (c, r.server))).collect()
+        clients
+            .iter()
+            .map(|&c| self.ask(c).map(|r| (c, r.server)))
+            .collect()
     }
 
     /// Connects once more from every client of `before` and counts those that now reach
@@ -107,7 +126,10 @@ impl Fixture {
         for (&client, server) in before {
             let now = self.ask(client)?.server;
             if &now != server {
-                ensure!(now == only_to, "{client} moved from {server} to {now}, not to {only_to}");
+                ensure!(
+                    now == only_to,
+                    "{client} moved from {server} to {now}, not to {only_to}"
+                );
                 moved += 1;
             }
         }

@@ -44,7 +44,9 @@ pub struct Netns {
 impl Netns {
     pub fn create(name: &str) -> Result<Self> {
         run_cmd("ip", &["netns", "add", name])?;
-        let ns = Self { name: name.to_string() };
+        let ns = Self {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -76,7 +78,8 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")]).map(drop)
+        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")])
+            .map(drop)
     }
 
     /// Runs `f` on a thread that has entered this namespace.

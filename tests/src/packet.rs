@@ -60,13 +60,19 @@ impl TcpFrame {
             self.dst.ip().octets(),
         )
         .expect("payload fits");
-        ip.options = self.ip_options.as_slice().try_into().expect("options are a multiple of 4 bytes");
+        ip.options = self
+            .ip_options
+            .as_slice()
+            .try_into()
+            .expect("options are a multiple of 4 bytes");
         ip.total_len = (ip.header_len() + tcp.header_len() + self.payload.len()) as u16;
         ip.more_fragments = self.more_fragments;
         ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
         ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("13-bit offset");
         ip.header_checksum = ip.calc_header_checksum();
-        tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).expect("checksum");
+        tcp.checksum = tcp
+            .calc_checksum_ipv4(&ip, &self.payload)
+            .expect("checksum");
 
         let mut frame = Vec::new();
         frame.extend_from_slice(&LB_MAC);
@@ -93,12 +99,22 @@ pub struct Parsed {
 }
 
 pub fn parse_verified(frame: &[u8]) -> Result<Parsed> {
-    ensure!(frame.len() > ETH_LEN && frame[12..14] == ETHERTYPE_IPV4, "not an IPv4 frame");
+    ensure!(
+        frame.len() > ETH_LEN && frame[12..14] == ETHERTYPE_IPV4,
+        "not an IPv4 frame"
+    );
     let (ip, rest) = Ipv4Header::from_slice(&frame[ETH_LEN..]).context("IPv4 header")?;
     let (tcp, payload) = TcpHeader::from_slice(rest).context("TCP header")?;
-    ensure!(ip.header_checksum == ip.calc_header_checksum(), "bad IPv4 header checksum");
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "bad IPv4 header checksum"
+    );
     let expected = tcp.calc_checksum_ipv4(&ip, payload)?;
-    ensure!(tcp.checksum == expected, "bad TCP checksum {:#06x}, expected {expected:#06x}", tcp.checksum);
+    ensure!(
+        tcp.checksum == expected,
+        "bad TCP checksum {:#06x}, expected {expected:#06x}",
+        tcp.checksum
+    );
     Ok(Parsed {
         dst_mac: frame[0..6].try_into()?,
         src_mac: frame[6..12].try_into()?,
@@ -122,14 +138,41 @@ pub const LAB_INTERFACE: &str = "t0";
 /// 10.1.0.0/16, servers in 10.2.0.0/24.
 pub fn lab_network() -> Result<Netns> {
     let ns = Netns::create(&format!("{}-pkt", unique_prefix()))?;
-    ns.ip(&["link", "add", LAB_INTERFACE, "type", "veth", "peer", "name", "t1"])?;
+    ns.ip(&[
+        "link",
+        "add",
+        LAB_INTERFACE,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "t1",
+    ])?;
     ns.ip(&["link", "set", LAB_INTERFACE, "up"])?;
     ns.ip(&["link", "set", "t1", "up"])?;
     ns.ip(&["addr", "add", "10.2.0.1/24", "dev", LAB_INTERFACE])?;
     ns.ip(&["addr", "add", "10.1.0.1/16", "dev", LAB_INTERFACE])?;
-    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    for (address, lladdr) in [(LAB_BACKEND, LAB_BACKEND_MAC), (LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC)] {
-        ns.ip(&["neigh", "add", &address.to_string(), "lladdr", &mac(lladdr), "dev", LAB_INTERFACE, "nud", "permanent"])?;
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    for (address, lladdr) in [
+        (LAB_BACKEND, LAB_BACKEND_MAC),
+        (LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC),
+    ] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            &address.to_string(),
+            "lladdr",
+            &mac(lladdr),
+            "dev",
+            LAB_INTERFACE,
+            "nud",
+            "permanent",
+        ])?;
     }
     ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
     Ok(ns)
@@ -137,7 +180,12 @@ pub fn lab_network() -> Result<Netns> {
 
 /// Runs `program` once on `frame` as if it arrived on `ingress` (BPF_PROG_TEST_RUN with
 /// repeat = 1, so the program sees the original input, never its own output).
-pub fn run_once(program: &Xdp, frame: &[u8], ingress: u32, output: &mut [u8]) -> Result<TestRunResult> {
+pub fn run_once(
+    program: &Xdp,
+    frame: &[u8],
+    ingress: u32,
+    output: &mut [u8],
+) -> Result<TestRunResult> {
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
     // egress_ifindex. The kernel wants data_end == the frame length.
     let mut ctx = [0u8; 24];

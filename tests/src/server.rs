@@ -42,7 +42,13 @@ impl Server {
             let (stop, accepted, name) = (stop.clone(), accepted.clone(), name.to_string());
             std::thread::spawn(move || accept_loop(listener, &name, &stop, &accepted))
         };
-        Ok(Self { stop, accepted, thread: Some(thread), name: name.to_string(), address: bind })
+        Ok(Self {
+            stop,
+            accepted,
+            thread: Some(thread),
+            name: name.to_string(),
+            address: bind,
+        })
     }
 
     pub fn accepted(&self) -> u64 {

@@ -40,7 +40,12 @@ pub struct Spec {
 
 impl Default for Spec {
     fn default() -> Self {
-        Self { arms: Arms::Two, backends: 3, clients: 30, snat_addresses: 2 }
+        Self {
+            arms: Arms::Two,
+            backends: 3,
+            clients: 30,
+            snat_addresses: 2,
+        }
     }
 }
 
@@ -61,18 +66,29 @@ struct PeerProgram {
 fn attach_peer_program(ns: &Netns, dev: &str) -> Result<PeerProgram> {
     let ebpf = ns.run(|| -> Result<Ebpf> {
         let mut ebpf = Ebpf::load(lb::dataplane::BASELINE_OBJECT)?;
-        let program: &mut Xdp = ebpf.program_mut("xdp_pass").context("xdp_pass missing")?.try_into()?;
+        let program: &mut Xdp = ebpf
+            .program_mut("xdp_pass")
+            .context("xdp_pass missing")?
+            .try_into()?;
         program.load()?;
-        program.attach(dev, XdpMode::Driver).with_context(|| format!("attach xdp_pass to {dev}"))?;
+        program
+            .attach(dev, XdpMode::Driver)
+            .with_context(|| format!("attach xdp_pass to {dev}"))?;
         Ok(ebpf)
     })??;
-    Ok(PeerProgram { ns_name: ns.name().to_string(), ebpf: Some(ebpf) })
+    Ok(PeerProgram {
+        ns_name: ns.name().to_string(),
+        ebpf: Some(ebpf),
+    })
 }
 
 impl Drop for PeerProgram {
     fn drop(&mut self) {
         // Detach from inside the namespace, where the interface is.
-        if let (Some(ebpf), Ok(file)) = (self.ebpf.take(), std::fs::File::open(format!("/run/netns/{}", self.ns_name))) {
+        if let (Some(ebpf), Ok(file)) = (
+            self.ebpf.take(),
+            std::fs::File::open(format!("/run/netns/{}", self.ns_name)),
+        ) {
             std::thread::scope(|s| {
                 s.spawn(move || {
                     use std::os::fd::AsRawFd;
@@ -106,7 +122,8 @@ pub struct Topology {
 /// never does. Make the endpoints compute full checksums, and turn GRO on so frames that
 /// lb redirects in native mode have a receiving NAPI on the peer.
 fn tune_endpoint(ns: &Netns, dev: &str) -> Result<()> {
-    ns.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"]).map(drop)
+    ns.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"])
+        .map(drop)
 }
 
 /// Client source addresses: 10.1.1.x behind the front arm, or 10.0.3.x on the shared
@@ -138,8 +155,20 @@ impl Topology {
         let plug_into_switch = |ns: &Netns, dev: &str, port: &str| -> Result<()> {
             crate::netns::run_cmd(
                 "ip",
-                &["link", "add", dev, "netns", ns.name(), "type", "veth", "peer", "name", port,
-                  "netns", switch.name()],
+                &[
+                    "link",
+                    "add",
+                    dev,
+                    "netns",
+                    ns.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    port,
+                    "netns",
+                    switch.name(),
+                ],
             )?;
             switch.ip(&["link", "set", port, "master", "br0", "up"])?;
             tune_endpoint(&switch, port)?;
@@ -153,8 +182,20 @@ impl Topology {
             Arms::Two => {
                 crate::netns::run_cmd(
                     "ip",
-                    &["link", "add", "eth0", "netns", client.name(), "type", "veth", "peer",
-                      "name", "front", "netns", lb.name()],
+                    &[
+                        "link",
+                        "add",
+                        "eth0",
+                        "netns",
+                        client.name(),
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "front",
+                        "netns",
+                        lb.name(),
+                    ],
                 )?;
                 lb.ip(&["link", "set", "front", "up"])?;
                 lb.ip(&["addr", "add", "10.1.0.1/16", "dev", "front"])?;
@@ -186,8 +227,9 @@ impl Topology {
         peer_programs.push(attach_peer_program(&switch, "p-lb")?);
         tune_endpoint(&client, "eth0")?;
         client.ip(&["route", "add", "default", "via", client_gw])?;
-        let client_addresses: Vec<Ipv4Addr> =
-            (0..spec.clients).map(|i| client_address(spec.arms, i)).collect();
+        let client_addresses: Vec<Ipv4Addr> = (0..spec.clients)
+            .map(|i| client_address(spec.arms, i))
+            .collect();
         client.ip_batch(
             &client_addresses
                 .iter()
@@ -208,7 +250,13 @@ impl Topology {
             tune_endpoint(&b.ns, "eth0")?;
             let octets = server_net.0.octets();
             b.address = Ipv4Addr::new(octets[0], octets[1], octets[2], 11 + i as u8);
-            b.ns.ip(&["addr", "add", &format!("{}/{}", b.address, server_net.1), "dev", "eth0"])?;
+            b.ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/{}", b.address, server_net.1),
+                "dev",
+                "eth0",
+            ])?;
             b.ns.ip(&["route", "add", "default", "via", server_gw])?;
         }
 

@@ -17,11 +17,16 @@ use harness::{
 const CONNECTIONS_PER_CLIENT: usize = 10;
 
 /// Which server each client reached, per connection.
-fn spread(f: &Fixture, clients: &[Ipv4Addr], per_client: usize) -> Result<BTreeMap<Ipv4Addr, Vec<String>>> {
+fn spread(
+    f: &Fixture,
+    clients: &[Ipv4Addr],
+    per_client: usize,
+) -> Result<BTreeMap<Ipv4Addr, Vec<String>>> {
     let mut seen = BTreeMap::new();
     for &c in clients {
-        let servers: Vec<String> =
-            (0..per_client).map(|_| f.ask(c).map(|r| r.server)).collect::<Result<_>>()?;
+        let servers: Vec<String> = (0..per_client)
+            .map(|_| f.ask(c).map(|r| r.server))
+            .collect::<Result<_>>()?;
         seen.insert(c, servers);
     }
     Ok(seen)
@@ -32,20 +37,37 @@ fn counter(f: &Fixture, name: &str) -> Result<u64> {
 }
 
 fn check_affinity_and_balance(arms: Arms) -> Result<()> {
-    let f = Fixture::start(&Spec { arms, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            arms,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let seen = spread(&f, &f.topology.client_addresses, CONNECTIONS_PER_CLIENT)?;
 
     let mut clients_per_server: BTreeMap<String, usize> = BTreeMap::new();
     for (client, servers) in &seen {
         let distinct: BTreeSet<&String> = servers.iter().collect();
-        ensure!(distinct.len() == 1, "client {client} reached several servers: {servers:?}");
+        ensure!(
+            distinct.len() == 1,
+            "client {client} reached several servers: {servers:?}"
+        );
         *clients_per_server.entry(servers[0].clone()).or_default() += 1;
     }
     let fair = seen.len() as f64 / f.servers.len() as f64;
     for server in &f.servers {
         let n = clients_per_server.get(&server.name).copied().unwrap_or(0);
-        ensure!(n > 0, "{} got no clients: {clients_per_server:?}", server.name);
-        ensure!((n as f64) <= 2.0 * fair, "{} got {n} clients, over twice the fair {fair}: {clients_per_server:?}", server.name);
+        ensure!(
+            n > 0,
+            "{} got no clients: {clients_per_server:?}",
+            server.name
+        );
+        ensure!(
+            (n as f64) <= 2.0 * fair,
+            "{} got {n} clients, over twice the fair {fair}: {clients_per_server:?}",
+            server.name
+        );
     }
 
     // The data plane's own view agrees: every connection was a new flow, and all but the
@@ -53,18 +75,40 @@ fn check_affinity_and_balance(arms: Arms) -> Result<()> {
     let status = f.daemon.status()?;
     let total = (seen.len() * CONNECTIONS_PER_CLIENT) as u64;
     let svc = &status.services[0].stats;
-    ensure!(svc.new_flows == total, "new_flows {} != {total}", svc.new_flows);
-    ensure!(svc.affinity_misses == seen.len() as u64, "misses {}", svc.affinity_misses);
-    ensure!(svc.affinity_hits == total - seen.len() as u64, "hits {}", svc.affinity_hits);
-    let drops: Vec<_> = status.counters.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0).collect();
+    ensure!(
+        svc.new_flows == total,
+        "new_flows {} != {total}",
+        svc.new_flows
+    );
+    ensure!(
+        svc.affinity_misses == seen.len() as u64,
+        "misses {}",
+        svc.affinity_misses
+    );
+    ensure!(
+        svc.affinity_hits == total - seen.len() as u64,
+        "hits {}",
+        svc.affinity_hits
+    );
+    let drops: Vec<_> = status
+        .counters
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
+        .collect();
     ensure!(drops.is_empty(), "unexpected drops: {drops:?}");
 
     // No packet was lost while neighbours were unresolved: the first packets toward each
     // new client and server went through the kernel (pass_no_neigh), and no client had to
     // retransmit anything.
-    ensure!(status.counters["pass_no_neigh"] > 0, "the unresolved-neighbour path was not exercised");
+    ensure!(
+        status.counters["pass_no_neigh"] > 0,
+        "the unresolved-neighbour path was not exercised"
+    );
     let retransmitted = tcp_retransmitted_segments(&f.topology.client)?;
-    ensure!(retransmitted == 0, "clients retransmitted {retransmitted} segments");
+    ensure!(
+        retransmitted == 0,
+        "clients retransmitted {retransmitted} segments"
+    );
     Ok(())
 }
 
@@ -74,7 +118,9 @@ fn tcp_retransmitted_segments(ns: &harness::netns::Netns) -> Result<u64> {
     let snmp = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
     let mut tcp_lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let (names, values) = (tcp_lines.next(), tcp_lines.next());
-    let (Some(names), Some(values)) = (names, values) else { anyhow::bail!("no Tcp lines in snmp") };
+    let (Some(names), Some(values)) = (names, values) else {
+        anyhow::bail!("no Tcp lines in snmp")
+    };
     names
         .split_whitespace()
         .zip(values.split_whitespace())
@@ -99,11 +145,22 @@ fn one_armed_source_affinity_holds() -> Result<()> {
 /// Issue test 2: VIP:443 reaches the servers on 4443, and the server sees a SNAT address, not the client.
 #[test]
 fn port_translation_and_source_nat() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 4, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 4,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     for &c in &f.topology.client_addresses {
         let reply = f.ask(c)?;
-        let IpAddr::V4(peer) = reply.peer.ip() else { anyhow::bail!("IPv6 peer {}", reply.peer) };
-        ensure!(f.topology.snat_addresses.contains(&peer), "server saw {peer}, not a SNAT address");
+        let IpAddr::V4(peer) = reply.peer.ip() else {
+            anyhow::bail!("IPv6 peer {}", reply.peer)
+        };
+        ensure!(
+            f.topology.snat_addresses.contains(&peer),
+            "server saw {peer}, not a SNAT address"
+        );
         ensure!(peer != c);
     }
     // Only the 4443 listeners exist: a reply at all proves the port was translated.
@@ -115,12 +172,23 @@ fn port_translation_and_source_nat() -> Result<()> {
 /// Issue test 3: a backend reaching its own VIP (hairpin) gets a working connection.
 #[test]
 fn backend_reaches_its_own_vip() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 1,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     for backend in &f.topology.backends {
         for _ in 0..5 {
             let reply = client::request(&backend.ns, backend.address, f.vip())?;
-            let IpAddr::V4(peer) = reply.peer.ip() else { anyhow::bail!("IPv6 peer") };
-            ensure!(f.topology.snat_addresses.contains(&peer), "hairpin not source-NATed: {peer}");
+            let IpAddr::V4(peer) = reply.peer.ip() else {
+                anyhow::bail!("IPv6 peer")
+            };
+            ensure!(
+                f.topology.snat_addresses.contains(&peer),
+                "hairpin not source-NATed: {peer}"
+            );
         }
     }
     Ok(())
@@ -129,12 +197,25 @@ fn backend_reaches_its_own_vip() -> Result<()> {
 /// Issue test 4a: with `affinity = "none"` one client's connections spread over the servers.
 #[test]
 fn no_affinity_spreads_one_client() -> Result<()> {
-    let service = ServiceSpec { affinity: "none".into(), ..ServiceSpec::default() };
-    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, service)?;
+    let service = ServiceSpec {
+        affinity: "none".into(),
+        ..ServiceSpec::default()
+    };
+    let f = Fixture::start(
+        &Spec {
+            clients: 1,
+            ..Spec::default()
+        },
+        service,
+    )?;
     let client = f.topology.client_addresses[0];
-    let servers: BTreeSet<String> =
-        (0..60).map(|_| f.ask(client).map(|r| r.server)).collect::<Result<_>>()?;
-    ensure!(servers.len() == f.servers.len(), "60 connections reached only {servers:?}");
+    let servers: BTreeSet<String> = (0..60)
+        .map(|_| f.ask(client).map(|r| r.server))
+        .collect::<Result<_>>()?;
+    ensure!(
+        servers.len() == f.servers.len(),
+        "60 connections reached only {servers:?}"
+    );
     ensure!(counter(&f, "affinity_hits")? == 0);
     Ok(())
 }
@@ -143,8 +224,17 @@ fn no_affinity_spreads_one_client() -> Result<()> {
 /// while the same address and port always reaches the same one.
 #[test]
 fn source_port_affinity_distinguishes_ports() -> Result<()> {
-    let service = ServiceSpec { affinity: "source-port".into(), ..ServiceSpec::default() };
-    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, service)?;
+    let service = ServiceSpec {
+        affinity: "source-port".into(),
+        ..ServiceSpec::default()
+    };
+    let f = Fixture::start(
+        &Spec {
+            clients: 1,
+            ..Spec::default()
+        },
+        service,
+    )?;
     let client = f.topology.client_addresses[0];
     let mut by_port = BTreeMap::new();
     for port in 20_000..20_040u16 {
@@ -156,7 +246,11 @@ fn source_port_affinity_distinguishes_ports() -> Result<()> {
     // Same port again (after the first connection closed): same server, via affinity.
     for port in [20_000u16, 20_017, 20_039] {
         let again = reconnect_same_port(&f, client, port)?;
-        ensure!(again == by_port[&port], "port {port}: {again} then {}", by_port[&port]);
+        ensure!(
+            again == by_port[&port],
+            "port {port}: {again} then {}",
+            by_port[&port]
+        );
     }
     Ok(())
 }
@@ -180,25 +274,48 @@ fn reconnect_same_port(f: &Fixture, client: Ipv4Addr, port: u16) -> Result<Strin
 #[test]
 fn affinity_expires_after_timeout() -> Result<()> {
     const TIMEOUT_S: u32 = 3;
-    let service = ServiceSpec { affinity_timeout: TIMEOUT_S, ..ServiceSpec::default() };
-    let f = Fixture::start(&Spec { backends: 4, clients: 40, ..Spec::default() }, service.clone())?;
+    let service = ServiceSpec {
+        affinity_timeout: TIMEOUT_S,
+        ..ServiceSpec::default()
+    };
+    let f = Fixture::start(
+        &Spec {
+            backends: 4,
+            clients: 40,
+            ..Spec::default()
+        },
+        service.clone(),
+    )?;
     let first_three = &Fixture::addresses(&f.topology)[..3];
     f.daemon.reload(&f.topology, &service.toml(first_three))?;
     let before = f.servers_of(&f.topology.client_addresses)?;
-    ensure!(before.values().all(|s| s != "fe4"), "fe4 was not in the pool yet");
+    ensure!(
+        before.values().all(|s| s != "fe4"),
+        "fe4 was not in the pool yet"
+    );
 
-    f.daemon.reload(&f.topology, &service.toml(&Fixture::addresses(&f.topology)))?;
+    f.daemon
+        .reload(&f.topology, &service.toml(&Fixture::addresses(&f.topology)))?;
     let started = Instant::now();
     for (&c, server) in &before {
         let now = f.ask(c)?.server;
-        ensure!(&now == server, "{c} moved from {server} to {now} while its affinity was fresh");
+        ensure!(
+            &now == server,
+            "{c} moved from {server} to {now} while its affinity was fresh"
+        );
     }
-    ensure!(started.elapsed() < Duration::from_secs(u64::from(TIMEOUT_S)), "machine too slow for this check");
+    ensure!(
+        started.elapsed() < Duration::from_secs(u64::from(TIMEOUT_S)),
+        "machine too slow for this check"
+    );
 
     // Idle past the timeout (the check above refreshed every affinity).
     std::thread::sleep(Duration::from_secs(u64::from(TIMEOUT_S) + 2));
     let moved = f.count_moved(&before, "fe4")?;
-    ensure!(moved > 0, "no client moved to fe4 after its affinity expired");
+    ensure!(
+        moved > 0,
+        "no client moved to fe4 after its affinity expired"
+    );
     Ok(())
 }
 
@@ -206,18 +323,45 @@ fn affinity_expires_after_timeout() -> Result<()> {
 /// lb's own address, from the client side).
 #[test]
 fn non_vip_traffic_passes() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 1,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let lb_addr = f.topology.lb_address.to_string();
-    f.topology.client.exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", &lb_addr])?;
+    f.topology
+        .client
+        .exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", &lb_addr])?;
 
-    let listener = f.topology.lb.run(|| TcpListener::bind((f.topology.lb_address, 2222)))??;
+    let listener = f
+        .topology
+        .lb
+        .run(|| TcpListener::bind((f.topology.lb_address, 2222)))??;
     let accept = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer));
-    let conn = Connection::open(&f.topology.client, f.topology.client_addresses[0], 0,
-        SocketAddrV4::new(f.topology.lb_address, 2222));
-    ensure!(conn.is_ok(), "TCP to lb's own address failed: {:?}", conn.err());
-    let peer = accept.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
-    ensure!(peer.ip() == IpAddr::V4(f.topology.client_addresses[0]), "lb saw {peer}");
+    let conn = Connection::open(
+        &f.topology.client,
+        f.topology.client_addresses[0],
+        0,
+        SocketAddrV4::new(f.topology.lb_address, 2222),
+    );
+    ensure!(
+        conn.is_ok(),
+        "TCP to lb's own address failed: {:?}",
+        conn.err()
+    );
+    let peer = accept
+        .join()
+        .map_err(|_| anyhow::anyhow!("accept panicked"))??;
+    ensure!(
+        peer.ip() == IpAddr::V4(f.topology.client_addresses[0]),
+        "lb saw {peer}"
+    );
     // The program saw that TCP and let it through.
-    ensure!(counter(&f, "pass_not_service")? > 0, "lb's own TCP traffic was not seen by the program");
+    ensure!(
+        counter(&f, "pass_not_service")? > 0,
+        "lb's own TCP traffic was not seen by the program"
+    );
     Ok(())
 }

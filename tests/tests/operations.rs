@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::net::UnixStream,
     time::{Duration, Instant},
 };
@@ -20,7 +20,12 @@ use lb::api::{AffinityRecord, StatusReport};
 const SERVICE: &str = "web-ext";
 
 fn server_address(f: &Fixture, name: &str) -> Ipv4Addr {
-    f.topology.backends.iter().find(|b| b.name == name).expect("known server").address
+    f.topology
+        .backends
+        .iter()
+        .find(|b| b.name == name)
+        .expect("known server")
+        .address
 }
 
 /// Long-lived connections from the first `n` clients, with the server each one reached.
@@ -41,11 +46,19 @@ fn busiest(conns: &[(Ipv4Addr, Connection, String)]) -> String {
     for (_, _, s) in conns {
         *counts.entry(s).or_default() += 1;
     }
-    counts.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s.to_string()).expect("some connections")
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(s, _)| s.to_string())
+        .expect("some connections")
 }
 
 fn backend_status(status: &StatusReport, address: Ipv4Addr) -> Result<&lb::api::BackendStatus> {
-    status.services[0].backends.iter().find(|b| b.address == address).context("backend missing from status")
+    status.services[0]
+        .backends
+        .iter()
+        .find(|b| b.address == IpAddr::V4(address))
+        .context("backend missing from status")
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` passes.
@@ -65,38 +78,64 @@ fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>
 /// brings it back for new clients.
 #[test]
 fn drain_keeps_connections_and_affinities_and_stops_new_clients() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 60, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 60,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let mut conns = open_long_lived(&f, 20)?;
     let victim = busiest(&conns);
     let victim_addr = server_address(&f, &victim);
-    f.daemon.cli_ok(&["backend", "drain", SERVICE, &victim_addr.to_string()])?;
+    f.daemon
+        .cli_ok(&["backend", "drain", SERVICE, &victim_addr.to_string()])?;
 
     for round in 0..3 {
         for (client, conn, server) in &mut conns {
-            let now = conn.ask().with_context(|| format!("round {round}: {client}'s open connection broke"))?.server;
-            ensure!(now == *server, "{client}'s open connection moved from {server} to {now}");
+            let now = conn
+                .ask()
+                .with_context(|| format!("round {round}: {client}'s open connection broke"))?
+                .server;
+            ensure!(
+                now == *server,
+                "{client}'s open connection moved from {server} to {now}"
+            );
         }
     }
     // Existing clients of the draining server keep their affinity on new connections.
     for (client, _, server) in conns.iter().filter(|(_, _, s)| *s == victim) {
         let again = f.ask(*client)?.server;
-        ensure!(again == *server, "{client} lost its affinity to the draining {server}");
+        ensure!(
+            again == *server,
+            "{client} lost its affinity to the draining {server}"
+        );
     }
     for &client in &f.topology.client_addresses[20..40] {
         let server = f.ask(client)?.server;
-        ensure!(server != victim, "new client {client} reached the draining {victim}");
+        ensure!(
+            server != victim,
+            "new client {client} reached the draining {victim}"
+        );
     }
     let status = f.daemon.status()?;
     let b = backend_status(&status, victim_addr)?;
     ensure!(b.state.starts_with("draining"), "state {}", b.state);
-    ensure!(b.active_flows > 0, "status shows no remaining flows on the draining server");
+    ensure!(
+        b.active_flows > 0,
+        "status shows no remaining flows on the draining server"
+    );
 
-    f.daemon.cli_ok(&["backend", "undrain", SERVICE, &victim_addr.to_string()])?;
+    f.daemon
+        .cli_ok(&["backend", "undrain", SERVICE, &victim_addr.to_string()])?;
     let mut reached = BTreeSet::new();
     for &client in &f.topology.client_addresses[40..60] {
         reached.insert(f.ask(client)?.server);
     }
-    ensure!(reached.contains(&victim), "after undrain no new client reached {victim}: {reached:?}");
+    ensure!(
+        reached.contains(&victim),
+        "after undrain no new client reached {victim}: {reached:?}"
+    );
     Ok(())
 }
 
@@ -104,21 +143,40 @@ fn drain_keeps_connections_and_affinities_and_stops_new_clients() -> Result<()> 
 /// clients get another server when they reconnect.
 #[test]
 fn drain_deadline_cuts_flows_and_affinities() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 15, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 15,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let conns = open_long_lived(&f, 15)?;
     let victim = busiest(&conns);
     let victim_addr = server_address(&f, &victim);
-    f.daemon.cli_ok(&["backend", "drain", SERVICE, &victim_addr.to_string(), "--deadline", "2"])?;
+    f.daemon.cli_ok(&[
+        "backend",
+        "drain",
+        SERVICE,
+        &victim_addr.to_string(),
+        "--deadline",
+        "2",
+    ])?;
     let started = Instant::now();
     wait_for(Duration::from_secs(10), "the drain to be cut", || {
         let status = f.daemon.status()?;
         let b = backend_status(&status, victim_addr)?;
         Ok(b.state == "drained" && b.active_flows == 0 && b.affinities == 0)
     })?;
-    ensure!(started.elapsed() >= Duration::from_millis(1500), "cut before the deadline");
+    ensure!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "cut before the deadline"
+    );
     for (client, _, server) in conns.iter().filter(|(_, _, s)| *s == victim) {
         let now = f.ask(*client)?.server;
-        ensure!(now != *server, "{client} still reached the drained {server}");
+        ensure!(
+            now != *server,
+            "{client} still reached the drained {server}"
+        );
     }
     Ok(())
 }
@@ -128,7 +186,11 @@ fn drain_deadline_cuts_flows_and_affinities() -> Result<()> {
 /// are flushed, only the clients that the table now maps to the new server move.
 #[test]
 fn adding_a_server_moves_only_its_share() -> Result<()> {
-    let spec = Spec { backends: 4, clients: 90, ..Spec::default() };
+    let spec = Spec {
+        backends: 4,
+        clients: 90,
+        ..Spec::default()
+    };
     let service = ServiceSpec::default();
     let f = Fixture::start(&spec, service.clone())?;
     let all = Fixture::addresses(&f.topology);
@@ -136,17 +198,29 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
     let before = f.servers_of(&f.topology.client_addresses[..60])?;
     let mut conns = open_long_lived(&f, 10)?;
 
-    f.daemon.cli_ok(&["backend", "add", SERVICE, &all[3].to_string()])?;
+    f.daemon
+        .cli_ok(&["backend", "add", SERVICE, &all[3].to_string()])?;
     for (client, conn, server) in &mut conns {
-        ensure!(conn.ask()?.server == *server, "{client}'s open connection moved");
+        ensure!(
+            conn.ask()?.server == *server,
+            "{client}'s open connection moved"
+        );
     }
     for (&c, server) in &before {
         let now = f.ask(c)?.server;
-        ensure!(&now == server, "{c} moved from {server} to {now} despite its affinity");
+        ensure!(
+            &now == server,
+            "{c} moved from {server} to {now} despite its affinity"
+        );
     }
-    let newcomers: BTreeSet<String> =
-        f.topology.client_addresses[60..].iter().map(|&c| f.ask(c).map(|r| r.server)).collect::<Result<_>>()?;
-    ensure!(newcomers.contains("fe4"), "no new client reached the added server: {newcomers:?}");
+    let newcomers: BTreeSet<String> = f.topology.client_addresses[60..]
+        .iter()
+        .map(|&c| f.ask(c).map(|r| r.server))
+        .collect::<Result<_>>()?;
+    ensure!(
+        newcomers.contains("fe4"),
+        "no new client reached the added server: {newcomers:?}"
+    );
 
     let removed = f.daemon.cli_ok(&["affinity", "flush", SERVICE])?;
     ensure!(removed.contains("affinities removed"), "{removed}");
@@ -167,7 +241,13 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
         health: Some(format!("{{ kind = \"tcp\", port = 5061, interval = {INTERVAL}, timeout = 0.3, rise = 2, fall = {FALL} }}")),
         ..ServiceSpec::default()
     };
-    let f = Fixture::start(&Spec { clients: 30, ..Spec::default() }, service)?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 30,
+            ..Spec::default()
+        },
+        service,
+    )?;
     let mut monitors: BTreeMap<String, Server> = f
         .topology
         .backends
@@ -175,17 +255,26 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
         .map(|b| Server::start(&b.ns, &b.name, b.address, 5061).map(|s| (b.name.clone(), s)))
         .collect::<Result<_>>()?;
     let before = f.servers_of(&f.topology.client_addresses)?;
-    wait_for(Duration::from_secs(10), "every server to pass a check", || {
-        Ok(f.daemon.status()?.services[0].backends.iter().all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
-    })?;
+    wait_for(
+        Duration::from_secs(10),
+        "every server to pass a check",
+        || {
+            Ok(f.daemon.status()?.services[0]
+                .backends
+                .iter()
+                .all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
+        },
+    )?;
 
     let victim = before.values().next().expect("clients").clone();
     let victim_addr = server_address(&f, &victim);
     let stopped = Instant::now();
     drop(monitors.remove(&victim));
-    wait_for(Duration::from_secs(10), "the server to be marked down", || {
-        Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "down")
-    })?;
+    wait_for(
+        Duration::from_secs(10),
+        "the server to be marked down",
+        || Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "down"),
+    )?;
     let took = stopped.elapsed();
     let limit = Duration::from_secs_f64(INTERVAL * f64::from(FALL) + 1.0);
     ensure!(took <= limit, "marked down after {took:?}, limit {limit:?}");
@@ -195,11 +284,27 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
         if *server == victim {
             ensure!(now != victim, "{client} still reached the failed {victim}");
         } else {
-            ensure!(now == *server, "{client} moved from healthy {server} to {now}");
+            ensure!(
+                now == *server,
+                "{client} moved from healthy {server} to {now}"
+            );
         }
     }
 
-    monitors.insert(victim.clone(), Server::start(&f.topology.backends.iter().find(|b| b.name == victim).unwrap().ns, &victim, victim_addr, 5061)?);
+    monitors.insert(
+        victim.clone(),
+        Server::start(
+            &f.topology
+                .backends
+                .iter()
+                .find(|b| b.name == victim)
+                .unwrap()
+                .ns,
+            &victim,
+            victim_addr,
+            5061,
+        )?,
+    );
     wait_for(Duration::from_secs(10), "the server to come back", || {
         Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "up")
     })?;
@@ -209,18 +314,38 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
 /// Expired flows and affinities are collected, and `lb status` reports table fill levels.
 #[test]
 fn expired_entries_are_collected() -> Result<()> {
-    let service = ServiceSpec { affinity_timeout: 1, ..ServiceSpec::default() };
-    let f = Fixture::start_with(&Spec { clients: 20, ..Spec::default() }, service, "gc_interval = 1\nclosing_timeout = 1\n")?;
+    let service = ServiceSpec {
+        affinity_timeout: 1,
+        ..ServiceSpec::default()
+    };
+    let f = Fixture::start_with(
+        &Spec {
+            clients: 20,
+            ..Spec::default()
+        },
+        service,
+        "gc_interval = 1\nclosing_timeout = 1\n",
+    )?;
     for &c in &f.topology.client_addresses {
         f.ask(c)?;
     }
-    wait_for(Duration::from_secs(15), "closed flows and idle affinities to be collected", || {
-        let t = f.daemon.status()?.tables;
-        // Two flow entries (one per direction) per connection, one affinity per client.
-        Ok(t.collected_flows >= 40 && t.collected_affinities >= 20 && t.flows.entries == 0 && t.affinities.entries == 0)
-    })?;
+    wait_for(
+        Duration::from_secs(15),
+        "closed flows and idle affinities to be collected",
+        || {
+            let t = f.daemon.status()?.tables;
+            // Two flow entries (one per direction) per connection, one affinity per client.
+            Ok(t.collected_flows >= 40
+                && t.collected_affinities >= 20
+                && t.flows.entries == 0
+                && t.affinities.entries == 0)
+        },
+    )?;
     let t = f.daemon.status()?.tables;
-    ensure!(t.flows.capacity == 65536 && t.affinities.capacity == 65536, "{t:?}");
+    ensure!(
+        t.flows.capacity == 65536 && t.affinities.capacity == 65536,
+        "{t:?}"
+    );
     ensure!(t.gc_passes_nearly_full == 0, "{t:?}");
     Ok(())
 }
@@ -228,7 +353,14 @@ fn expired_entries_are_collected() -> Result<()> {
 /// The Prometheus endpoint serves per-server and data-plane metrics.
 #[test]
 fn metrics_endpoint_reports_traffic() -> Result<()> {
-    let f = Fixture::start_with(&Spec { clients: 3, ..Spec::default() }, ServiceSpec::default(), "metrics_address = \"127.0.0.1:9120\"\n")?;
+    let f = Fixture::start_with(
+        &Spec {
+            clients: 3,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+        "metrics_address = \"127.0.0.1:9120\"\n",
+    )?;
     for &c in &f.topology.client_addresses {
         f.ask(c)?;
     }
@@ -241,14 +373,26 @@ fn metrics_endpoint_reports_traffic() -> Result<()> {
         s.read_to_string(&mut body)?;
         Ok(body)
     })??;
-    ensure!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
-    ensure!(body.contains("lb_new_flows_total{service=\"web-ext\"} 3"), "{body}");
-    ensure!(body.contains("lb_datapath_packets_total{outcome=\"redirect\"}"), "{body}");
-    ensure!(body.contains("lb_server_up{service=\"web-ext\",server=\"10.2.0.11:4443\"} 1"), "{body}");
+    ensure!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    ensure!(
+        body.contains("lb_new_flows_total{service=\"web-ext\"} 3"),
+        "{body}"
+    );
+    ensure!(
+        body.contains("lb_datapath_packets_total{outcome=\"redirect\"}"),
+        "{body}"
+    );
+    ensure!(
+        body.contains("lb_server_up{service=\"web-ext\",server=\"10.2.0.11:4443\"} 1"),
+        "{body}"
+    );
     Ok(())
 }
 
-fn affinities(f: &Fixture) -> Result<BTreeSet<(Ipv4Addr, Ipv4Addr)>> {
+fn affinities(f: &Fixture) -> Result<BTreeSet<(IpAddr, IpAddr)>> {
     let json = f.daemon.cli_ok(&["affinity", "list", SERVICE, "--json"])?;
     let records: Vec<AffinityRecord> = serde_json::from_str(&json)?;
     Ok(records.into_iter().map(|r| (r.client, r.backend)).collect())
@@ -258,25 +402,53 @@ fn affinities(f: &Fixture) -> Result<BTreeSet<(Ipv4Addr, Ipv4Addr)>> {
 /// open: they keep working, and affinities, flows and counters are unchanged.
 #[test]
 fn killed_daemon_restarts_without_breaking_sessions() -> Result<()> {
-    let mut f = Fixture::start(&Spec { clients: 12, ..Spec::default() }, ServiceSpec::default())?;
+    let mut f = Fixture::start(
+        &Spec {
+            clients: 12,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let mut conns = open_long_lived(&f, 12)?;
     let affinities_before = affinities(&f)?;
-    ensure!(affinities_before.len() == 12, "{} affinities", affinities_before.len());
+    ensure!(
+        affinities_before.len() == 12,
+        "{} affinities",
+        affinities_before.len()
+    );
     let new_flows_before = f.daemon.status()?.services[0].stats.new_flows;
 
     f.daemon.kill_and_restart()?;
-    ensure!(f.daemon.log().contains("adopted"), "the new daemon did not adopt the running data plane");
+    ensure!(
+        f.daemon.log().contains("adopted"),
+        "the new daemon did not adopt the running data plane"
+    );
 
     for (client, conn, server) in &mut conns {
-        let now = conn.ask().with_context(|| format!("{client}'s connection broke over the restart"))?.server;
-        ensure!(now == *server, "{client}'s connection moved from {server} to {now}");
+        let now = conn
+            .ask()
+            .with_context(|| format!("{client}'s connection broke over the restart"))?
+            .server;
+        ensure!(
+            now == *server,
+            "{client}'s connection moved from {server} to {now}"
+        );
     }
-    ensure!(affinities(&f)? == affinities_before, "affinities changed over the restart");
+    ensure!(
+        affinities(&f)? == affinities_before,
+        "affinities changed over the restart"
+    );
     for (client, _, server) in &conns {
-        ensure!(f.ask(*client)?.server == *server, "{client} reached another server after the restart");
+        ensure!(
+            f.ask(*client)?.server == *server,
+            "{client} reached another server after the restart"
+        );
     }
     let new_flows_after = f.daemon.status()?.services[0].stats.new_flows;
-    ensure!(new_flows_after == new_flows_before + 12, "counters restarted: {new_flows_before} -> {new_flows_after}");
+    ensure!(
+        new_flows_after == new_flows_before + 12,
+        "counters restarted: {new_flows_before} -> {new_flows_after}"
+    );
     Ok(())
 }
 
@@ -284,19 +456,39 @@ fn killed_daemon_restarts_without_breaking_sessions() -> Result<()> {
 /// and the added server present.
 #[test]
 fn runtime_changes_survive_a_restart() -> Result<()> {
-    let spec = Spec { backends: 4, clients: 2, ..Spec::default() };
+    let spec = Spec {
+        backends: 4,
+        clients: 2,
+        ..Spec::default()
+    };
     let service = ServiceSpec::default();
     let mut f = Fixture::start(&spec, service.clone())?;
     let all = Fixture::addresses(&f.topology);
     f.daemon.reload(&f.topology, &service.toml(&all[..3]))?;
-    f.daemon.cli_ok(&["backend", "add", SERVICE, &all[3].to_string(), "--weight", "3"])?;
-    f.daemon.cli_ok(&["backend", "drain", SERVICE, &all[0].to_string()])?;
-    f.daemon.cli_ok(&["backend", "remove", SERVICE, &all[1].to_string()])?;
+    f.daemon.cli_ok(&[
+        "backend",
+        "add",
+        SERVICE,
+        &all[3].to_string(),
+        "--weight",
+        "3",
+    ])?;
+    f.daemon
+        .cli_ok(&["backend", "drain", SERVICE, &all[0].to_string()])?;
+    f.daemon
+        .cli_ok(&["backend", "remove", SERVICE, &all[1].to_string()])?;
     f.daemon.kill_and_restart()?;
     let status = f.daemon.status()?;
-    let listed: BTreeMap<Ipv4Addr, (&str, u32)> =
-        status.services[0].backends.iter().map(|b| (b.address, (b.state.as_str(), b.weight))).collect();
-    ensure!(listed.len() == 3 && !listed.contains_key(&all[1]), "{listed:?}");
+    let listed: BTreeMap<IpAddr, (&str, u32)> = status.services[0]
+        .backends
+        .iter()
+        .map(|b| (b.address, (b.state.as_str(), b.weight)))
+        .collect();
+    let all: Vec<IpAddr> = all.into_iter().map(IpAddr::V4).collect();
+    ensure!(
+        listed.len() == 3 && !listed.contains_key(&all[1]),
+        "{listed:?}"
+    );
     ensure!(listed[&all[0]].0 == "draining", "{listed:?}");
     ensure!(listed[&all[3]] == ("up", 3), "{listed:?}");
     Ok(())
@@ -306,47 +498,88 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
 #[test]
 fn sighup_reloads_the_config() -> Result<()> {
     let service = ServiceSpec::default();
-    let f = Fixture::start(&Spec { backends: 2, clients: 1, ..Spec::default() }, service.clone())?;
+    let f = Fixture::start(
+        &Spec {
+            backends: 2,
+            clients: 1,
+            ..Spec::default()
+        },
+        service.clone(),
+    )?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon.write_services(&f.topology, &service.toml(&all[..1]))?;
+    f.daemon
+        .write_services(&f.topology, &service.toml(&all[..1]))?;
     f.daemon.signal(libc::SIGHUP)?;
-    wait_for(Duration::from_secs(10), "the reload to drop the second server", || {
-        Ok(f.daemon.status()?.services[0].backends.len() == 1)
-    })?;
+    wait_for(
+        Duration::from_secs(10),
+        "the reload to drop the second server",
+        || Ok(f.daemon.status()?.services[0].backends.len() == 1),
+    )?;
     Ok(())
 }
 
 /// Issue test 6: CLI errors are clear messages with a non-zero exit.
 #[test]
 fn cli_errors_are_clear() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 1,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let server = f.topology.backends[0].address.to_string();
     let cases: [(&[&str], &str); 6] = [
-        (&["backend", "drain", "nosuch", &server], "unknown service \"nosuch\""),
-        (&["backend", "drain", SERVICE, "10.2.0.99"], "has no backend 10.2.0.99"),
-        (&["backend", "drain", SERVICE, "10.2.0"], "invalid value '10.2.0'"),
+        (
+            &["backend", "drain", "nosuch", &server],
+            "unknown service \"nosuch\"",
+        ),
+        (
+            &["backend", "drain", SERVICE, "10.2.0.99"],
+            "has no backend 10.2.0.99",
+        ),
+        (
+            &["backend", "drain", SERVICE, "10.2.0"],
+            "invalid value '10.2.0'",
+        ),
         (&["backend", "undrain", SERVICE, &server], "is not draining"),
         (&["backend", "add", SERVICE, &server], "already has backend"),
-        (&["affinity", "flush", SERVICE, "--backend", "10.9.9.9"], "has no backend 10.9.9.9"),
+        (
+            &["affinity", "flush", SERVICE, "--backend", "10.9.9.9"],
+            "has no backend 10.9.9.9",
+        ),
     ];
     for (args, expected) in cases {
         let out = f.daemon.cli(args)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "`lb {}` succeeded", args.join(" "));
-        ensure!(stderr.contains(expected), "`lb {}` said {stderr:?}, expected {expected:?}", args.join(" "));
+        ensure!(
+            stderr.contains(expected),
+            "`lb {}` said {stderr:?}, expected {expected:?}",
+            args.join(" ")
+        );
     }
     let out = std::process::Command::new(harness::daemon::lb_binary()?)
         .args(["--socket", "/run/lb-no-such-daemon.sock", "status"])
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success() && stderr.contains("cannot reach the lb daemon"), "{stderr}");
+    ensure!(
+        !out.status.success() && stderr.contains("cannot reach the lb daemon"),
+        "{stderr}"
+    );
     Ok(())
 }
 
 /// Issue test 7: malformed, oversized and hung control clients do not wedge the daemon.
 #[test]
 fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 1, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 1,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let socket = &f.daemon.socket;
 
     // One request line, the daemon's whole answer.
@@ -358,7 +591,10 @@ fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
         stream.read_to_string(&mut reply)?;
         Ok(reply)
     };
-    for request in [&b"this is not json\n"[..], b"{\"request\":\"format-disk\"}\n"] {
+    for request in [
+        &b"this is not json\n"[..],
+        b"{\"request\":\"format-disk\"}\n",
+    ] {
         let reply = exchange(request)?;
         ensure!(reply.contains("malformed request"), "{reply}");
     }
@@ -373,9 +609,18 @@ fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
     drop(UnixStream::connect(socket)?);
 
     let started = Instant::now();
-    f.daemon.status().context("status while hung clients are connected")?;
-    ensure!(started.elapsed() < Duration::from_secs(2), "status took {:?}", started.elapsed());
-    ensure!(f.ask(f.topology.client_addresses[0]).is_ok(), "data plane affected");
+    f.daemon
+        .status()
+        .context("status while hung clients are connected")?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "status took {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        f.ask(f.topology.client_addresses[0]).is_ok(),
+        "data plane affected"
+    );
     Ok(())
 }
 
@@ -383,16 +628,27 @@ fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
 /// into the daemon's log; `lb debug off` silences it again. Off at start.
 #[test]
 fn data_plane_debug_log_switches_at_run_time() -> Result<()> {
-    let f = Fixture::start(&Spec { clients: 4, ..Spec::default() }, ServiceSpec::default())?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 4,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+    )?;
     let [quiet, loud, after, marker] = [0, 1, 2, 3].map(|i| f.topology.client_addresses[i]);
     let logged = |client: Ipv4Addr| f.daemon.log().contains(&format!("new flow {client}:"));
 
     f.ask(quiet)?;
-    ensure!(!f.daemon.status()?.debug_log, "debug logging must be off at start");
+    ensure!(
+        !f.daemon.status()?.debug_log,
+        "debug logging must be off at start"
+    );
     f.daemon.cli_ok(&["debug", "on"])?;
     ensure!(f.daemon.status()?.debug_log);
     f.ask(loud)?;
-    wait_for(Duration::from_secs(5), "the new flow to be logged", || Ok(logged(loud)))?;
+    wait_for(Duration::from_secs(5), "the new flow to be logged", || {
+        Ok(logged(loud))
+    })?;
     ensure!(f.daemon.log().contains("(maglev)"), "{}", f.daemon.log());
 
     f.daemon.cli_ok(&["debug", "off"])?;
@@ -401,7 +657,11 @@ fn data_plane_debug_log_switches_at_run_time() -> Result<()> {
     // would already be there.
     f.daemon.cli_ok(&["debug", "on"])?;
     f.ask(marker)?;
-    wait_for(Duration::from_secs(5), "the marker flow to be logged", || Ok(logged(marker)))?;
+    wait_for(
+        Duration::from_secs(5),
+        "the marker flow to be logged",
+        || Ok(logged(marker)),
+    )?;
     ensure!(!logged(quiet) && !logged(after), "{}", f.daemon.log());
     Ok(())
 }

@@ -41,10 +41,22 @@ enum Task {
 /// offloads; iputils-ping: the non-VIP test; bpftool: inspecting maps by hand).
 const RUNTIME_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "bpftool"];
 /// Debian's Rust toolchain that ships its own library source (`-Z build-std=core` needs it).
-const DEBIAN_RUST_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "zlib1g-dev", "libzstd-dev"];
+const DEBIAN_RUST_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the benchmarks compare lb with and serve from, plus the plot's font.
-const BENCH_PACKAGES: &[&str] = &["nginx", "nftables", "conntrack", "haproxy", "fonts-dejavu-core"];
+const BENCH_PACKAGES: &[&str] = &[
+    "nginx",
+    "nftables",
+    "conntrack",
+    "haproxy",
+    "fonts-dejavu-core",
+];
 
 fn main() -> Result<()> {
     match Cli::parse().command {
@@ -61,14 +73,27 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup()?;
             build()?;
-            run(cargo().args(["test", "--workspace"]).args(&args).env("LB_BIN", lb_binary()))
+            run(cargo()
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("LB_BIN", lb_binary()))
         }
         Task::Bench { quick } => {
             setup()?.ensure(BENCH_PACKAGES)?;
-            run(cargo().args(["build", "--release", "-p", "lb-user", "-p", "lb-tests", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "lb-user",
+                "-p",
+                "lb-tests",
+                "--bins",
+            ]))?;
             let release = workspace().join("target/release");
             let mut bench = Command::new(release.join("lb-bench"));
-            bench.current_dir(workspace()).env("LB_BIN", release.join("lb"));
+            bench
+                .current_dir(workspace())
+                .env("LB_BIN", release.join("lb"));
             if quick {
                 bench.arg("--quick");
             }
@@ -78,7 +103,10 @@ fn main() -> Result<()> {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn lb_binary() -> PathBuf {
@@ -92,7 +120,9 @@ fn cargo() -> Command {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -101,7 +131,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn build() -> Result<()> {
@@ -117,7 +149,12 @@ fn setup() -> Result<Apt> {
     if nightly {
         // The usual aya path (developer machines with internet): rustup nightly + rust-src.
         if output("bpf-linker", &["--version"]).is_none() {
-            run(Command::new("cargo").args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION]))?;
+            run(Command::new("cargo").args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ]))?;
         }
     } else {
         apt.ensure(DEBIAN_RUST_PACKAGES)?;
@@ -136,7 +173,12 @@ fn debian_rustc_llvm_major() -> Result<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .context("no LLVM version in `rustc -vV`")?;
-    version.split('.').next().unwrap_or_default().parse().context("unreadable LLVM version")
+    version
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .context("unreadable LLVM version")
 }
 
 /// bpf-linker must be built against the same LLVM major as the rustc that feeds it; a stamp
@@ -144,19 +186,40 @@ fn debian_rustc_llvm_major() -> Result<u32> {
 fn ensure_bpf_linker(llvm: u32) -> Result<()> {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
     let stamp = home.join(".lb-bpf-linker-llvm");
     let stamped = std::fs::read_to_string(&stamp).ok();
     let installed = output("bpf-linker", &["--version"]).is_some();
-    if installed && stamped.as_deref().is_none_or(|s| s.trim() == llvm.to_string()) {
+    if installed
+        && stamped
+            .as_deref()
+            .is_none_or(|s| s.trim() == llvm.to_string())
+    {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (about a minute)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (about a minute)"
+    );
     let llvm_dir = format!("/usr/lib/llvm-{llvm}");
-    let path = format!("{llvm_dir}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{llvm_dir}/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm}"),
+        ])
         .env("PATH", path)
         .env(format!("LLVM_SYS_{llvm}1_PREFIX"), &llvm_dir))?;
     std::fs::write(&stamp, llvm.to_string()).context("write bpf-linker stamp")
@@ -164,7 +227,10 @@ fn ensure_bpf_linker(llvm: u32) -> Result<()> {
 
 fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
@@ -182,7 +248,8 @@ impl Apt {
             .iter()
             .copied()
             .filter(|p| {
-                !output("dpkg-query", &["-W", "-f=${Status}", p]).is_some_and(|s| s.contains("install ok installed"))
+                !output("dpkg-query", &["-W", "-f=${Status}", p])
+                    .is_some_and(|s| s.contains("install ok installed"))
             })
             .collect();
         if missing.is_empty() {

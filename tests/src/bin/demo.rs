@@ -18,7 +18,10 @@ const CONNECTIONS_PER_CLIENT: usize = 8;
 
 fn main() -> Result<()> {
     println!("lb demo: external Web Services VIP {VIP}:443 -> 3 Front End servers on :4443, source affinity\n");
-    let spec = Spec { clients: CLIENTS, ..Spec::default() };
+    let spec = Spec {
+        clients: CLIENTS,
+        ..Spec::default()
+    };
     let started = Instant::now();
     let f = Fixture::start(&spec, ServiceSpec::default())?;
     println!(
@@ -27,7 +30,12 @@ fn main() -> Result<()> {
         f.topology.client_addresses.len(),
         f.topology.lb_interfaces,
         f.topology.snat_addresses,
-        f.topology.backends.iter().map(|b| format!("{}={}", b.name, b.address)).collect::<Vec<_>>().join(" "),
+        f.topology
+            .backends
+            .iter()
+            .map(|b| format!("{}={}", b.name, b.address))
+            .collect::<Vec<_>>()
+            .join(" "),
     );
 
     let started = Instant::now();
@@ -42,19 +50,37 @@ fn main() -> Result<()> {
         }
     }
     let total = CLIENTS * CONNECTIONS_PER_CLIENT;
-    println!("{total} connections (HTTP GET to {VIP}:443) in {:.2?}\n", started.elapsed());
+    println!(
+        "{total} connections (HTTP GET to {VIP}:443) in {:.2?}\n",
+        started.elapsed()
+    );
 
     let mut table = Table::new();
     table.load_preset(UTF8_FULL).set_header([
-        "server", "clients", "connections", "clients that always came back here", "sample clients",
+        "server",
+        "clients",
+        "connections",
+        "clients that always came back here",
+        "sample clients",
     ]);
     let mut broken = Vec::new();
     for b in &f.topology.backends {
         let mine: Vec<(&Ipv4Addr, &Vec<String>)> =
             per_client.iter().filter(|(_, s)| s[0] == b.name).collect();
-        let connections: usize = per_client.values().flatten().filter(|s| **s == b.name).count();
-        let loyal = mine.iter().filter(|(_, s)| s.iter().all(|x| *x == b.name)).count();
-        broken.extend(mine.iter().filter(|(_, s)| s.iter().any(|x| *x != b.name)).map(|(c, _)| **c));
+        let connections: usize = per_client
+            .values()
+            .flatten()
+            .filter(|s| **s == b.name)
+            .count();
+        let loyal = mine
+            .iter()
+            .filter(|(_, s)| s.iter().all(|x| *x == b.name))
+            .count();
+        broken.extend(
+            mine.iter()
+                .filter(|(_, s)| s.iter().any(|x| *x != b.name))
+                .map(|(c, _)| **c),
+        );
         let sample: Vec<String> = mine.iter().take(3).map(|(c, _)| c.to_string()).collect();
         table.add_row([
             format!("{} ({}:4443)", b.name, b.address),

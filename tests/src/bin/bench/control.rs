@@ -56,7 +56,13 @@ fn members(n: usize, weighted: bool) -> Vec<Member> {
     (0..n)
         .map(|i| Member {
             id: i as u32,
-            identity: (u64::from(u32::from(Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1))) << 16) | 4443,
+            identity: (u64::from(u32::from(Ipv4Addr::new(
+                10,
+                2,
+                (i / 250) as u8,
+                (i % 250) as u8 + 1,
+            ))) << 16)
+                | 4443,
             // Weighted pools: every third server twice as big.
             weight: if weighted && i % 3 == 0 { 2 } else { 1 },
         })
@@ -87,13 +93,19 @@ pub fn maglev(rounds: usize) -> Vec<MaglevPoint> {
             let ratios: Vec<f64> = pool
                 .iter()
                 .map(|m| {
-                    let fair = f64::from(MAGLEV_SIZE) * f64::from(m.weight) / f64::from(total_weight);
+                    let fair =
+                        f64::from(MAGLEV_SIZE) * f64::from(m.weight) / f64::from(total_weight);
                     slots.get(&m.id).copied().unwrap_or(0) as f64 / fair
                 })
                 .collect();
             let without_one = build(&pool[1..], MAGLEV_SIZE);
             let mut plus_one = pool.clone();
-            plus_one.extend(members(n + 1, weighted).last().copied().map(|m| Member { id: n as u32, ..m }));
+            plus_one.extend(
+                members(n + 1, weighted)
+                    .last()
+                    .copied()
+                    .map(|m| Member { id: n as u32, ..m }),
+            );
             let with_one_more = build(&plus_one, MAGLEV_SIZE);
             points.push(MaglevPoint {
                 backends: n,
@@ -127,10 +139,21 @@ pub fn health(rounds: usize) -> Result<Health> {
         health: Some(format!("{{ kind = \"tcp\", port = 5061, interval = {INTERVAL}, timeout = 0.3, rise = 1, fall = {FALL} }}")),
         ..ServiceSpec::default()
     };
-    let f = Fixture::start(&Spec { clients: 60, ..Spec::default() }, service)?;
+    let f = Fixture::start(
+        &Spec {
+            clients: 60,
+            ..Spec::default()
+        },
+        service,
+    )?;
     let state_of = |address: Ipv4Addr| -> Result<String> {
         let status = f.daemon.status()?;
-        Ok(status.services[0].backends.iter().find(|b| b.address == address).map(|b| b.state.clone()).unwrap_or_default())
+        Ok(status.services[0]
+            .backends
+            .iter()
+            .find(|b| b.address == address)
+            .map(|b| b.state.clone())
+            .unwrap_or_default())
     };
     let (mut detection, mut drain_ms) = (Vec::new(), Vec::new());
     let (mut reached, mut checked) = (0, 0);
@@ -138,35 +161,60 @@ pub fn health(rounds: usize) -> Result<Health> {
     for round in 0..rounds {
         for b in &f.topology.backends {
             if !monitors.contains_key(&b.name) {
-                monitors.insert(b.name.clone(), Server::start(&b.ns, &b.name, b.address, 5061)?);
+                monitors.insert(
+                    b.name.clone(),
+                    Server::start(&b.ns, &b.name, b.address, 5061)?,
+                );
             }
         }
         let victim = &f.topology.backends[round % f.topology.backends.len()];
-        wait_for(Duration::from_secs(10), || Ok(state_of(victim.address)? == "up"
-            && f.daemon.status()?.services[0].backends.iter().all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok")))))?;
+        wait_for(Duration::from_secs(10), || {
+            Ok(state_of(victim.address)? == "up"
+                && f.daemon.status()?.services[0]
+                    .backends
+                    .iter()
+                    .all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
+        })?;
         let clients = f.servers_of(&f.topology.client_addresses)?;
-        let victims_clients: Vec<Ipv4Addr> =
-            clients.iter().filter(|(_, s)| **s == victim.name).map(|(c, _)| *c).collect();
-        ensure!(!victims_clients.is_empty(), "no client reached {}", victim.name);
+        let victims_clients: Vec<Ipv4Addr> = clients
+            .iter()
+            .filter(|(_, s)| **s == victim.name)
+            .map(|(c, _)| *c)
+            .collect();
+        ensure!(
+            !victims_clients.is_empty(),
+            "no client reached {}",
+            victim.name
+        );
 
         // Drain: the command returns after the table swap; new connections must already
         // avoid the server. Affinities are flushed so the check tests the table alone.
         let start = Instant::now();
-        f.daemon.cli_ok(&["backend", "drain", "web-ext", &victim.address.to_string()])?;
+        f.daemon
+            .cli_ok(&["backend", "drain", "web-ext", &victim.address.to_string()])?;
         drain_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        f.daemon.cli_ok(&["affinity", "flush", "web-ext", "--backend", &victim.address.to_string()])?;
+        f.daemon.cli_ok(&[
+            "affinity",
+            "flush",
+            "web-ext",
+            "--backend",
+            &victim.address.to_string(),
+        ])?;
         for &c in &victims_clients {
             checked += 1;
             if f.ask(c)?.server == victim.name {
                 reached += 1;
             }
         }
-        f.daemon.cli_ok(&["backend", "undrain", "web-ext", &victim.address.to_string()])?;
+        f.daemon
+            .cli_ok(&["backend", "undrain", "web-ext", &victim.address.to_string()])?;
 
         // Health: close the monitored port (the service port stays up).
         let stopped = Instant::now();
         monitors.remove(&victim.name);
-        wait_for(Duration::from_secs(15), || Ok(state_of(victim.address)? == "down"))?;
+        wait_for(Duration::from_secs(15), || {
+            Ok(state_of(victim.address)? == "down")
+        })?;
         detection.push(stopped.elapsed().as_secs_f64());
     }
     Ok(Health {

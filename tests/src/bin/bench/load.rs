@@ -47,7 +47,10 @@ pub struct Outcome {
 /// Runs `load` from the calling thread's network namespace (the runtime's threads are
 /// created from it and inherit it).
 pub fn run(load: &Load) -> Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(drive(load))
 }
 
@@ -59,8 +62,18 @@ async fn drive(load: &Load) -> Result<Outcome> {
     let mut workers = Vec::new();
     for w in 0..load.concurrency {
         let (completed, errors) = (completed.clone(), errors.clone());
-        let sources: Vec<Ipv4Addr> = load.sources.iter().copied().skip(w).step_by(load.concurrency).collect();
-        let sources = if sources.is_empty() { vec![load.sources[w % load.sources.len()]] } else { sources };
+        let sources: Vec<Ipv4Addr> = load
+            .sources
+            .iter()
+            .copied()
+            .skip(w)
+            .step_by(load.concurrency)
+            .collect();
+        let sources = if sources.is_empty() {
+            vec![load.sources[w % load.sources.len()]]
+        } else {
+            sources
+        };
         let (target, mode) = (load.target, load.mode);
         workers.push(tokio::spawn(async move {
             let mut turn = 0usize;
@@ -159,7 +172,10 @@ fn response_length(data: &[u8]) -> Option<usize> {
     let headers = std::str::from_utf8(&data[..header_end]).ok()?;
     let length = headers
         .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: ").or_else(|| l.strip_prefix("content-length: ")))?
+        .find_map(|l| {
+            l.strip_prefix("Content-Length: ")
+                .or_else(|| l.strip_prefix("content-length: "))
+        })?
         .trim()
         .parse::<usize>()
         .ok()?;
@@ -172,7 +188,10 @@ mod tests {
 
     #[test]
     fn response_length_needs_headers_and_reads_content_length() {
-        assert_eq!(response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"), None);
+        assert_eq!(
+            response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"),
+            None
+        );
         let full = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\n\r\nok\n";
         assert_eq!(response_length(full), Some(full.len()));
     }

@@ -30,15 +30,33 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let (cost_plan, veth_plan, maglev_rounds, health_rounds) = if quick {
         (
-            packet_cost::Plan { rounds: 3, calls: 2_000, scale_flows: vec![1_000, 100_000, 1_000_000] },
-            veth::Plan { rounds: 1, duration: Duration::from_secs(3), concurrency: 48, clients: 60 },
+            packet_cost::Plan {
+                rounds: 3,
+                calls: 2_000,
+                scale_flows: vec![1_000, 100_000, 1_000_000],
+            },
+            veth::Plan {
+                rounds: 1,
+                duration: Duration::from_secs(3),
+                concurrency: 48,
+                clients: 60,
+            },
             3,
             1,
         )
     } else {
         (
-            packet_cost::Plan { rounds: 7, calls: 20_000, scale_flows: vec![1_000, 100_000, 1_000_000] },
-            veth::Plan { rounds: 3, duration: Duration::from_secs(8), concurrency: 48, clients: 60 },
+            packet_cost::Plan {
+                rounds: 7,
+                calls: 20_000,
+                scale_flows: vec![1_000, 100_000, 1_000_000],
+            },
+            veth::Plan {
+                rounds: 3,
+                duration: Duration::from_secs(8),
+                concurrency: 48,
+                clients: 60,
+            },
             9,
             3,
         )
@@ -62,9 +80,15 @@ fn main() -> Result<()> {
     };
     let dir = Path::new("bench");
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     plot::packet_cost(&results.packet_cost, &dir.join("packet-cost.png")).context("plot")?;
     std::fs::write("BENCHMARKS.md", report::markdown(&results))?;
-    eprintln!("wrote BENCHMARKS.md, bench/results.json, bench/packet-cost.png in {:.0} s", results.total_seconds);
+    eprintln!(
+        "wrote BENCHMARKS.md, bench/results.json, bench/packet-cost.png in {:.0} s",
+        results.total_seconds
+    );
     Ok(())
 }

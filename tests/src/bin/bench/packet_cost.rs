@@ -9,7 +9,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{ensure, Context, Result};
 use aya::{programs::Xdp, Ebpf};
-use harness::packet::{run_once, TcpFrame, LAB_BACKEND, LAB_CLIENT, LAB_INTERFACE, LAB_SNAT, LAB_VIP};
+use harness::packet::{
+    run_once, TcpFrame, LAB_BACKEND, LAB_CLIENT, LAB_INTERFACE, LAB_SNAT, LAB_VIP,
+};
 use lb::{
     config::Config,
     dataplane::{ifindex, Capacity, Dataplane, BASELINE_OBJECT},
@@ -18,7 +20,7 @@ use lb::{
 };
 use serde::Serialize;
 
-use crate::stats::{Summary, median};
+use crate::stats::{median, Summary};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -59,7 +61,9 @@ pub struct PacketCost {
 }
 
 fn config(snat_addresses: u32) -> Result<Config> {
-    let snat: Vec<String> = (0..snat_addresses).map(|i| format!("\"{}\"", snat_address(i))).collect();
+    let snat: Vec<String> = (0..snat_addresses)
+        .map(|i| format!("\"{}\"", snat_address(i)))
+        .collect();
     Config::parse(&format!(
         r#"
 [daemon]
@@ -93,7 +97,13 @@ fn vip() -> SocketAddrV4 {
 }
 
 fn ack(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
-    TcpFrame { syn: false, ack: true, payload: vec![0; 10], ..TcpFrame::syn(src, dst) }.bytes()
+    TcpFrame {
+        syn: false,
+        ack: true,
+        payload: vec![0; 10],
+        ..TcpFrame::syn(src, dst)
+    }
+    .bytes()
 }
 
 /// lb loaded with a fresh set of maps and one service, in the lab namespace.
@@ -104,9 +114,19 @@ struct Lb {
 
 impl Lb {
     fn load(table_entries: u32) -> Result<Self> {
-        let mut dp = Dataplane::load(Capacity { max_flows: table_entries, max_affinities: table_entries }, None)?;
+        let mut dp = Dataplane::load(
+            Capacity {
+                max_flows: table_entries,
+                max_half_open: table_entries,
+                max_affinities: table_entries,
+            },
+            None,
+        )?;
         Pool::new(config(SNAT_ADDRESSES)?, Overlay::default(), None).sync(&mut dp)?;
-        Ok(Self { dp, ingress: ifindex(LAB_INTERFACE)? })
+        Ok(Self {
+            dp,
+            ingress: ifindex(LAB_INTERFACE)?,
+        })
     }
 
     fn program(&self) -> Result<&Xdp> {
@@ -116,13 +136,29 @@ impl Lb {
     /// Opens a connection from `client` and returns the server side's address for it.
     fn open(&self, client: SocketAddrV4) -> Result<SocketAddrV4> {
         let mut out = vec![0u8; 256];
-        let r = run_once(self.program()?, &TcpFrame::syn(client, vip()).bytes(), self.ingress, &mut out)?;
+        let r = run_once(
+            self.program()?,
+            &TcpFrame::syn(client, vip()).bytes(),
+            self.ingress,
+            &mut out,
+        )?;
         if r.return_value != XDP_TX {
-            let counters: Vec<_> = self.dp.counters()?.into_iter().filter(|(c, v)| *v != 0 && c.is_verdict()).collect();
-            anyhow::bail!("SYN from {client} not forwarded (action {}; counters {counters:?})", r.return_value);
+            let counters: Vec<_> = self
+                .dp
+                .counters()?
+                .into_iter()
+                .filter(|(c, v)| *v != 0 && c.is_verdict())
+                .collect();
+            anyhow::bail!(
+                "SYN from {client} not forwarded (action {}; counters {counters:?})",
+                r.return_value
+            );
         }
         let p = harness::packet::parse_verified(&out[..r.data_size_out as usize])?;
-        Ok(SocketAddrV4::new(Ipv4Addr::from(p.ip.source), p.tcp.source_port))
+        Ok(SocketAddrV4::new(
+            Ipv4Addr::from(p.ip.source),
+            p.tcp.source_port,
+        ))
     }
 }
 
@@ -152,7 +188,11 @@ fn time_calls(program: &Xdp, frames: &[Vec<u8>], ingress: u32, action: u32) -> R
     let mut ns = Vec::with_capacity(frames.len());
     for frame in frames {
         let r = run_once(program, frame, ingress, &mut out)?;
-        ensure!(r.return_value == action, "action {} instead of {action}", r.return_value);
+        ensure!(
+            r.return_value == action,
+            "action {} instead of {action}",
+            r.return_value
+        );
         ns.push(r.duration.as_nanos() as f64);
     }
     Ok(median(&mut ns))
@@ -182,17 +222,27 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
         let client = SocketAddrV4::new(LAB_CLIENT, 40000);
         let server_side = lb.open(client)?;
         let established = vec![ack(client, vip()); plan.calls];
-        let reverse = vec![ack(SocketAddrV4::new(LAB_BACKEND, BACKEND_PORT), server_side); plan.calls];
+        let reverse =
+            vec![ack(SocketAddrV4::new(LAB_BACKEND, BACKEND_PORT), server_side); plan.calls];
         // Same client address (its affinity exists), a new source port each call.
         let affinity_hits: Vec<Vec<u8>> = (0..plan.calls)
-            .map(|i| TcpFrame::syn(SocketAddrV4::new(LAB_CLIENT, 1024 + (i % 60000) as u16), vip()).bytes())
+            .map(|i| {
+                TcpFrame::syn(
+                    SocketAddrV4::new(LAB_CLIENT, 1024 + (i % 60000) as u16),
+                    vip(),
+                )
+                .bytes()
+            })
             .collect();
         // A new client address each call: no affinity, so the Maglev table decides.
         let offset = round * plan.calls;
         let maglev: Vec<Vec<u8>> = (0..plan.calls)
-            .map(|i| TcpFrame::syn(SocketAddrV4::new(client_address(offset + i), 40000), vip()).bytes())
+            .map(|i| {
+                TcpFrame::syn(SocketAddrV4::new(client_address(offset + i), 40000), vip()).bytes()
+            })
             .collect();
-        let foreign = vec![ack(client, SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 443)); plan.calls];
+        let foreign =
+            vec![ack(client, SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 443)); plan.calls];
         let syn = TcpFrame::syn(client, vip()).bytes();
         let truncated = vec![syn[..14 + 20 + 10].to_vec(); plan.calls];
 
@@ -218,14 +268,25 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
     let paths = paths
         .iter()
         .zip(&per_round)
-        .map(|(path, rounds)| PathCost { path, per_call: Summary::of(rounds), net: Summary::of(&net(rounds, &pass_rounds)) })
+        .map(|(path, rounds)| PathCost {
+            path,
+            per_call: Summary::of(rounds),
+            net: Summary::of(&net(rounds, &pass_rounds)),
+        })
         .collect();
 
     let mut scale = Vec::new();
     for &flows in &plan.scale_flows {
-        scale.push(scale_point(plan, flows, &baselines).with_context(|| format!("scale {flows} flows"))?);
+        scale.push(
+            scale_point(plan, flows, &baselines).with_context(|| format!("scale {flows} flows"))?,
+        );
     }
-    Ok(PacketCost { calls_per_round: plan.calls, rounds: plan.rounds, paths, scale })
+    Ok(PacketCost {
+        calls_per_round: plan.calls,
+        rounds: plan.rounds,
+        paths,
+        scale,
+    })
 }
 
 fn net(rounds: &[f64], pass: &[f64]) -> Vec<f64> {
@@ -244,12 +305,26 @@ fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<Scale
     }
     let mut rng = crate::stats::Rng::new(flows as u64);
     let frames: Vec<Vec<u8>> = (0..plan.calls)
-        .map(|_| ack(SocketAddrV4::new(client_address(rng.below(flows)), 40000), vip()))
+        .map(|_| {
+            ack(
+                SocketAddrV4::new(client_address(rng.below(flows)), 40000),
+                vip(),
+            )
+        })
         .collect();
     let (mut lb_rounds, mut pass_rounds) = (Vec::new(), Vec::new());
     for _ in 0..plan.rounds {
-        pass_rounds.push(time_calls(baselines.program("xdp_pass")?, &frames, lb.ingress, XDP_PASS)?);
+        pass_rounds.push(time_calls(
+            baselines.program("xdp_pass")?,
+            &frames,
+            lb.ingress,
+            XDP_PASS,
+        )?);
         lb_rounds.push(time_calls(lb.program()?, &frames, lb.ingress, XDP_TX)?);
     }
-    Ok(ScalePoint { flows, per_call: Summary::of(&lb_rounds), net: Summary::of(&net(&lb_rounds, &pass_rounds)) })
+    Ok(ScalePoint {
+        flows,
+        per_call: Summary::of(&lb_rounds),
+        net: Summary::of(&net(&lb_rounds, &pass_rounds)),
+    })
 }

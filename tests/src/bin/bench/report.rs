@@ -41,10 +41,16 @@ impl Machine {
         let dirty = !command("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
         Self {
             cpu,
-            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
             memory_gib: kib / 1024.0 / 1024.0,
             kernel: command("uname", &["-r"]),
-            commit: format!("{}{}", command("git", &["rev-parse", "--short", "HEAD"]), if dirty { " (with local changes)" } else { "" }),
+            commit: format!(
+                "{}{}",
+                command("git", &["rev-parse", "--short", "HEAD"]),
+                if dirty { " (with local changes)" } else { "" }
+            ),
             date: command("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         }
     }
@@ -97,8 +103,16 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(out, "| path | ns per call | net ns | per call ÷ MAC swap |");
     let _ = writeln!(out, "|---|---:|---:|---:|");
     for p in &c.paths {
-        let r = swap.map(|s| ratio(p.per_call.median, s.per_call.median)).unwrap_or_default();
-        let _ = writeln!(out, "| {} | {} | {} | {r} |", p.path, spread(&p.per_call, 0), spread(&p.net, 0));
+        let r = swap
+            .map(|s| ratio(p.per_call.median, s.per_call.median))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {r} |",
+            p.path,
+            spread(&p.per_call, 0),
+            spread(&p.net, 0)
+        );
     }
     let _ = writeln!(
         out,
@@ -114,7 +128,13 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(out, "| live connections | ns per call | net ns |");
     let _ = writeln!(out, "|---:|---:|---:|");
     for s in &c.scale {
-        let _ = writeln!(out, "| {} | {} | {} |", s.flows, spread(&s.per_call, 0), spread(&s.net, 0));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            s.flows,
+            spread(&s.per_call, 0),
+            spread(&s.net, 0)
+        );
     }
 
     let v = &r.veth;
@@ -145,12 +165,22 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let fig = |b: Balancer| v.figures.iter().find(|f| f.balancer == b);
-    if let (Some(lb), Some(nft), Some(ha), Some(route)) =
-        (fig(Balancer::Lb), fig(Balancer::Nftables), fig(Balancer::Haproxy), fig(Balancer::Routing))
-    {
-        let _ = writeln!(out, "\n| ratio | new connections/s | kept-alive requests/s |");
+    if let (Some(lb), Some(nft), Some(ha), Some(route)) = (
+        fig(Balancer::Lb),
+        fig(Balancer::Nftables),
+        fig(Balancer::Haproxy),
+        fig(Balancer::Routing),
+    ) {
+        let _ = writeln!(
+            out,
+            "\n| ratio | new connections/s | kept-alive requests/s |"
+        );
         let _ = writeln!(out, "|---|---:|---:|");
-        for (name, other) in [("lb / nftables", nft), ("lb / HAProxy", ha), ("lb / plain routing", route)] {
+        for (name, other) in [
+            ("lb / nftables", nft),
+            ("lb / HAProxy", ha),
+            ("lb / plain routing", route),
+        ] {
             let _ = writeln!(
                 out,
                 "| {name} | {} | {} |",

@@ -13,7 +13,11 @@ impl Summary {
     pub fn of(values: &[f64]) -> Self {
         let mut sorted = values.to_vec();
         let median = median(&mut sorted);
-        Self { median, min: sorted.first().copied().unwrap_or(f64::NAN), max: sorted.last().copied().unwrap_or(f64::NAN) }
+        Self {
+            median,
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            max: sorted.last().copied().unwrap_or(f64::NAN),
+        }
     }
 }
 

@@ -37,7 +37,12 @@ pub enum Balancer {
 }
 
 impl Balancer {
-    pub const ALL: [Balancer; 4] = [Balancer::Routing, Balancer::Lb, Balancer::Nftables, Balancer::Haproxy];
+    pub const ALL: [Balancer; 4] = [
+        Balancer::Routing,
+        Balancer::Lb,
+        Balancer::Nftables,
+        Balancer::Haproxy,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -103,7 +108,10 @@ fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> Result<Process> {
 fn wait_listening(ns: &Netns, address: SocketAddrV4) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
-        if ns.run(|| std::net::TcpStream::connect_timeout(&address.into(), Duration::from_millis(200)).is_ok())? {
+        if ns.run(|| {
+            std::net::TcpStream::connect_timeout(&address.into(), Duration::from_millis(200))
+                .is_ok()
+        })? {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -132,7 +140,11 @@ fn start_nginx(topology: &Topology, dir: &std::path::Path) -> Result<Vec<Process
         )?;
         let conf = conf.display().to_string();
         let prefix = prefix.display().to_string();
-        processes.push(spawn_in(&b.ns, "nginx", &["-p", &prefix, "-c", &conf, "-g", "daemon off;"])?);
+        processes.push(spawn_in(
+            &b.ns,
+            "nginx",
+            &["-p", &prefix, "-c", &conf, "-g", "daemon off;"],
+        )?);
     }
     for b in &topology.backends {
         wait_listening(&topology.client, SocketAddrV4::new(b.address, SERVER_PORT))
@@ -145,7 +157,9 @@ fn start_nginx(topology: &Topology, dir: &std::path::Path) -> Result<Vec<Process
 enum Active {
     Routing,
     /// The daemon; dropping it stops it and removes its pinned data plane.
-    Lb { _daemon: Box<Daemon> },
+    Lb {
+        _daemon: Box<Daemon>,
+    },
     Nftables,
     Haproxy(Process),
 }
@@ -153,7 +167,12 @@ enum Active {
 fn nft_ruleset(topology: &Topology) -> String {
     let mut map = String::new();
     for (i, b) in topology.backends.iter().enumerate() {
-        let _ = write!(map, "{}{i} : {} . {SERVER_PORT}", if i > 0 { ", " } else { "" }, b.address);
+        let _ = write!(
+            map,
+            "{}{i} : {} . {SERVER_PORT}",
+            if i > 0 { ", " } else { "" },
+            b.address
+        );
     }
     let first = topology.snat_addresses.first().expect("SNAT addresses");
     let last = topology.snat_addresses.last().expect("SNAT addresses");
@@ -196,7 +215,9 @@ fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> R
         Balancer::Routing => Active::Routing,
         Balancer::Lb => {
             let extra = "max_flows = 4194304\nmax_affinities = 1048576\n";
-            Active::Lb { _daemon: Box::new(Daemon::start_with(topology, extra, &lb_services(topology))?) }
+            Active::Lb {
+                _daemon: Box::new(Daemon::start_with(topology, extra, &lb_services(topology))?),
+            }
         }
         Balancer::Nftables => {
             let rules = dir.join("lbbench.nft");
@@ -208,7 +229,11 @@ fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> R
             lb_ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let conf = dir.join("haproxy.cfg");
             std::fs::write(&conf, haproxy_config(topology, dir))?;
-            let process = spawn_in(lb_ns, "haproxy", &["-db", "-f", &conf.display().to_string()])?;
+            let process = spawn_in(
+                lb_ns,
+                "haproxy",
+                &["-db", "-f", &conf.display().to_string()],
+            )?;
             wait_listening(&topology.client, SocketAddrV4::new(VIP, SERVICE_PORT))?;
             Active::Haproxy(process)
         }
@@ -219,13 +244,17 @@ fn deactivate(active: Active, topology: &Topology) -> Result<()> {
     match active {
         Active::Routing | Active::Lb { .. } => {}
         Active::Nftables => {
-            topology.lb.exec("nft", &["delete", "table", "ip", "lbbench"])?;
+            topology
+                .lb
+                .exec("nft", &["delete", "table", "ip", "lbbench"])?;
             // Conntrack entries of this run must not NAT the next balancer's packets.
             let _ = topology.lb.exec("conntrack", &["-F"]);
         }
         Active::Haproxy(process) => {
             drop(process);
-            topology.lb.ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"])?;
+            topology
+                .lb
+                .ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"])?;
         }
     }
     Ok(())
@@ -235,7 +264,11 @@ fn deactivate(active: Active, topology: &Topology) -> Result<()> {
 fn busy_jiffies() -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let cpu = stat.lines().next().context("empty /proc/stat")?;
-    let fields: Vec<u64> = cpu.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
     // user nice system idle iowait irq softirq
     Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6])
 }
@@ -248,9 +281,10 @@ fn jiffy_us() -> f64 {
 /// Where clients connect for `balancer`: the VIP, or with plain routing one server each.
 fn target(balancer: Balancer, topology: &Topology, worker: usize) -> SocketAddrV4 {
     match balancer {
-        Balancer::Routing => {
-            SocketAddrV4::new(topology.backends[worker % topology.backends.len()].address, SERVER_PORT)
-        }
+        Balancer::Routing => SocketAddrV4::new(
+            topology.backends[worker % topology.backends.len()].address,
+            SERVER_PORT,
+        ),
         _ => SocketAddrV4::new(VIP, SERVICE_PORT),
     }
 }
@@ -265,11 +299,21 @@ struct Run {
 fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> {
     // With plain routing each server gets its own group of workers and client addresses;
     // a balancer gets them all.
-    let groups = if balancer == Balancer::Routing { topology.backends.len() } else { 1 };
+    let groups = if balancer == Balancer::Routing {
+        topology.backends.len()
+    } else {
+        1
+    };
     let loads: Vec<Load> = (0..groups)
         .map(|i| Load {
             target: target(balancer, topology, i),
-            sources: topology.client_addresses.iter().copied().skip(i).step_by(groups).collect(),
+            sources: topology
+                .client_addresses
+                .iter()
+                .copied()
+                .skip(i)
+                .step_by(groups)
+                .collect(),
             concurrency: plan.concurrency / groups,
             duration: plan.duration,
             mode: Mode::NewConnections,
@@ -279,13 +323,25 @@ fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> 
     let outcomes = run_loads(&topology.client, &loads)?;
     let cpu = (busy_jiffies()? - cpu_before) as f64 * jiffy_us();
     let connections: u64 = outcomes.iter().map(|o| o.completed).sum();
-    let elapsed = outcomes.iter().map(|o| o.elapsed.as_secs_f64()).fold(0.0, f64::max);
+    let elapsed = outcomes
+        .iter()
+        .map(|o| o.elapsed.as_secs_f64())
+        .fold(0.0, f64::max);
     let mut errors: u64 = outcomes.iter().map(|o| o.errors).sum();
 
-    let kept: Vec<Load> = loads.into_iter().map(|l| Load { mode: Mode::KeepAlive, ..l }).collect();
+    let kept: Vec<Load> = loads
+        .into_iter()
+        .map(|l| Load {
+            mode: Mode::KeepAlive,
+            ..l
+        })
+        .collect();
     let outcomes = run_loads(&topology.client, &kept)?;
     let requests: u64 = outcomes.iter().map(|o| o.completed).sum();
-    let kept_elapsed = outcomes.iter().map(|o| o.elapsed.as_secs_f64()).fold(0.0, f64::max);
+    let kept_elapsed = outcomes
+        .iter()
+        .map(|o| o.elapsed.as_secs_f64())
+        .fold(0.0, f64::max);
     errors += outcomes.iter().map(|o| o.errors).sum::<u64>();
     Ok(Run {
         connections_per_s: connections as f64 / elapsed,
@@ -299,14 +355,24 @@ fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> 
 fn run_loads(client: &Netns, loads: &[Load]) -> Result<Vec<load::Outcome>> {
     client.run(|| {
         std::thread::scope(|s| {
-            let handles: Vec<_> = loads.iter().map(|l| s.spawn(move || load::run(l))).collect();
-            handles.into_iter().map(|h| h.join().expect("load thread")).collect::<Result<Vec<_>>>()
+            let handles: Vec<_> = loads
+                .iter()
+                .map(|l| s.spawn(move || load::run(l)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("load thread"))
+                .collect::<Result<Vec<_>>>()
         })
     })?
 }
 
 pub fn run(plan: &Plan) -> Result<Veth> {
-    let topology = Topology::build(&Spec { clients: plan.clients, snat_addresses: 8, ..Spec::default() })?;
+    let topology = Topology::build(&Spec {
+        clients: plan.clients,
+        snat_addresses: 8,
+        ..Spec::default()
+    })?;
     let dir = PathBuf::from(std::env::temp_dir()).join(format!("{}-bench", topology.prefix));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(plan, &topology, &dir);
@@ -317,15 +383,19 @@ pub fn run(plan: &Plan) -> Result<Veth> {
 fn run_in(plan: &Plan, topology: &Topology, dir: &std::path::Path) -> Result<Veth> {
     topology.lb.sysctl("net.ipv4.ip_forward", "1")?;
     // HAProxy opens its own connections to the servers; give it the ports lb's SNAT has.
-    topology.lb.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    topology
+        .lb
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     topology.lb.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let _nginx = start_nginx(topology, dir)?;
     let mut runs: Vec<Vec<Run>> = Balancer::ALL.iter().map(|_| Vec::new()).collect();
     for round in 0..plan.rounds {
         for (i, &balancer) in Balancer::ALL.iter().enumerate() {
-            let active = activate(balancer, topology, dir).with_context(|| format!("set up {balancer:?}"))?;
-            let run = measure(balancer, topology, plan).with_context(|| format!("{balancer:?} round {round}"));
+            let active = activate(balancer, topology, dir)
+                .with_context(|| format!("set up {balancer:?}"))?;
+            let run = measure(balancer, topology, plan)
+                .with_context(|| format!("{balancer:?} round {round}"));
             deactivate(active, topology)?;
             let run = run?;
             eprintln!(
@@ -345,9 +415,16 @@ fn run_in(plan: &Plan, topology: &Topology, dir: &std::path::Path) -> Result<Vet
         .map(|(&balancer, runs)| Figures {
             balancer,
             label: balancer.label(),
-            connections_per_s: Summary::of(&runs.iter().map(|r| r.connections_per_s).collect::<Vec<_>>()),
+            connections_per_s: Summary::of(
+                &runs.iter().map(|r| r.connections_per_s).collect::<Vec<_>>(),
+            ),
             requests_per_s: Summary::of(&runs.iter().map(|r| r.requests_per_s).collect::<Vec<_>>()),
-            cpu_us_per_connection: Summary::of(&runs.iter().map(|r| r.cpu_us_per_connection).collect::<Vec<_>>()),
+            cpu_us_per_connection: Summary::of(
+                &runs
+                    .iter()
+                    .map(|r| r.cpu_us_per_connection)
+                    .collect::<Vec<_>>(),
+            ),
             errors: runs.iter().map(|r| r.errors).sum(),
         })
         .collect();

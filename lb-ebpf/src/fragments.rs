@@ -1,0 +1,87 @@
+//! IP fragments of balanced flows. The first fragment carries the ports and goes the way of
+//! its flow; its rewrite is remembered under (source, destination, IP id, protocol) so that
+//! the later fragments, which carry no ports, follow it to the same backend with the same
+//! addresses. A later fragment whose first fragment was not seen is dropped (for a VIP,
+//! counted) rather than forwarded half-translated.
+use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
+use lb_common::{Counter, FlowEntry, FragmentKey, FLOW_F_REVERSE};
+
+use crate::{
+    balancer::is_fresh,
+    forward::forward,
+    maps::{entry_slot, EntrySlot, FRAGMENTS, SETTINGS},
+    nat::rewrite,
+    parse::{is_vip, Packet, Part},
+    stats::{self, Traffic},
+    verdict::Verdict,
+};
+
+#[inline(always)]
+fn key(pkt: &Packet, id: u32) -> FragmentKey {
+    FragmentKey {
+        src_be: pkt.key.src_be,
+        dst_be: pkt.key.dst_be,
+        id,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Remembers the rewrite of a first fragment for the rest of its datagram.
+#[inline(always)]
+pub fn track_first(pkt: &Packet, entry: &FlowEntry, now: u64) {
+    if let Part::FirstFragment { id } = pkt.part {
+        remember(pkt, id, entry, now);
+    }
+}
+
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn remember(pkt: &Packet, id: u32, entry: &FlowEntry, now: u64) {
+    let (Some(settings), Some(remembered)) = (SETTINGS.get(0), entry_slot(EntrySlot::Fragment))
+    else {
+        return;
+    };
+    *remembered = *entry;
+    remembered.timeout_s = settings.fragment_timeout_s;
+    remembered.last_seen_ns = now;
+    if FRAGMENTS
+        .insert(&key(pkt, id), remembered, u64::from(BPF_ANY))
+        .is_ok()
+    {
+        stats::count(Counter::FragmentsTracked);
+    }
+}
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+pub fn forward_later(ctx: &XdpContext, pkt: &Packet, id: u32, now: u64) -> Verdict {
+    let Some(entry) = FRAGMENTS.get_ptr(&key(pkt, id)) else {
+        return unknown(pkt);
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let entry = unsafe { &*entry };
+    if !is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
+        return unknown(pkt);
+    }
+    let bytes = u64::from(pkt.ip_len);
+    let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
+        Traffic::Reverse { bytes }
+    } else {
+        Traffic::Forward { bytes }
+    };
+    stats::record(entry.service_id, entry.backend_id, traffic);
+    if !rewrite(ctx, pkt, entry) {
+        return Verdict::drop(Counter::DropInternal);
+    }
+    forward(ctx, pkt)
+}
+
+#[inline(always)]
+fn unknown(pkt: &Packet) -> Verdict {
+    if is_vip(pkt.key) {
+        Verdict::drop(Counter::DropFragmentUnknown)
+    } else {
+        Verdict::pass(Counter::PassNotService)
+    }
+}

@@ -1,0 +1,81 @@
+//! ICMP addressed to a VIP: echo requests are answered from the VIP (or left to the kernel,
+//! by config); every other ICMP message for a VIP is left to the kernel, counted.
+use aya_ebpf::programs::XdpContext;
+use lb_common::{csum, Counter, FAMILY_V4, SETTINGS_F_ECHO_REPLY};
+
+use crate::{
+    maps::SETTINGS,
+    parse::{is_vip, Packet, Part, ICMP_HEADER, L3},
+    verdict::Verdict,
+};
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const ICMP_CHECK_OFFSET: usize = 2;
+/// TTL / hop limit of the replies lb originates.
+const REPLY_HOP_LIMIT: u8 = 64;
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    if !is_vip(pkt.key) {
+        return Verdict::pass(Counter::PassNotService);
+    }
+    let (request, reply) = if pkt.key.family == FAMILY_V4 {
+        (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+    } else {
+        (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+    };
+    let answer = SETTINGS
+        .get(0)
+        .is_some_and(|s| s.flags & SETTINGS_F_ECHO_REPLY != 0);
+    // A fragmented request is the kernel's: the reply would need the whole datagram.
+    let header = match pkt.transport::<ICMP_HEADER>(ctx) {
+        Some(header) if pkt.part == Part::Whole && answer => header,
+        _ => return Verdict::pass(Counter::PassIcmp),
+    };
+    // SAFETY: bounds-checked by `transport`.
+    let header = unsafe { &mut *header };
+    if header[0] != request {
+        return Verdict::pass(Counter::PassIcmp);
+    }
+    echo_reply(pkt, header, reply)
+}
+
+/// Turns the request into its reply in place and sends it back where it came from: swap
+/// MACs and addresses (the pseudo-header sum does not change), new type and hop limit.
+#[inline(always)]
+fn echo_reply(pkt: &Packet, header: &mut [u8; ICMP_HEADER], reply: u8) -> Verdict {
+    let old_word = u16::from_ne_bytes([header[0], header[1]]);
+    header[0] = reply;
+    let check = u16::from_ne_bytes([header[ICMP_CHECK_OFFSET], header[ICMP_CHECK_OFFSET + 1]]);
+    let check = csum::replace_u16(check, old_word, u16::from_ne_bytes([header[0], header[1]]));
+    header[ICMP_CHECK_OFFSET..ICMP_CHECK_OFFSET + 2].copy_from_slice(&check.to_ne_bytes());
+    match pkt.l3 {
+        L3::V4(ip) => {
+            // SAFETY: bounds-checked in `parse`.
+            let ip = unsafe { &mut *ip };
+            core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
+            let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
+            ip.ttl = REPLY_HOP_LIMIT;
+            let check = csum::replace_u16(
+                u16::from_ne_bytes(ip.check),
+                old_word,
+                u16::from_ne_bytes([ip.ttl, ip.proto]),
+            );
+            ip.check = check.to_ne_bytes();
+        }
+        L3::V6(ip) => {
+            // SAFETY: bounds-checked in `parse`.
+            let ip = unsafe { &mut *ip };
+            core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
+            ip.hop_limit = REPLY_HOP_LIMIT;
+        }
+    }
+    // SAFETY: the Ethernet header was bounds-checked first thing in `parse`.
+    let eth = unsafe { &mut *pkt.eth };
+    core::mem::swap(&mut eth.src_addr, &mut eth.dst_addr);
+    crate::stats::count(Counter::EchoReplies);
+    Verdict::tx()
+}
