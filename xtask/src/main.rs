@@ -28,6 +28,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The long fuzz run: random and mutated frames through the real XDP program (the test
+    /// suite runs 1,000,000).
+    Fuzz {
+        /// Frames to send.
+        #[arg(long, default_value_t = 50_000_000)]
+        packets: u64,
+        /// Random seed (printed on failure, to reproduce).
+        #[arg(long, default_value_t = 0x1b_5eed)]
+        seed: u64,
+    },
     /// Set up (plus nginx, nftables, HAProxy), build optimised, run the benchmarks and write
     /// BENCHMARKS.md, bench/results.json and bench/packet-cost.png.
     Bench {
@@ -77,6 +87,14 @@ fn main() -> Result<()> {
                 .args(["test", "--workspace"])
                 .args(&args)
                 .env("LB_BIN", lb_binary()))
+        }
+        Task::Fuzz { packets, seed } => {
+            setup()?;
+            build()?;
+            run(cargo()
+                .args(["test", "--release", "-p", "lb-tests", "--test", "hostile", "a_million", "--", "--nocapture"])
+                .env("LB_FUZZ_PACKETS", packets.to_string())
+                .env("LB_FUZZ_SEED", seed.to_string()))
         }
         Task::Bench { quick } => {
             setup()?.ensure(BENCH_PACKAGES)?;
