@@ -135,7 +135,8 @@ pub const LAB_CLIENT_NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x01];
 pub const LAB_INTERFACE: &str = "t0";
 pub const LAB_VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
 pub const LAB_CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
-pub const LAB_BACKEND6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x11);
+pub const LAB_BACKEND6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x11);
 pub const LAB_SNAT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x100);
 
 /// Creates the packet lab namespace (see the constants above). Clients live in
@@ -157,8 +158,20 @@ pub fn lab_network() -> Result<Netns> {
     ns.ip(&["addr", "add", "10.2.0.1/24", "dev", LAB_INTERFACE])?;
     ns.ip(&["addr", "add", "10.1.0.1/16", "dev", LAB_INTERFACE])?;
     ns.ip(&["addr", "add", "fd00:2::1/64", "dev", LAB_INTERFACE, "nodad"])?;
-    ns.ip(&["addr", "add", "fd00:1::ffff/64", "dev", LAB_INTERFACE, "nodad"])?;
-    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    ns.ip(&[
+        "addr",
+        "add",
+        "fd00:1::ffff/64",
+        "dev",
+        LAB_INTERFACE,
+        "nodad",
+    ])?;
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
     let neighbours: [(std::net::IpAddr, [u8; 6]); 4] = [
         (LAB_BACKEND.into(), LAB_BACKEND_MAC),
         (LAB_CLIENT.into(), LAB_CLIENT_NEXT_HOP_MAC),
@@ -166,7 +179,17 @@ pub fn lab_network() -> Result<Netns> {
         (LAB_CLIENT6.into(), LAB_CLIENT_NEXT_HOP_MAC),
     ];
     for (address, lladdr) in neighbours {
-        ns.ip(&["neigh", "add", &address.to_string(), "lladdr", &mac(lladdr), "dev", LAB_INTERFACE, "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "add",
+            &address.to_string(),
+            "lladdr",
+            &mac(lladdr),
+            "dev",
+            LAB_INTERFACE,
+            "nud",
+            "permanent",
+        ])?;
     }
     ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
     // bpf_fib_lookup checks the ingress device's own IPv6 forwarding flag.
@@ -282,7 +305,16 @@ const EXT_FRAGMENT: u8 = 44;
 
 impl Frame {
     pub fn new(src: std::net::SocketAddr, dst: std::net::SocketAddr, transport: Transport) -> Self {
-        Self { src, dst, transport, ttl: 64, vlan: None, extensions: Vec::new(), fragment: None, payload: Vec::new() }
+        Self {
+            src,
+            dst,
+            transport,
+            ttl: 64,
+            vlan: None,
+            extensions: Vec::new(),
+            fragment: None,
+            payload: Vec::new(),
+        }
     }
 
     fn proto(&self) -> u8 {
@@ -335,7 +367,11 @@ impl Frame {
         };
         if let Some(at) = check_at {
             let icmpv4 = self.proto() == PROTO_ICMP;
-            let mut sum = if icmpv4 { internet_checksum(&[&t]) } else { internet_checksum(&[&pseudo, &t]) };
+            let mut sum = if icmpv4 {
+                internet_checksum(&[&t])
+            } else {
+                internet_checksum(&[&pseudo, &t])
+            };
             if sum == 0 && matches!(self.transport, Transport::Udp { .. }) {
                 sum = 0xffff;
             }
@@ -349,7 +385,11 @@ impl Frame {
         // A fragment carries its slice of the datagram: the first 8-byte units, or the rest.
         if let Some(f) = self.fragment {
             let start = usize::from(f.offset) * 8;
-            let end = if f.more { (start + FIRST_FRAGMENT_BYTES).min(l4.len()) } else { l4.len() };
+            let end = if f.more {
+                (start + FIRST_FRAGMENT_BYTES).min(l4.len())
+            } else {
+                l4.len()
+            };
             l4 = l4.get(start..end).map(<[u8]>::to_vec).unwrap_or_default();
         }
         let mut frame = Vec::new();
@@ -381,7 +421,8 @@ impl Frame {
                 let mut chain: Vec<(u8, Vec<u8>)> = self.extensions.clone();
                 if let Some(f) = self.fragment {
                     let mut body = vec![0u8; 6];
-                    body[0..2].copy_from_slice(&((f.offset << 3) | u16::from(f.more)).to_be_bytes());
+                    body[0..2]
+                        .copy_from_slice(&((f.offset << 3) | u16::from(f.more)).to_be_bytes());
                     body[2..6].copy_from_slice(&f.id.to_be_bytes());
                     chain.push((EXT_FRAGMENT, body));
                 }
@@ -391,7 +432,11 @@ impl Frame {
                     let units = (2 + body.len()) / 8;
                     assert_eq!((2 + body.len()) % 8, 0, "extension header length");
                     ext_bytes.push(next);
-                    ext_bytes.push(if chain[i].0 == EXT_FRAGMENT { 0 } else { (units - 1) as u8 });
+                    ext_bytes.push(if chain[i].0 == EXT_FRAGMENT {
+                        0
+                    } else {
+                        (units - 1) as u8
+                    });
                     ext_bytes.extend_from_slice(body);
                 }
                 let first = chain.first().map_or(self.proto(), |(t, _)| *t);
@@ -430,7 +475,8 @@ pub struct Seen {
 pub fn verify_frame(frame: &[u8]) -> Result<Seen> {
     ensure!(frame.len() >= ETH_LEN, "shorter than Ethernet");
     let dst_mac: [u8; 6] = frame[0..6].try_into()?;
-    let (mut ethertype, mut at, mut vlan) = (u16::from_be_bytes([frame[12], frame[13]]), ETH_LEN, None);
+    let (mut ethertype, mut at, mut vlan) =
+        (u16::from_be_bytes([frame[12], frame[13]]), ETH_LEN, None);
     if ethertype == 0x8100 {
         ensure!(frame.len() >= ETH_LEN + 4, "VLAN tag cut short");
         vlan = Some(u16::from_be_bytes([frame[14], frame[15]]) & 0x0fff);
@@ -443,7 +489,10 @@ pub fn verify_frame(frame: &[u8]) -> Result<Seen> {
         0x0800 => {
             let ihl = usize::from(get(at..at + 1)?[0] & 0x0f) * 4;
             let header = get(at..at + ihl)?;
-            ensure!(internet_checksum(&[header]) == 0, "bad IPv4 header checksum");
+            ensure!(
+                internet_checksum(&[header]) == 0,
+                "bad IPv4 header checksum"
+            );
             let total = usize::from(u16::from_be_bytes([header[2], header[3]]));
             src = std::net::IpAddr::from(<[u8; 4]>::try_from(&header[12..16])?);
             dst = std::net::IpAddr::from(<[u8; 4]>::try_from(&header[16..20])?);
@@ -462,30 +511,47 @@ pub fn verify_frame(frame: &[u8]) -> Result<Seen> {
             while matches!(next, 0 | 43 | 44 | 60) {
                 let ext = get(offset..offset + 2)?;
                 frag |= next == EXT_FRAGMENT;
-                let len = if next == EXT_FRAGMENT { 8 } else { (usize::from(ext[1]) + 1) * 8 };
+                let len = if next == EXT_FRAGMENT {
+                    8
+                } else {
+                    (usize::from(ext[1]) + 1) * 8
+                };
                 next = ext[0];
                 offset += len;
             }
             proto = next;
             fragmented = frag;
-            (l4_start, l4_end) = (offset, at + 40 + usize::from(u16::from_be_bytes([header[4], header[5]])));
+            (l4_start, l4_end) = (
+                offset,
+                at + 40 + usize::from(u16::from_be_bytes([header[4], header[5]])),
+            );
         }
         other => anyhow::bail!("not IP: ethertype {other:#06x}"),
     }
     let l4 = get(l4_start..l4_end)?;
     let ports = |l4: &[u8]| -> (u16, u16) {
         if l4.len() >= 4 && (proto == PROTO_TCP || proto == PROTO_UDP) {
-            (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]))
+            (
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            )
         } else {
             (0, 0)
         }
     };
-    let (sp, dp) = if fragmented && l4_start == l4_end { (0, 0) } else { ports(l4) };
+    let (sp, dp) = if fragmented && l4_start == l4_end {
+        (0, 0)
+    } else {
+        ports(l4)
+    };
     let whole = !fragmented;
     let udp_without_checksum = proto == PROTO_UDP && src.is_ipv4() && l4.get(6..8) == Some(&[0, 0]);
     if whole && matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_ICMPV6) && !udp_without_checksum {
         let pseudo = pseudo_header(src, dst, proto, l4.len());
-        ensure!(internet_checksum(&[&pseudo, l4]) == 0, "bad transport checksum (protocol {proto})");
+        ensure!(
+            internet_checksum(&[&pseudo, l4]) == 0,
+            "bad transport checksum (protocol {proto})"
+        );
     }
     if whole && proto == PROTO_ICMP {
         ensure!(internet_checksum(&[l4]) == 0, "bad ICMP checksum");
@@ -497,7 +563,11 @@ pub fn verify_frame(frame: &[u8]) -> Result<Seen> {
         dst: std::net::SocketAddr::new(dst, dp),
         ttl,
         proto,
-        first_transport_byte: if fragmented { 0 } else { l4.first().copied().unwrap_or(0) },
+        first_transport_byte: if fragmented {
+            0
+        } else {
+            l4.first().copied().unwrap_or(0)
+        },
     })
 }
 
@@ -572,7 +642,10 @@ impl PacketLab {
         };
         let mut dp = lb::dataplane::Dataplane::load(capacity, None)?;
         lb::pool::Pool::new(config, lb::runtime::Overlay::default(), None).sync(&mut dp)?;
-        Ok(Self { dp, ingress: lb::dataplane::ifindex(LAB_INTERFACE)? })
+        Ok(Self {
+            dp,
+            ingress: lb::dataplane::ifindex(LAB_INTERFACE)?,
+        })
     }
 
     /// Runs one frame, without reading counters.
@@ -589,7 +662,8 @@ impl PacketLab {
         let mut output = Vec::new();
         let action = self.run_fast(frame, &mut output)?;
         let after = self.dp.counters()?;
-        let packets = after[lb_common::Counter::Packets as usize].1 - before[lb_common::Counter::Packets as usize].1;
+        let packets = after[lb_common::Counter::Packets as usize].1
+            - before[lb_common::Counter::Packets as usize].1;
         ensure!(packets == 1, "packets counter moved by {packets}");
         let verdicts = before
             .iter()
@@ -598,11 +672,21 @@ impl PacketLab {
             .filter(|((_, b), (_, a))| a != b)
             .map(|((c, b), (_, a))| (*c, a - b))
             .collect();
-        Ok(Outcome { action, output, verdicts })
+        Ok(Outcome {
+            action,
+            output,
+            verdicts,
+        })
     }
 
     /// Runs `frame` and checks the action and that exactly `counter` moved, by one.
-    pub fn expect(&self, what: &str, frame: &[u8], action: u32, counter: lb_common::Counter) -> Result<Outcome> {
+    pub fn expect(
+        &self,
+        what: &str,
+        frame: &[u8],
+        action: u32,
+        counter: lb_common::Counter,
+    ) -> Result<Outcome> {
         let outcome = self.run(frame).with_context(|| what.to_string())?;
         ensure!(
             outcome.action == action,
@@ -610,7 +694,11 @@ impl PacketLab {
             outcome.action,
             outcome.verdicts
         );
-        ensure!(outcome.verdicts == [(counter, 1)], "{what}: counters {:?} instead of [{counter:?} +1]", outcome.verdicts);
+        ensure!(
+            outcome.verdicts == [(counter, 1)],
+            "{what}: counters {:?} instead of [{counter:?} +1]",
+            outcome.verdicts
+        );
         Ok(outcome)
     }
 }

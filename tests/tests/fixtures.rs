@@ -7,9 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{ensure, Result};
 use harness::packet::{
-    lab_network, verify_frame, Fragment, Frame, PacketLab, Seen, Transport, CLIENT_MAC, FIRST_FRAGMENT_BYTES,
-    LAB_BACKEND, LAB_BACKEND6, LAB_BACKEND_MAC, LAB_CLIENT, LAB_CLIENT6, LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG,
-    LAB_SNAT, LAB_SNAT6, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX,
+    lab_network, verify_frame, Fragment, Frame, PacketLab, Seen, Transport, CLIENT_MAC,
+    FIRST_FRAGMENT_BYTES, LAB_BACKEND, LAB_BACKEND6, LAB_BACKEND_MAC, LAB_CLIENT, LAB_CLIENT6,
+    LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_SNAT6, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_SYN,
+    XDP_DROP, XDP_PASS, XDP_TX,
 };
 use lb_common::{Counter, VlanPort};
 
@@ -52,7 +53,10 @@ fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8) -> Frame {
 }
 
 fn udp(src: SocketAddr, dst: SocketAddr) -> Frame {
-    Frame { payload: b"stun binding request".to_vec(), ..Frame::new(src, dst, Transport::Udp { no_checksum: false }) }
+    Frame {
+        payload: b"stun binding request".to_vec(),
+        ..Frame::new(src, dst, Transport::Udp { no_checksum: false })
+    }
 }
 
 /// A rewritten frame: its fields and valid checksums.
@@ -65,7 +69,17 @@ fn in_lab(test: impl FnOnce(&mut PacketLab) -> Result<()> + Send) -> Result<()> 
     let ns = lab_network()?;
     // A network only reachable through the veth peer, where lb is not attached.
     ns.ip(&["addr", "add", "10.5.0.1/24", "dev", "t1"])?;
-    ns.ip(&["neigh", "add", "10.5.0.5", "lladdr", "02:00:00:00:05:05", "dev", "t1", "nud", "permanent"])?;
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.5.0.5",
+        "lladdr",
+        "02:00:00:00:05:05",
+        "dev",
+        "t1",
+        "nud",
+        "permanent",
+    ])?;
     ns.run(|| test(&mut PacketLab::new(&config())?))?
 }
 
@@ -81,54 +95,205 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
         let mut arp = syn4.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         lab.expect("ARP", &arp, XDP_PASS, Counter::PassNotIp)?;
-        lab.expect("Ethernet header only", &syn4[..eth], XDP_PASS, Counter::PassMalformed)?;
-        let tagged = Frame { vlan: Some(100), ..tcp(c4, at(LAB_VIP, 443), TCP_SYN) }.bytes();
+        lab.expect(
+            "Ethernet header only",
+            &syn4[..eth],
+            XDP_PASS,
+            Counter::PassMalformed,
+        )?;
+        let tagged = Frame {
+            vlan: Some(100),
+            ..tcp(c4, at(LAB_VIP, 443), TCP_SYN)
+        }
+        .bytes();
         let mut double = tagged.clone();
         double[16..18].copy_from_slice(&[0x81, 0x00]);
         lab.expect("two VLAN tags", &double, XDP_PASS, Counter::PassVlanStacked)?;
-        lab.expect("VLAN tag cut short", &tagged[..eth + 2], XDP_PASS, Counter::PassMalformed)?;
+        lab.expect(
+            "VLAN tag cut short",
+            &tagged[..eth + 2],
+            XDP_PASS,
+            Counter::PassMalformed,
+        )?;
 
-        lab.expect("IPv6 header cut short", &syn6[..eth + 30], XDP_PASS, Counter::PassMalformed)?;
+        lab.expect(
+            "IPv6 header cut short",
+            &syn6[..eth + 30],
+            XDP_PASS,
+            Counter::PassMalformed,
+        )?;
         let mut bad_version = syn6.clone();
         bad_version[eth] = 0x40;
-        lab.expect("IPv6 ethertype, version 4", &bad_version, XDP_PASS, Counter::PassMalformed)?;
-        lab.expect("IPv6 TCP to a VIP cut short", &syn6[..eth + 40 + 10], XDP_DROP, Counter::DropMalformed)?;
+        lab.expect(
+            "IPv6 ethertype, version 4",
+            &bad_version,
+            XDP_PASS,
+            Counter::PassMalformed,
+        )?;
+        lab.expect(
+            "IPv6 TCP to a VIP cut short",
+            &syn6[..eth + 40 + 10],
+            XDP_DROP,
+            Counter::DropMalformed,
+        )?;
         let udp4 = udp(c4, at(LAB_VIP, 3478)).bytes();
-        lab.expect("UDP to a VIP cut short", &udp4[..eth + 20 + 6], XDP_DROP, Counter::DropMalformed)?;
+        lab.expect(
+            "UDP to a VIP cut short",
+            &udp4[..eth + 20 + 6],
+            XDP_DROP,
+            Counter::DropMalformed,
+        )?;
         let icmp = Frame::new(c4, at(LAB_VIP, 0), Transport::EchoRequest).bytes();
-        lab.expect("ICMP to a VIP cut short", &icmp[..eth + 20 + 4], XDP_DROP, Counter::DropMalformed)?;
+        lab.expect(
+            "ICMP to a VIP cut short",
+            &icmp[..eth + 20 + 4],
+            XDP_DROP,
+            Counter::DropMalformed,
+        )?;
         let other = Frame::new(c6, at(LAB_VIP6, 0), Transport::Other(253)).bytes();
-        lab.expect("IPv6, unknown protocol", &other, XDP_PASS, Counter::PassNotService)?;
+        lab.expect(
+            "IPv6, unknown protocol",
+            &other,
+            XDP_PASS,
+            Counter::PassNotService,
+        )?;
         let icmp_in_v6 = Frame::new(c6, at(LAB_VIP6, 0), Transport::Other(1)).bytes();
-        lab.expect("ICMPv4 inside IPv6", &icmp_in_v6, XDP_PASS, Counter::PassNotService)?;
+        lab.expect(
+            "ICMPv4 inside IPv6",
+            &icmp_in_v6,
+            XDP_PASS,
+            Counter::PassNotService,
+        )?;
 
-        let routed = Frame { extensions: vec![(43, vec![0, 1, 0, 0, 0, 0])], ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN) };
-        lab.expect("routing header, segments left 1", &routed.bytes(), XDP_DROP, Counter::DropIpv6Extension)?;
-        let esp = Frame { extensions: vec![(50, vec![0; 6])], ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN) };
-        lab.expect("ESP header", &esp.bytes(), XDP_DROP, Counter::DropIpv6Extension)?;
-        let five = Frame { extensions: vec![(60, vec![0; 6]); 5], ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN) };
-        lab.expect("five destination-options headers", &five.bytes(), XDP_DROP, Counter::DropIpv6Extension)?;
-        let five_elsewhere = Frame { extensions: vec![(60, vec![0; 6]); 5], ..tcp(c6, at(LAB_CLIENT6, 443), TCP_SYN) };
-        lab.expect("five headers, not for a VIP", &five_elsewhere.bytes(), XDP_PASS, Counter::PassNotService)?;
-        let ext_cut = Frame { extensions: vec![(60, vec![0; 14])], ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN) }.bytes();
-        lab.expect("extension header cut short", &ext_cut[..eth + 40 + 2], XDP_DROP, Counter::DropMalformed)?;
+        let routed = Frame {
+            extensions: vec![(43, vec![0, 1, 0, 0, 0, 0])],
+            ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
+        };
+        lab.expect(
+            "routing header, segments left 1",
+            &routed.bytes(),
+            XDP_DROP,
+            Counter::DropIpv6Extension,
+        )?;
+        let esp = Frame {
+            extensions: vec![(50, vec![0; 6])],
+            ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
+        };
+        lab.expect(
+            "ESP header",
+            &esp.bytes(),
+            XDP_DROP,
+            Counter::DropIpv6Extension,
+        )?;
+        let five = Frame {
+            extensions: vec![(60, vec![0; 6]); 5],
+            ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
+        };
+        lab.expect(
+            "five destination-options headers",
+            &five.bytes(),
+            XDP_DROP,
+            Counter::DropIpv6Extension,
+        )?;
+        let five_elsewhere = Frame {
+            extensions: vec![(60, vec![0; 6]); 5],
+            ..tcp(c6, at(LAB_CLIENT6, 443), TCP_SYN)
+        };
+        lab.expect(
+            "five headers, not for a VIP",
+            &five_elsewhere.bytes(),
+            XDP_PASS,
+            Counter::PassNotService,
+        )?;
+        let ext_cut = Frame {
+            extensions: vec![(60, vec![0; 14])],
+            ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
+        }
+        .bytes();
+        lab.expect(
+            "extension header cut short",
+            &ext_cut[..eth + 40 + 2],
+            XDP_DROP,
+            Counter::DropMalformed,
+        )?;
 
-        let lone = Fragment { id: 77, offset: 3, more: false };
-        let later4 = Frame { fragment: Some(lone), ..udp(c4, at(LAB_VIP, 3478)) };
-        lab.expect("IPv4 later fragment without its first", &later4.bytes(), XDP_DROP, Counter::DropFragmentUnknown)?;
-        let later6 = Frame { fragment: Some(lone), ..udp(c6, at(LAB_VIP6, 3478)) };
-        lab.expect("IPv6 later fragment without its first", &later6.bytes(), XDP_DROP, Counter::DropFragmentUnknown)?;
-        let later_elsewhere = Frame { fragment: Some(lone), ..udp(c4, at(LAB_BACKEND, 3478)) };
-        lab.expect("later fragment, not for a VIP", &later_elsewhere.bytes(), XDP_PASS, Counter::PassNotService)?;
+        let lone = Fragment {
+            id: 77,
+            offset: 3,
+            more: false,
+        };
+        let later4 = Frame {
+            fragment: Some(lone),
+            ..udp(c4, at(LAB_VIP, 3478))
+        };
+        lab.expect(
+            "IPv4 later fragment without its first",
+            &later4.bytes(),
+            XDP_DROP,
+            Counter::DropFragmentUnknown,
+        )?;
+        let later6 = Frame {
+            fragment: Some(lone),
+            ..udp(c6, at(LAB_VIP6, 3478))
+        };
+        lab.expect(
+            "IPv6 later fragment without its first",
+            &later6.bytes(),
+            XDP_DROP,
+            Counter::DropFragmentUnknown,
+        )?;
+        let later_elsewhere = Frame {
+            fragment: Some(lone),
+            ..udp(c4, at(LAB_BACKEND, 3478))
+        };
+        lab.expect(
+            "later fragment, not for a VIP",
+            &later_elsewhere.bytes(),
+            XDP_PASS,
+            Counter::PassNotService,
+        )?;
 
-        let dying6 = Frame { ttl: 1, ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN) };
-        lab.expect("IPv6 hop limit 1", &dying6.bytes(), XDP_PASS, Counter::PassTtlExpired)?;
-        lab.expect("UDP to a port without a service", &udp(c4, at(LAB_VIP, 53)).bytes(), XDP_PASS, Counter::PassNotService)?;
+        let dying6 = Frame {
+            ttl: 1,
+            ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
+        };
+        lab.expect(
+            "IPv6 hop limit 1",
+            &dying6.bytes(),
+            XDP_PASS,
+            Counter::PassTtlExpired,
+        )?;
+        lab.expect(
+            "UDP to a port without a service",
+            &udp(c4, at(LAB_VIP, 53)).bytes(),
+            XDP_PASS,
+            Counter::PassNotService,
+        )?;
         let ack6 = tcp(at(LAB_CLIENT6, 40001), at(LAB_VIP6, 443), TCP_ACK);
-        lab.expect("IPv6 ACK without a flow", &ack6.bytes(), XDP_DROP, Counter::DropTcpNoFlow)?;
-        lab.expect("service without servers", &tcp(c4, at(LAB_VIP, 8443), TCP_SYN).bytes(), XDP_DROP, Counter::DropNoBackend)?;
-        lab.expect("server without a route", &tcp(c4, at(LAB_VIP, 9001), TCP_SYN).bytes(), XDP_DROP, Counter::DropNoRoute)?;
-        lab.expect("server neighbour unresolved", &tcp(c4, at(LAB_VIP, 9002), TCP_SYN).bytes(), XDP_PASS, Counter::PassNoNeigh)?;
+        lab.expect(
+            "IPv6 ACK without a flow",
+            &ack6.bytes(),
+            XDP_DROP,
+            Counter::DropTcpNoFlow,
+        )?;
+        lab.expect(
+            "service without servers",
+            &tcp(c4, at(LAB_VIP, 8443), TCP_SYN).bytes(),
+            XDP_DROP,
+            Counter::DropNoBackend,
+        )?;
+        lab.expect(
+            "server without a route",
+            &tcp(c4, at(LAB_VIP, 9001), TCP_SYN).bytes(),
+            XDP_DROP,
+            Counter::DropNoRoute,
+        )?;
+        lab.expect(
+            "server neighbour unresolved",
+            &tcp(c4, at(LAB_VIP, 9002), TCP_SYN).bytes(),
+            XDP_PASS,
+            Counter::PassNoNeigh,
+        )?;
         lab.expect(
             "server behind an interface without lb",
             &tcp(c4, at(LAB_VIP, 9003), TCP_SYN).bytes(),
@@ -142,69 +307,190 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
 #[test]
 fn icmp_echo_to_a_vip_is_answered_and_other_icmp_goes_to_the_kernel() -> Result<()> {
     in_lab(|lab| {
-        for (client, vip, reply_type) in [(IpAddr::from(LAB_CLIENT), IpAddr::from(LAB_VIP), 0), (LAB_CLIENT6.into(), LAB_VIP6.into(), 129)] {
+        for (client, vip, reply_type) in [
+            (IpAddr::from(LAB_CLIENT), IpAddr::from(LAB_VIP), 0),
+            (LAB_CLIENT6.into(), LAB_VIP6.into(), 129),
+        ] {
             let request = Frame::new(at(client, 0), at(vip, 0), Transport::EchoRequest);
             let out = lab.expect("echo request", &request.bytes(), XDP_TX, Counter::Tx)?;
             let seen = verify_frame(&out.output)?;
-            ensure!(seen.src.ip() == vip && seen.dst.ip() == client, "reply {seen:?}");
-            ensure!(seen.first_transport_byte == reply_type && seen.ttl == 64, "reply {seen:?}");
-            ensure!(seen.dst_mac == CLIENT_MAC, "reply goes back to the sender's MAC: {seen:?}");
+            ensure!(
+                seen.src.ip() == vip && seen.dst.ip() == client,
+                "reply {seen:?}"
+            );
+            ensure!(
+                seen.first_transport_byte == reply_type && seen.ttl == 64,
+                "reply {seen:?}"
+            );
+            ensure!(
+                seen.dst_mac == CLIENT_MAC,
+                "reply goes back to the sender's MAC: {seen:?}"
+            );
         }
-        let timestamp = Frame { payload: vec![13, 0, 0, 0, 0, 0, 0, 0], ..Frame::new(at(LAB_CLIENT, 0), at(LAB_VIP, 0), Transport::Other(1)) };
-        lab.expect("ICMP timestamp request", &timestamp.bytes(), XDP_PASS, Counter::PassIcmp)?;
-        let to_server = Frame::new(at(LAB_CLIENT, 0), at(LAB_BACKEND, 0), Transport::EchoRequest);
-        lab.expect("echo request to a non-VIP", &to_server.bytes(), XDP_PASS, Counter::PassNotService)?;
+        let timestamp = Frame {
+            payload: vec![13, 0, 0, 0, 0, 0, 0, 0],
+            ..Frame::new(at(LAB_CLIENT, 0), at(LAB_VIP, 0), Transport::Other(1))
+        };
+        lab.expect(
+            "ICMP timestamp request",
+            &timestamp.bytes(),
+            XDP_PASS,
+            Counter::PassIcmp,
+        )?;
+        let to_server = Frame::new(
+            at(LAB_CLIENT, 0),
+            at(LAB_BACKEND, 0),
+            Transport::EchoRequest,
+        );
+        lab.expect(
+            "echo request to a non-VIP",
+            &to_server.bytes(),
+            XDP_PASS,
+            Counter::PassNotService,
+        )?;
         Ok(())
     })
 }
 
 /// SYN, SYN-ACK, ACK through one family: rewritten both ways with valid checksums, and the
 /// ACK confirms the flow.
-fn handshake(lab: &PacketLab, client: SocketAddr, vip: SocketAddr, snat: IpAddr, backend: SocketAddr, frame: impl Fn(Frame) -> Frame) -> Result<()> {
-    let out = translated(lab, &format!("SYN to {vip}"), &frame(tcp(client, vip, TCP_SYN)))?;
-    ensure!(out.src.ip() == snat && out.dst == backend && out.ttl == 63, "SYN became {out:?}");
-    ensure!(out.dst_mac == LAB_BACKEND_MAC, "SYN to MAC {:02x?}", out.dst_mac);
+fn handshake(
+    lab: &PacketLab,
+    client: SocketAddr,
+    vip: SocketAddr,
+    snat: IpAddr,
+    backend: SocketAddr,
+    frame: impl Fn(Frame) -> Frame,
+) -> Result<()> {
+    let out = translated(
+        lab,
+        &format!("SYN to {vip}"),
+        &frame(tcp(client, vip, TCP_SYN)),
+    )?;
+    ensure!(
+        out.src.ip() == snat && out.dst == backend && out.ttl == 63,
+        "SYN became {out:?}"
+    );
+    ensure!(
+        out.dst_mac == LAB_BACKEND_MAC,
+        "SYN to MAC {:02x?}",
+        out.dst_mac
+    );
     let back = translated(lab, "SYN-ACK", &tcp(backend, out.src, TCP_SYN | TCP_ACK))?;
-    ensure!(back.src == vip && back.dst == client, "SYN-ACK became {back:?}");
-    ensure!(back.dst_mac == LAB_CLIENT_NEXT_HOP_MAC, "SYN-ACK to MAC {:02x?}", back.dst_mac);
+    ensure!(
+        back.src == vip && back.dst == client,
+        "SYN-ACK became {back:?}"
+    );
+    ensure!(
+        back.dst_mac == LAB_CLIENT_NEXT_HOP_MAC,
+        "SYN-ACK to MAC {:02x?}",
+        back.dst_mac
+    );
     let confirmed = counter(lab, Counter::FlowsConfirmed)?;
-    let ack = Frame { payload: b"GET / HTTP/1.1\r\n\r\n!".to_vec(), ..frame(tcp(client, vip, TCP_ACK)) };
+    let ack = Frame {
+        payload: b"GET / HTTP/1.1\r\n\r\n!".to_vec(),
+        ..frame(tcp(client, vip, TCP_ACK))
+    };
     let data = translated(lab, "ACK with data", &ack)?;
-    ensure!(data.src == out.src && data.dst == backend, "data went to {data:?}, SYN to {out:?}");
-    ensure!(counter(lab, Counter::FlowsConfirmed)? == confirmed + 1, "the ACK did not confirm the flow");
+    ensure!(
+        data.src == out.src && data.dst == backend,
+        "data went to {data:?}, SYN to {out:?}"
+    );
+    ensure!(
+        counter(lab, Counter::FlowsConfirmed)? == confirmed + 1,
+        "the ACK did not confirm the flow"
+    );
     Ok(())
 }
 
 fn counter(lab: &PacketLab, which: Counter) -> Result<u64> {
-    Ok(lab.dp.counters()?.into_iter().find(|(c, _)| *c == which).map_or(0, |(_, v)| v))
+    Ok(lab
+        .dp
+        .counters()?
+        .into_iter()
+        .find(|(c, _)| *c == which)
+        .map_or(0, |(_, v)| v))
 }
 
 #[test]
 fn tcp_and_udp_are_translated_in_both_families() -> Result<()> {
     in_lab(|lab| {
-        handshake(lab, at(LAB_CLIENT, 41000), at(LAB_VIP, 443), LAB_SNAT.into(), at(LAB_BACKEND, 4443), |f| f)?;
-        handshake(lab, at(LAB_CLIENT6, 41000), at(LAB_VIP6, 443), LAB_SNAT6.into(), at(LAB_BACKEND6, 4443), |f| f)?;
+        handshake(
+            lab,
+            at(LAB_CLIENT, 41000),
+            at(LAB_VIP, 443),
+            LAB_SNAT.into(),
+            at(LAB_BACKEND, 4443),
+            |f| f,
+        )?;
+        handshake(
+            lab,
+            at(LAB_CLIENT6, 41000),
+            at(LAB_VIP6, 443),
+            LAB_SNAT6.into(),
+            at(LAB_BACKEND6, 4443),
+            |f| f,
+        )?;
         // Hop-by-hop and destination options in front of TCP are skipped and kept.
-        let with_options = |f: Frame| Frame { extensions: vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![1, 4, 0, 0, 0, 0])], ..f };
-        handshake(lab, at(LAB_CLIENT6, 41001), at(LAB_VIP6, 443), LAB_SNAT6.into(), at(LAB_BACKEND6, 4443), with_options)?;
+        let with_options = |f: Frame| Frame {
+            extensions: vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![1, 4, 0, 0, 0, 0])],
+            ..f
+        };
+        handshake(
+            lab,
+            at(LAB_CLIENT6, 41001),
+            at(LAB_VIP6, 443),
+            LAB_SNAT6.into(),
+            at(LAB_BACKEND6, 4443),
+            with_options,
+        )?;
 
         for (client, vip, snat, backend) in [
-            (at(LAB_CLIENT, 42000), at(LAB_VIP, 3478), IpAddr::from(LAB_SNAT), at(LAB_BACKEND, 3478)),
-            (at(LAB_CLIENT6, 42000), at(LAB_VIP6, 3478), LAB_SNAT6.into(), at(LAB_BACKEND6, 3478)),
+            (
+                at(LAB_CLIENT, 42000),
+                at(LAB_VIP, 3478),
+                IpAddr::from(LAB_SNAT),
+                at(LAB_BACKEND, 3478),
+            ),
+            (
+                at(LAB_CLIENT6, 42000),
+                at(LAB_VIP6, 3478),
+                LAB_SNAT6.into(),
+                at(LAB_BACKEND6, 3478),
+            ),
         ] {
             let out = translated(lab, "UDP request", &udp(client, vip))?;
-            ensure!(out.src.ip() == snat && out.dst == backend, "UDP became {out:?}");
+            ensure!(
+                out.src.ip() == snat && out.dst == backend,
+                "UDP became {out:?}"
+            );
             let confirmed = counter(lab, Counter::FlowsConfirmed)?;
             let back = translated(lab, "UDP reply", &udp(backend, out.src))?;
-            ensure!(back.src == vip && back.dst == client, "UDP reply became {back:?}");
-            ensure!(counter(lab, Counter::FlowsConfirmed)? == confirmed + 1, "the reply did not confirm the flow");
+            ensure!(
+                back.src == vip && back.dst == client,
+                "UDP reply became {back:?}"
+            );
+            ensure!(
+                counter(lab, Counter::FlowsConfirmed)? == confirmed + 1,
+                "the reply did not confirm the flow"
+            );
             let again = translated(lab, "second UDP request", &udp(client, vip))?;
-            ensure!(again.src == out.src, "same flow, same SNAT port: {again:?} vs {out:?}");
+            ensure!(
+                again.src == out.src,
+                "same flow, same SNAT port: {again:?} vs {out:?}"
+            );
         }
         // IPv4 UDP without a checksum stays without one.
-        let bare = Frame::new(at(LAB_CLIENT, 42001), at(LAB_VIP, 3478), Transport::Udp { no_checksum: true });
+        let bare = Frame::new(
+            at(LAB_CLIENT, 42001),
+            at(LAB_VIP, 3478),
+            Transport::Udp { no_checksum: true },
+        );
         let out = lab.expect("UDP without checksum", &bare.bytes(), XDP_TX, Counter::Tx)?;
-        ensure!(out.output[14 + 20 + 6..14 + 20 + 8] == [0, 0], "checksum 0 must stay 0");
+        ensure!(
+            out.output[14 + 20 + 6..14 + 20 + 8] == [0, 0],
+            "checksum 0 must stay 0"
+        );
         verify_frame(&out.output)?;
         Ok(())
     })
@@ -214,23 +500,55 @@ fn tcp_and_udp_are_translated_in_both_families() -> Result<()> {
 fn later_fragments_follow_their_first_fragment() -> Result<()> {
     in_lab(|lab| {
         for (client, vip, backend) in [
-            (at(LAB_CLIENT, 43000), at(LAB_VIP, 3478), at(LAB_BACKEND, 3478)),
-            (at(LAB_CLIENT6, 43000), at(LAB_VIP6, 3478), at(LAB_BACKEND6, 3478)),
+            (
+                at(LAB_CLIENT, 43000),
+                at(LAB_VIP, 3478),
+                at(LAB_BACKEND, 3478),
+            ),
+            (
+                at(LAB_CLIENT6, 43000),
+                at(LAB_VIP6, 3478),
+                at(LAB_BACKEND6, 3478),
+            ),
         ] {
-            let datagram = Frame { payload: vec![0x5a; 100], ..udp(client, vip) };
-            let first = Frame { fragment: Some(Fragment { id: 4242, offset: 0, more: true }), ..datagram.clone() };
+            let datagram = Frame {
+                payload: vec![0x5a; 100],
+                ..udp(client, vip)
+            };
+            let first = Frame {
+                fragment: Some(Fragment {
+                    id: 4242,
+                    offset: 0,
+                    more: true,
+                }),
+                ..datagram.clone()
+            };
             let rest = Frame {
-                fragment: Some(Fragment { id: 4242, offset: (FIRST_FRAGMENT_BYTES / 8) as u16, more: false }),
+                fragment: Some(Fragment {
+                    id: 4242,
+                    offset: (FIRST_FRAGMENT_BYTES / 8) as u16,
+                    more: false,
+                }),
                 ..datagram.clone()
             };
             let tracked = counter(lab, Counter::FragmentsTracked)?;
             let out1 = translated(lab, "first fragment", &first)?;
             ensure!(out1.dst == backend, "first fragment went to {out1:?}");
-            ensure!(counter(lab, Counter::FragmentsTracked)? == tracked + 1, "first fragment not tracked");
+            ensure!(
+                counter(lab, Counter::FragmentsTracked)? == tracked + 1,
+                "first fragment not tracked"
+            );
             let out2 = translated(lab, "later fragment", &rest)?;
-            ensure!(out2.src.ip() == out1.src.ip() && out2.dst.ip() == backend.ip(), "later fragment went {out2:?}");
+            ensure!(
+                out2.src.ip() == out1.src.ip() && out2.dst.ip() == backend.ip(),
+                "later fragment went {out2:?}"
+            );
             // Reassembled, the two rewritten fragments must carry a valid UDP checksum.
-            let reassembled = reassemble(&out1, &lab.run(&first.bytes())?.output, &lab.run(&rest.bytes())?.output)?;
+            let reassembled = reassemble(
+                &out1,
+                &lab.run(&first.bytes())?.output,
+                &lab.run(&rest.bytes())?.output,
+            )?;
             ensure!(reassembled, "reassembled datagram has a bad checksum");
         }
         Ok(())
@@ -274,20 +592,47 @@ fn reassemble(seen: &Seen, first: &[u8], rest: &[u8]) -> Result<bool> {
 #[test]
 fn vlan_tags_are_popped_pushed_and_rewritten() -> Result<()> {
     in_lab(|lab| {
-        let tagged = |client: u16, vid: u16| Frame { vlan: Some(vid), ..tcp(at(LAB_CLIENT, client), at(LAB_VIP, 443), TCP_SYN) };
+        let tagged = |client: u16, vid: u16| Frame {
+            vlan: Some(vid),
+            ..tcp(at(LAB_CLIENT, client), at(LAB_VIP, 443), TCP_SYN)
+        };
         let out = translated(lab, "tagged SYN, untagged route", &tagged(44000, 100))?;
-        ensure!(out.vlan.is_none() && out.dst == at(LAB_BACKEND, 4443), "{out:?}");
+        ensure!(
+            out.vlan.is_none() && out.dst == at(LAB_BACKEND, 4443),
+            "{out:?}"
+        );
 
         let ifindex = lab.ingress;
-        lab.dp.set_vlans(&[(ifindex, VlanPort { lower_ifindex: ifindex, vid: 200, _pad: 0 })])?;
-        let out = translated(lab, "untagged SYN, VLAN route", &Frame { vlan: None, ..tagged(44001, 0) })?;
-        ensure!(out.vlan == Some(200) && out.dst == at(LAB_BACKEND, 4443), "{out:?}");
+        lab.dp.set_vlans(&[(
+            ifindex,
+            VlanPort {
+                lower_ifindex: ifindex,
+                vid: 200,
+                _pad: 0,
+            },
+        )])?;
+        let out = translated(
+            lab,
+            "untagged SYN, VLAN route",
+            &Frame {
+                vlan: None,
+                ..tagged(44001, 0)
+            },
+        )?;
+        ensure!(
+            out.vlan == Some(200) && out.dst == at(LAB_BACKEND, 4443),
+            "{out:?}"
+        );
         let priority_tag = (5 << 13) | 100;
         let frame = tagged(44002, priority_tag).bytes();
         let result = lab.expect("tagged SYN, other VLAN route", &frame, XDP_TX, Counter::Tx)?;
         let out = verify_frame(&result.output)?;
         ensure!(out.vlan == Some(200), "{out:?}");
-        ensure!(result.output[14] >> 5 == 5, "priority bits lost: {:#04x}", result.output[14]);
+        ensure!(
+            result.output[14] >> 5 == 5,
+            "priority bits lost: {:#04x}",
+            result.output[14]
+        );
         Ok(())
     })
 }

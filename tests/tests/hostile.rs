@@ -7,9 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{ensure, Result};
 use harness::packet::{
-    lab_network, verify_frame, Fragment, Frame, PacketLab, Transport, LAB_BACKEND, LAB_BACKEND6, LAB_CLIENT,
-    LAB_CLIENT6, LAB_CONFIG, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_FIN, TCP_SYN, XDP_ABORTED, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, XDP_TX,
+    lab_network, verify_frame, Fragment, Frame, PacketLab, Transport, LAB_BACKEND, LAB_BACKEND6,
+    LAB_CLIENT, LAB_CLIENT6, LAB_CONFIG, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_FIN, TCP_SYN, XDP_ABORTED,
+    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
 };
 use lb_common::Counter;
 
@@ -36,23 +36,78 @@ fn seeds() -> Vec<Vec<u8>> {
     let at = |ip: IpAddr, port| SocketAddr::new(ip, port);
     let mut frames = Vec::new();
     for (client, vip, backend) in [
-        (IpAddr::from(LAB_CLIENT), IpAddr::from(LAB_VIP), IpAddr::from(LAB_BACKEND)),
+        (
+            IpAddr::from(LAB_CLIENT),
+            IpAddr::from(LAB_VIP),
+            IpAddr::from(LAB_BACKEND),
+        ),
         (LAB_CLIENT6.into(), LAB_VIP6.into(), LAB_BACKEND6.into()),
     ] {
         for flags in [TCP_SYN, TCP_ACK, TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK] {
-            frames.push(Frame::new(at(client, 40000), at(vip, 443), Transport::Tcp { flags }));
-            frames.push(Frame::new(at(backend, 4443), at(vip, 40000), Transport::Tcp { flags }));
+            frames.push(Frame::new(
+                at(client, 40000),
+                at(vip, 443),
+                Transport::Tcp { flags },
+            ));
+            frames.push(Frame::new(
+                at(backend, 4443),
+                at(vip, 40000),
+                Transport::Tcp { flags },
+            ));
         }
-        frames.push(Frame { payload: vec![7; 40], ..Frame::new(at(client, 40001), at(vip, 3478), Transport::Udp { no_checksum: false }) });
-        frames.push(Frame::new(at(client, 0), at(vip, 0), Transport::EchoRequest));
-        let datagram = Frame { payload: vec![9; 64], ..Frame::new(at(client, 40002), at(vip, 3478), Transport::Udp { no_checksum: false }) };
-        frames.push(Frame { fragment: Some(Fragment { id: 5, offset: 0, more: true }), ..datagram.clone() });
-        frames.push(Frame { fragment: Some(Fragment { id: 5, offset: 3, more: false }), ..datagram });
-        frames.push(Frame { vlan: Some(100), ..Frame::new(at(client, 40003), at(vip, 443), Transport::Tcp { flags: TCP_SYN }) });
+        frames.push(Frame {
+            payload: vec![7; 40],
+            ..Frame::new(
+                at(client, 40001),
+                at(vip, 3478),
+                Transport::Udp { no_checksum: false },
+            )
+        });
+        frames.push(Frame::new(
+            at(client, 0),
+            at(vip, 0),
+            Transport::EchoRequest,
+        ));
+        let datagram = Frame {
+            payload: vec![9; 64],
+            ..Frame::new(
+                at(client, 40002),
+                at(vip, 3478),
+                Transport::Udp { no_checksum: false },
+            )
+        };
+        frames.push(Frame {
+            fragment: Some(Fragment {
+                id: 5,
+                offset: 0,
+                more: true,
+            }),
+            ..datagram.clone()
+        });
+        frames.push(Frame {
+            fragment: Some(Fragment {
+                id: 5,
+                offset: 3,
+                more: false,
+            }),
+            ..datagram
+        });
+        frames.push(Frame {
+            vlan: Some(100),
+            ..Frame::new(
+                at(client, 40003),
+                at(vip, 443),
+                Transport::Tcp { flags: TCP_SYN },
+            )
+        });
     }
     frames.push(Frame {
         extensions: vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![1, 4, 0, 0, 0, 0])],
-        ..Frame::new(SocketAddr::new(LAB_CLIENT6.into(), 40004), SocketAddr::new(LAB_VIP6.into(), 443), Transport::Tcp { flags: TCP_SYN })
+        ..Frame::new(
+            SocketAddr::new(LAB_CLIENT6.into(), 40004),
+            SocketAddr::new(LAB_VIP6.into(), 443),
+            Transport::Tcp { flags: TCP_SYN },
+        )
     });
     frames.iter().map(Frame::bytes).collect()
 }
@@ -77,13 +132,23 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn verdict_sum(counters: &[(Counter, u64)]) -> u64 {
-    counters.iter().filter(|(c, _)| c.is_verdict()).map(|(_, v)| v).sum()
+    counters
+        .iter()
+        .filter(|(c, _)| c.is_verdict())
+        .map(|(_, v)| v)
+        .sum()
 }
 
 #[test]
 fn a_million_random_and_mutated_frames_are_all_accounted_for() -> Result<()> {
-    let total: u64 = std::env::var("LB_FUZZ_PACKETS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let seed = std::env::var("LB_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x1b_5eed_u64);
+    let total: u64 = std::env::var("LB_FUZZ_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let seed = std::env::var("LB_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x1b_5eed_u64);
     let ns = lab_network()?;
     ns.run(|| -> Result<()> {
         let lab = PacketLab::new(LAB_CONFIG)?;
@@ -137,45 +202,91 @@ fn syn_flood_from_spoofed_sources_does_not_evict_established_flows() -> Result<(
     const REAL_CLIENTS: u16 = 50;
     let ns = lab_network()?;
     ns.run(|| -> Result<()> {
-        let config = LAB_CONFIG.replace("max_half_open = 4096", "max_half_open = 4096\nhandshake_timeout = 2");
+        let config = LAB_CONFIG.replace(
+            "max_half_open = 4096",
+            "max_half_open = 4096\nhandshake_timeout = 2",
+        );
         let lab = PacketLab::new(&config)?;
         let vip = SocketAddr::new(LAB_VIP.into(), 443);
         let client = |i: u16| SocketAddr::new(LAB_CLIENT.into(), 30000 + i);
         let mut snat = Vec::new();
         for i in 0..REAL_CLIENTS {
-            let out = lab.expect("real SYN", &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_SYN }).bytes(), XDP_TX, Counter::Tx)?;
+            let out = lab.expect(
+                "real SYN",
+                &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_SYN }).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            )?;
             let seen = verify_frame(&out.output)?;
-            let syn_ack = Frame::new(seen.dst, seen.src, Transport::Tcp { flags: TCP_SYN | TCP_ACK });
+            let syn_ack = Frame::new(
+                seen.dst,
+                seen.src,
+                Transport::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            );
             lab.expect("SYN-ACK", &syn_ack.bytes(), XDP_TX, Counter::Tx)?;
-            lab.expect("ACK", &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK }).bytes(), XDP_TX, Counter::Tx)?;
+            lab.expect(
+                "ACK",
+                &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK }).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            )?;
             snat.push(seen.src);
         }
         let established = lab.dp.flows().count();
-        ensure!(established == 2 * usize::from(REAL_CLIENTS), "{established} flow entries before the flood");
+        ensure!(
+            established == 2 * usize::from(REAL_CLIENTS),
+            "{established} flow entries before the flood"
+        );
 
         let before = lab.dp.counters()?;
         let mut output = Vec::new();
         let mut rng = Rng(0xf100d);
         for _ in 0..FLOOD {
-            let spoofed = IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes());
-            let syn = Frame::new(SocketAddr::new(spoofed, 1024 + rng.below(60000) as u16), vip, Transport::Tcp { flags: TCP_SYN });
+            let spoofed =
+                IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes());
+            let syn = Frame::new(
+                SocketAddr::new(spoofed, 1024 + rng.below(60000) as u16),
+                vip,
+                Transport::Tcp { flags: TCP_SYN },
+            );
             let action = lab.run_fast(&syn.bytes(), &mut output)?;
             // No route back to 11.0.0.0/8 is needed: the SYN goes to the server.
-            ensure!(action == XDP_TX || action == XDP_DROP, "flood SYN: action {action}");
+            ensure!(
+                action == XDP_TX || action == XDP_DROP,
+                "flood SYN: action {action}"
+            );
         }
         let after = lab.dp.counters()?;
         let moved = |c: Counter| after[c as usize].1 - before[c as usize].1;
-        ensure!(moved(Counter::NewFlows) + moved(Counter::DropSnatExhausted) == u64::from(FLOOD), "flood not in the counters");
+        ensure!(
+            moved(Counter::NewFlows) + moved(Counter::DropSnatExhausted) == u64::from(FLOOD),
+            "flood not in the counters"
+        );
         let half_open = lab.dp.half_open().count();
-        ensure!(half_open <= 4096 + 64, "half-open table grew to {half_open}");
-        ensure!(lab.dp.flows().count() == established, "the flood changed the flow table");
+        ensure!(
+            half_open <= 4096 + 64,
+            "half-open table grew to {half_open}"
+        );
+        ensure!(
+            lab.dp.flows().count() == established,
+            "the flood changed the flow table"
+        );
 
         // Every real client's connection still goes to its server, with its SNAT port.
         for i in 0..REAL_CLIENTS {
-            let data = Frame { payload: b"still here".to_vec(), ..Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK }) };
+            let data = Frame {
+                payload: b"still here".to_vec(),
+                ..Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK })
+            };
             let out = lab.expect("data after the flood", &data.bytes(), XDP_TX, Counter::Tx)?;
             let seen = verify_frame(&out.output)?;
-            ensure!(seen.src == snat[usize::from(i)], "client {i} moved to {:?}", seen.src);
+            ensure!(
+                seen.src == snat[usize::from(i)],
+                "client {i} moved to {:?}",
+                seen.src
+            );
         }
         println!(
             "flood: {} new flows, {} refused, half-open {half_open}/4096, flows {established} kept",

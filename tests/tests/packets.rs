@@ -4,22 +4,12 @@
 //! checksum implementation (etherparse). Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use harness::packet::{
-    lab_network, parse_verified, run_once, TcpFrame, ETH_LEN, LAB_BACKEND, LAB_BACKEND_MAC,
-    LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC, LAB_INTERFACE, LAB_SNAT, LAB_VIP,
-};
-use lb::{
-    config::Config,
-    dataplane::{ifindex, Capacity, Dataplane},
-    pool::Pool,
-    runtime::Overlay,
+    lab_network, parse_verified, PacketLab, TcpFrame, ETH_LEN, LAB_BACKEND, LAB_BACKEND_MAC,
+    LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC, LAB_SNAT, LAB_VIP, XDP_DROP, XDP_PASS, XDP_TX,
 };
 use lb_common::Counter;
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 
 const VIP: Ipv4Addr = LAB_VIP;
 const CLIENT: Ipv4Addr = LAB_CLIENT;
@@ -51,79 +41,9 @@ fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(CLIENT, port)
 }
 
-struct Harness {
-    dp: Dataplane,
-    ingress: u32,
-}
-
-struct Outcome {
-    action: u32,
-    output: Vec<u8>,
-    /// The verdict counters that moved, with their increments.
-    verdicts: Vec<(Counter, u64)>,
-}
-
-impl Harness {
-    fn new() -> Result<Self> {
-        let config = Config::parse(CONFIG)?;
-        let mut dp = Dataplane::load(
-            Capacity {
-                max_flows: 4096,
-                max_half_open: 4096,
-                max_affinities: 4096,
-            },
-            None,
-        )?;
-        Pool::new(config, Overlay::default(), None).sync(&mut dp)?;
-        Ok(Self {
-            dp,
-            ingress: ifindex(LAB_INTERFACE)?,
-        })
-    }
-
-    fn run(&self, frame: &[u8]) -> Result<Outcome> {
-        let before = self.dp.counters()?;
-        let mut output = vec![0u8; frame.len() + 256];
-        let result = run_once(self.dp.program()?, frame, self.ingress, &mut output)?;
-        output.truncate(result.data_size_out as usize);
-        let after = self.dp.counters()?;
-        let packets = after[Counter::Packets as usize].1 - before[Counter::Packets as usize].1;
-        ensure!(packets == 1, "packets counter moved by {packets}");
-        let verdicts = before
-            .iter()
-            .zip(&after)
-            .filter(|((c, _), _)| c.is_verdict())
-            .filter(|((_, b), (_, a))| a != b)
-            .map(|((c, b), (_, a))| (*c, a - b))
-            .collect();
-        Ok(Outcome {
-            action: result.return_value,
-            output,
-            verdicts,
-        })
-    }
-
-    /// Runs `frame` and checks the action and that exactly `counter` moved, by one.
-    fn expect(&self, what: &str, frame: &[u8], action: u32, counter: Counter) -> Result<Outcome> {
-        let outcome = self.run(frame).with_context(|| what.to_string())?;
-        ensure!(
-            outcome.action == action,
-            "{what}: action {} instead of {action} (counters {:?})",
-            outcome.action,
-            outcome.verdicts
-        );
-        ensure!(
-            outcome.verdicts == [(counter, 1)],
-            "{what}: counters {:?} instead of [{counter:?} +1]",
-            outcome.verdicts
-        );
-        Ok(outcome)
-    }
-}
-
-fn in_network(test: impl FnOnce(&Harness) -> Result<()> + Send) -> Result<()> {
+fn in_network(test: impl FnOnce(&PacketLab) -> Result<()> + Send) -> Result<()> {
     let ns = lab_network()?;
-    ns.run(|| test(&Harness::new()?))?
+    ns.run(|| test(&PacketLab::new(CONFIG)?))?
 }
 
 #[test]

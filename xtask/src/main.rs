@@ -92,7 +92,17 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             run(cargo()
-                .args(["test", "--release", "-p", "lb-tests", "--test", "hostile", "a_million", "--", "--nocapture"])
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "lb-tests",
+                    "--test",
+                    "hostile",
+                    "a_million",
+                    "--",
+                    "--nocapture",
+                ])
                 .env("LB_FUZZ_PACKETS", packets.to_string())
                 .env("LB_FUZZ_SEED", seed.to_string()))
         }
