@@ -40,10 +40,8 @@ fn main() {
     if toolchain.bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }
-    // BTF (from debug info): the kernel needs its function info for the `bpf_loop` callback.
     cmd.current_dir(&ebpf_dir)
         .env("CARGO_TARGET_DIR", &target_dir)
-        .env("RUSTFLAGS", "-C link-arg=--btf")
         .args([
             "build",
             "--release",

@@ -102,7 +102,9 @@ pub struct StatusReport {
 pub struct TableReport {
     /// Confirmed connections (both directions).
     pub flows: TableFill,
-    /// Connections not yet confirmed (both directions); LRU, so a flood fills it harmlessly.
+    /// Connections not yet confirmed (both directions), as of the last collection: walking
+    /// this table on every report would cost the most exactly under a flood, when it is
+    /// full. LRU, so a flood fills it harmlessly.
     pub half_open: TableFill,
     pub affinities: TableFill,
     /// Garbage collections that found a table at 90 % or more (LRU evicting live entries).

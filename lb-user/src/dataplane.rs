@@ -179,20 +179,29 @@ pub struct Removal {
     pub kept: usize,
 }
 
-/// Keys of the entries `remove` selects, and how many it did not select.
-fn partition_keys<K, V>(
-    entries: impl Iterator<Item = (K, V)>,
+/// Deletes every entry of `map` that `remove` selects, in one walk. An entry already gone
+/// (LRU eviction, a racing delete) is fine.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
     remove: impl Fn(&K, &V) -> bool,
-) -> (Vec<K>, usize) {
+) -> Removal {
     let mut kept = 0;
-    let doomed = entries
+    let doomed: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
         .filter_map(|(k, v)| {
             let go = remove(&k, &v);
             kept += usize::from(!go);
             go.then_some(k)
         })
         .collect();
-    (doomed, kept)
+    for key in &doomed {
+        let _ = map.remove(key);
+    }
+    Removal {
+        removed: doomed.len(),
+        kept,
+    }
 }
 
 /// `<pin_dir>/v<LAYOUT_VERSION>`, refusing to start next to pins of another layout: reading
@@ -517,15 +526,7 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool,
     ) -> Result<Removal> {
-        let (doomed, kept) = partition_keys(self.affinities(), remove);
-        for key in &doomed {
-            // Already gone (LRU eviction, a racing delete) is fine.
-            let _ = self.affinity.remove(key);
-        }
-        Ok(Removal {
-            removed: doomed.len(),
-            kept,
-        })
+        Ok(remove_where(&mut self.affinity, remove))
     }
 
     /// Removes every confirmed flow entry (both directions) matching `remove`, in one walk
@@ -534,14 +535,7 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<Removal> {
-        let (doomed, kept) = partition_keys(self.flows(), remove);
-        for key in &doomed {
-            let _ = self.flows.remove(key);
-        }
-        Ok(Removal {
-            removed: doomed.len(),
-            kept,
-        })
+        Ok(remove_where(&mut self.flows, remove))
     }
 
     /// Removes every half-open entry matching `remove` (the LRU bounds them anyway; this is
@@ -550,14 +544,7 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<Removal> {
-        let (doomed, kept) = partition_keys(self.half_open(), remove);
-        for key in &doomed {
-            let _ = self.half_open.remove(key);
-        }
-        Ok(Removal {
-            removed: doomed.len(),
-            kept,
-        })
+        Ok(remove_where(&mut self.half_open, remove))
     }
 
     /// Services currently in the data plane (for adopting a running one).

@@ -854,7 +854,6 @@ impl Pool {
             .collect();
         let mut tables = self.tables;
         tables.flows.entries = flow_entries;
-        tables.half_open.entries = dp.half_open().count() as u64;
         tables.affinities.entries = affinity_entries;
         Ok(StatusReport {
             services,

@@ -277,7 +277,13 @@ pub fn internet_checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-fn pseudo_header(src: std::net::IpAddr, dst: std::net::IpAddr, proto: u8, len: usize) -> Vec<u8> {
+/// The TCP/UDP/ICMPv6 checksum pseudo-header (RFC 793 / RFC 8200 section 8.1).
+pub fn pseudo_header(
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    proto: u8,
+    len: usize,
+) -> Vec<u8> {
     let mut p = Vec::new();
     match (src, dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {

@@ -567,22 +567,12 @@ fn reassemble(seen: &Seen, first: &[u8], rest: &[u8]) -> Result<bool> {
     };
     let mut l4 = transport(first);
     l4.extend_from_slice(&transport(rest));
-    let mut pseudo = Vec::new();
-    match (seen.src.ip(), seen.dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, 17]);
-            pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, 17]);
-        }
-        _ => anyhow::bail!("mixed families"),
-    }
+    let pseudo = harness::packet::pseudo_header(
+        seen.src.ip(),
+        seen.dst.ip(),
+        harness::packet::PROTO_UDP,
+        l4.len(),
+    );
     Ok(harness::packet::internet_checksum(&[&pseudo, &l4]) == 0)
 }
 

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{bail, ensure, Result};
 use harness::packet::{
     lab_network, parse_verified, PacketLab, TcpFrame, ETH_LEN, LAB_BACKEND, LAB_BACKEND_MAC,
-    LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC, LAB_SNAT, LAB_VIP, XDP_DROP, XDP_PASS, XDP_TX,
+    LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_VIP, XDP_DROP, XDP_PASS, XDP_TX,
 };
 use lb_common::Counter;
 
@@ -17,21 +17,6 @@ const BACKEND: Ipv4Addr = LAB_BACKEND;
 const SNAT: Ipv4Addr = LAB_SNAT;
 const BACKEND_MAC: [u8; 6] = LAB_BACKEND_MAC;
 const CLIENT_NEXT_HOP_MAC: [u8; 6] = LAB_CLIENT_NEXT_HOP_MAC;
-
-const CONFIG: &str = r#"
-[daemon]
-interfaces = ["t0"]
-snat_addresses = ["10.2.0.100"]
-max_flows = 4096
-max_affinities = 4096
-
-[[service]]
-name = "web"
-vip = "10.100.0.1"
-port = 443
-backend_port = 4443
-backends = [{ address = "10.2.0.11" }]
-"#;
 
 fn vip(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(VIP, port)
@@ -43,7 +28,7 @@ fn client(port: u16) -> SocketAddrV4 {
 
 fn in_network(test: impl FnOnce(&PacketLab) -> Result<()> + Send) -> Result<()> {
     let ns = lab_network()?;
-    ns.run(|| test(&PacketLab::new(CONFIG)?))?
+    ns.run(|| test(&PacketLab::new(LAB_CONFIG)?))?
 }
 
 #[test]
@@ -94,7 +79,7 @@ fn malformed_and_foreign_frames_are_classified() -> Result<()> {
         let mut udp = syn.clone();
         udp[ETH_LEN + 9] = 17;
         h.expect(
-            "UDP (not balanced yet)",
+            "UDP to a port with only a TCP service",
             &udp,
             XDP_PASS,
             Counter::PassNotService,
