@@ -28,6 +28,45 @@ pub fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// Word changes collected for one checksum, applied at once: for a checksum that covers
+/// many rewritten fields (an ICMP error covers the whole quoted packet).
+#[derive(Clone, Copy, Default)]
+pub struct Delta(u32);
+
+impl Delta {
+    #[inline(always)]
+    pub fn u16(&mut self, old: u16, new: u16) {
+        // Folded on every step so the sum never overflows, however many words change.
+        self.0 = u32::from(fold(self.0 + u32::from(!old) + u32::from(new)));
+    }
+
+    #[inline(always)]
+    pub fn u32(&mut self, old: u32, new: u32) {
+        self.u16(old as u16, new as u16);
+        self.u16((old >> 16) as u16, (new >> 16) as u16);
+    }
+
+    /// An address of up to four 32-bit words (IPv4 uses word 0 only; the rest stay 0 -> 0).
+    #[inline(always)]
+    pub fn address(&mut self, old: &[u32; 4], new: &[u32; 4]) {
+        for word in 0..4 {
+            self.u32(old[word], new[word]);
+        }
+    }
+
+    /// Adds the changes recorded in `other`.
+    #[inline(always)]
+    pub fn merge(&mut self, other: Delta) {
+        self.0 = u32::from(fold(self.0 + other.0));
+    }
+
+    /// `check` updated for every change recorded.
+    #[inline(always)]
+    pub fn apply(self, check: u16) -> u16 {
+        !fold(u32::from(!check) + self.0)
+    }
+}
+
 /// Full checksum over `data` (16-bit words as stored, i.e. native loads), for tests and the
 /// daemon; the data plane only ever updates checksums incrementally.
 pub fn checksum(data: &[u8]) -> u16 {
@@ -80,6 +119,24 @@ mod tests {
         h[8] -= 1;
         let new = u16::from_ne_bytes([h[8], h[9]]);
         let incremental = replace_u16(stored_check(&HEADER), old, new);
+        h[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(incremental, checksum(&h));
+    }
+
+    #[test]
+    fn a_delta_of_many_changes_matches_a_full_recompute() {
+        let mut h = HEADER;
+        let mut delta = Delta::default();
+        for (at, new) in [(12, [10u8, 9, 8, 7]), (16, [192, 168, 200, 1])] {
+            let old = u32::from_ne_bytes(h[at..at + 4].try_into().unwrap());
+            let new = u32::from_ne_bytes(new);
+            delta.u32(old, new);
+            h[at..at + 4].copy_from_slice(&new.to_ne_bytes());
+        }
+        let old = u16::from_ne_bytes([h[4], h[5]]);
+        h[4..6].copy_from_slice(&[0xbe, 0xef]);
+        delta.u16(old, u16::from_ne_bytes([h[4], h[5]]));
+        let incremental = delta.apply(stored_check(&HEADER));
         h[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(incremental, checksum(&h));
     }

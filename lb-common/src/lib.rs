@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout below changes, so pinned maps of another layout are never
 /// read as if they were ours.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 // Map names: used by `#[map(name = ...)]` in lb-ebpf and by the daemon. Kernel limit: 15 chars.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
@@ -294,7 +294,8 @@ pub enum Counter {
     PassTtlExpired,
     /// Rewritten, but the egress interface has no lb program: the kernel forwards it.
     PassEgressNotAttached,
-    /// ICMP for a VIP that lb does not answer itself (echo with replies off, other types).
+    /// ICMP for a VIP that lb does not answer itself (echo with replies off, other types),
+    /// and ICMP errors that quote no tracked flow (or are fragmented).
     PassIcmp,
     /// Forwarded back out of the interface it came in on.
     Tx,
@@ -314,6 +315,9 @@ pub enum Counter {
     EchoReplies,
     /// First fragments whose datagram's later fragments will follow the same flow.
     FragmentsTracked,
+    /// ICMP errors (unreachable, fragmentation needed / packet too big, time exceeded,
+    /// parameter problem) quoting a tracked flow, translated and sent to the other side.
+    IcmpErrorsTranslated,
     /// Addressed to a VIP, but its L4 header is truncated or inconsistent.
     DropMalformed,
     /// IPv6 to a VIP behind an extension header lb does not skip (see README), or too many of them.
@@ -328,8 +332,10 @@ pub enum Counter {
     DropSnatExhausted,
     /// Could not record the new flow (table update failed).
     DropFlowInsert,
-    /// Route lookup failed (no route, blackhole, prohibited, MTU).
+    /// Route lookup failed (no route, blackhole, prohibited).
     DropNoRoute,
+    /// Larger than the egress interface's MTU (lb's interfaces should share one MTU).
+    DropOverMtu,
     /// The settings map was not populated (daemon not finished starting).
     DropNotConfigured,
     /// A per-CPU scratch slot was missing or the frame could not be resized: cannot happen in a loaded program, counted so that it would be seen if it did.
@@ -357,6 +363,7 @@ impl Counter {
         Counter::FlowTableFull,
         Counter::EchoReplies,
         Counter::FragmentsTracked,
+        Counter::IcmpErrorsTranslated,
         Counter::DropMalformed,
         Counter::DropIpv6Extension,
         Counter::DropFragmentUnknown,
@@ -365,6 +372,7 @@ impl Counter {
         Counter::DropSnatExhausted,
         Counter::DropFlowInsert,
         Counter::DropNoRoute,
+        Counter::DropOverMtu,
         Counter::DropNotConfigured,
         Counter::DropInternal,
     ];
@@ -390,6 +398,7 @@ impl Counter {
             Counter::FlowTableFull => "flow_table_full",
             Counter::EchoReplies => "echo_replies",
             Counter::FragmentsTracked => "fragments_tracked",
+            Counter::IcmpErrorsTranslated => "icmp_errors_translated",
             Counter::DropMalformed => "drop_malformed",
             Counter::DropIpv6Extension => "drop_ipv6_extension",
             Counter::DropFragmentUnknown => "drop_fragment_unknown",
@@ -398,6 +407,7 @@ impl Counter {
             Counter::DropSnatExhausted => "drop_snat_exhausted",
             Counter::DropFlowInsert => "drop_flow_insert",
             Counter::DropNoRoute => "drop_no_route",
+            Counter::DropOverMtu => "drop_over_mtu",
             Counter::DropNotConfigured => "drop_not_configured",
             Counter::DropInternal => "drop_internal",
         }
@@ -415,6 +425,7 @@ impl Counter {
                 | Counter::FlowTableFull
                 | Counter::EchoReplies
                 | Counter::FragmentsTracked
+                | Counter::IcmpErrorsTranslated
         )
     }
 }

@@ -2,7 +2,8 @@
 //! VLAN egress device is resolved to its lower interface and the tag is set, added or removed.
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action::XDP_PASS, BPF_FIB_LKUP_RET_NO_NEIGH,
+        bpf_fib_lookup as FibParams, xdp_action::XDP_PASS, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_xdp_adjust_head, generated::bpf_fib_lookup},
@@ -77,6 +78,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::pass(Counter::PassNoNeigh),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Verdict::drop(Counter::DropOverMtu),
         _ => return Verdict::drop(Counter::DropNoRoute),
     }
     let (egress, vid) = match VLANS.get_ptr(&params.ifindex) {

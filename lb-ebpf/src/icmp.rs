@@ -1,9 +1,11 @@
-//! ICMP addressed to a VIP: echo requests are answered from the VIP (or left to the kernel,
-//! by config); every other ICMP message for a VIP is left to the kernel, counted.
+//! ICMP: errors that quote a tracked flow are translated (see `icmp_error`); echo
+//! requests to a VIP are answered from the VIP (or left to the kernel, by config); every
+//! other ICMP message for a VIP is left to the kernel, counted.
 use aya_ebpf::programs::XdpContext;
 use lb_common::{csum, Counter, FAMILY_V4, SETTINGS_F_ECHO_REPLY};
 
 use crate::{
+    icmp_error,
     maps::SETTINGS,
     parse::{is_vip, Packet, Part, ICMP_HEADER, L3},
     verdict::Verdict,
@@ -19,6 +21,16 @@ const REPLY_HOP_LIMIT: u8 = 64;
 // Out of line: its own stack frame (see "Stack" in the README).
 #[inline(never)]
 pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    // A fragmented message is the kernel's: a reply or a translation needs all of it.
+    let header = match pkt.transport::<ICMP_HEADER>(ctx) {
+        Some(header) if pkt.part == Part::Whole => header,
+        _ => return not_handled(pkt),
+    };
+    // SAFETY: bounds-checked by `transport`.
+    let header = unsafe { &mut *header };
+    if icmp_error::is_error(pkt.key.family, header[0]) {
+        return icmp_error::translate(ctx, pkt);
+    }
     if !is_vip(pkt.key) {
         return Verdict::pass(Counter::PassNotService);
     }
@@ -30,17 +42,19 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let answer = SETTINGS
         .get(0)
         .is_some_and(|s| s.flags & SETTINGS_F_ECHO_REPLY != 0);
-    // A fragmented request is the kernel's: the reply would need the whole datagram.
-    let header = match pkt.transport::<ICMP_HEADER>(ctx) {
-        Some(header) if pkt.part == Part::Whole && answer => header,
-        _ => return Verdict::pass(Counter::PassIcmp),
-    };
-    // SAFETY: bounds-checked by `transport`.
-    let header = unsafe { &mut *header };
-    if header[0] != request {
+    if header[0] != request || !answer {
         return Verdict::pass(Counter::PassIcmp);
     }
     echo_reply(pkt, header, reply)
+}
+
+#[inline(always)]
+fn not_handled(pkt: &Packet) -> Verdict {
+    if is_vip(pkt.key) {
+        Verdict::pass(Counter::PassIcmp)
+    } else {
+        Verdict::pass(Counter::PassNotService)
+    }
 }
 
 /// Turns the request into its reply in place and sends it back where it came from: swap

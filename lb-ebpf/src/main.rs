@@ -6,6 +6,7 @@ mod balancer;
 mod forward;
 mod fragments;
 mod icmp;
+mod icmp_error;
 mod log;
 mod maps;
 mod nat;

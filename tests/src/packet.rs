@@ -228,6 +228,9 @@ pub enum Transport {
     Udp { no_checksum: bool },
     /// ICMP (IPv4) or ICMPv6 echo request.
     EchoRequest,
+    /// An ICMP or ICMPv6 error of this type and code, with `info` in the header's second
+    /// word (the MTU of "fragmentation needed" / "packet too big"), quoting the payload.
+    IcmpError { kind: u8, code: u8, info: u32 },
     /// Any other protocol number, with the payload as its body.
     Other(u8),
 }
@@ -327,8 +330,10 @@ impl Frame {
         match self.transport {
             Transport::Tcp { .. } => PROTO_TCP,
             Transport::Udp { .. } => PROTO_UDP,
-            Transport::EchoRequest if self.src.is_ipv4() => PROTO_ICMP,
-            Transport::EchoRequest => PROTO_ICMPV6,
+            Transport::EchoRequest | Transport::IcmpError { .. } if self.src.is_ipv4() => {
+                PROTO_ICMP
+            }
+            Transport::EchoRequest | Transport::IcmpError { .. } => PROTO_ICMPV6,
             Transport::Other(p) => p,
         }
     }
@@ -361,6 +366,11 @@ impl Frame {
                 let request = if self.src.is_ipv4() { 8 } else { 128 };
                 vec![request, 0, 0, 0, 0x12, 0x34, 0, 1]
             }
+            Transport::IcmpError { kind, code, info } => {
+                let mut h = vec![kind, code, 0, 0];
+                h.extend_from_slice(&info.to_be_bytes());
+                h
+            }
             Transport::Other(_) => Vec::new(),
         };
         t.extend_from_slice(&self.payload);
@@ -369,7 +379,7 @@ impl Frame {
             Transport::Tcp { .. } => Some(16),
             Transport::Udp { no_checksum: false } => Some(6),
             Transport::Udp { no_checksum: true } | Transport::Other(_) => None,
-            Transport::EchoRequest => Some(2),
+            Transport::EchoRequest | Transport::IcmpError { .. } => Some(2),
         };
         if let Some(at) = check_at {
             let icmpv4 = self.proto() == PROTO_ICMP;

@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{ensure, Result};
 use harness::packet::{
-    lab_network, verify_frame, Fragment, Frame, PacketLab, Seen, Transport, CLIENT_MAC,
-    FIRST_FRAGMENT_BYTES, LAB_BACKEND, LAB_BACKEND6, LAB_BACKEND_MAC, LAB_CLIENT, LAB_CLIENT6,
-    LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_SNAT6, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_SYN,
-    XDP_DROP, XDP_PASS, XDP_TX,
+    internet_checksum, lab_network, verify_frame, Fragment, Frame, PacketLab, Seen, Transport,
+    CLIENT_MAC, ETH_LEN, FIRST_FRAGMENT_BYTES, LAB_BACKEND, LAB_BACKEND6, LAB_BACKEND_MAC,
+    LAB_CLIENT, LAB_CLIENT6, LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_SNAT6, LAB_VIP,
+    LAB_VIP6, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX,
 };
 use lb_common::{Counter, VlanPort};
 
@@ -299,6 +299,20 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
             &tcp(c4, at(LAB_VIP, 9003), TCP_SYN).bytes(),
             XDP_PASS,
             Counter::PassEgressNotAttached,
+        )?;
+        // 1,600 bytes of IP on a 1,500-byte path (lb cannot send "fragmentation needed").
+        let big_sender = at(LAB_CLIENT, 40999);
+        let syn = tcp(big_sender, at(LAB_VIP, 443), TCP_SYN);
+        lab.expect("SYN", &syn.bytes(), XDP_TX, Counter::Tx)?;
+        let data = Frame {
+            payload: vec![0; 1560],
+            ..tcp(big_sender, at(LAB_VIP, 443), TCP_ACK)
+        };
+        lab.expect(
+            "larger than the egress MTU",
+            &data.bytes(),
+            XDP_DROP,
+            Counter::DropOverMtu,
         )?;
         Ok(())
     })
@@ -623,6 +637,210 @@ fn vlan_tags_are_popped_pushed_and_rewritten() -> Result<()> {
             "priority bits lost: {:#04x}",
             result.output[14]
         );
+        Ok(())
+    })
+}
+
+/// An ICMP error from `from` to `to` quoting `quote` (an IP packet, cut as the sender chose).
+fn icmp_error(from: IpAddr, to: IpAddr, kind: u8, code: u8, info: u32, quote: &[u8]) -> Frame {
+    Frame {
+        payload: quote.to_vec(),
+        ..Frame::new(
+            at(from, 0),
+            at(to, 0),
+            Transport::IcmpError { kind, code, info },
+        )
+    }
+}
+
+/// The translated error must quote the original packet as it reached lb: the same bytes
+/// but for the hop lb took off (and, for IPv4, the header checksum, which must be valid).
+fn check_quote(what: &str, output: &[u8], original_frame: &[u8], quoted: usize) -> Result<()> {
+    let original = &original_frame[ETH_LEN..ETH_LEN + quoted];
+    let v4 = original[0] >> 4 == 4;
+    let outer = if v4 { 20 } else { 40 };
+    let quote = &output[ETH_LEN + outer + 8..];
+    ensure!(
+        quote.len() == quoted,
+        "{what}: quote is {} bytes",
+        quote.len()
+    );
+    let (hop_limit, header_check) = if v4 { (8, 10..12) } else { (7, 0..0) };
+    for (i, (&got, &want)) in quote.iter().zip(original).enumerate() {
+        if i != hop_limit && !header_check.contains(&i) {
+            ensure!(
+                got == want,
+                "{what}: quote byte {i} is {got:#04x}, the original's {want:#04x}\n quote {quote:02x?}\n original {original:02x?}"
+            );
+        }
+    }
+    ensure!(
+        quote[hop_limit] == original[hop_limit] - 1,
+        "{what}: quoted hop limit"
+    );
+    if v4 {
+        ensure!(
+            internet_checksum(&[&quote[..20]]) == 0,
+            "{what}: quoted IPv4 header checksum"
+        );
+    }
+    Ok(())
+}
+
+/// Path-MTU discovery and "unreachable" through the full NAT: errors about a flow, from
+/// either side, reach the other side's end with the quote translated back; errors about
+/// no flow go to the kernel.
+#[test]
+fn icmp_errors_about_a_flow_are_translated() -> Result<()> {
+    in_lab(|lab| {
+        // (family name, client, VIP, server-side router, client-side router, ICMP types:
+        // fragmentation needed / packet too big, port unreachable, time exceeded)
+        let families = [
+            (
+                "IPv4",
+                IpAddr::from(LAB_CLIENT),
+                IpAddr::from(LAB_VIP),
+                IpAddr::from([10, 2, 0, 254]),
+                IpAddr::from([10, 1, 0, 254]),
+                ((3, 4), (3, 3), (11, 0)),
+            ),
+            (
+                "IPv6",
+                LAB_CLIENT6.into(),
+                LAB_VIP6.into(),
+                "fd00:2::fe".parse()?,
+                "fd00:1::fe".parse()?,
+                ((2, 0), (1, 4), (3, 0)),
+            ),
+        ];
+        for (family, client, vip, server_router, client_router, types) in families {
+            let ((too_big, too_big_code), (unreachable, port_code), (expired, expired_code)) =
+                types;
+            let errors_before = counter(lab, Counter::IcmpErrorsTranslated)?;
+
+            // A router on the servers' side cannot pass the SYN on: the client hears it,
+            // from the VIP, about the SYN it sent.
+            let syn = tcp(at(client, 43000), at(vip, 443), TCP_SYN).bytes();
+            let out = lab.expect("SYN", &syn, XDP_TX, Counter::Tx)?.output;
+            let out_seen = verify_frame(&out)?;
+            let quote_len = out.len() - ETH_LEN;
+            let error = icmp_error(
+                server_router,
+                out_seen.src.ip(),
+                too_big,
+                too_big_code,
+                1400,
+                &out[ETH_LEN..],
+            );
+            let what = format!("{family} packet too big for the SYN");
+            let seen = translated(lab, &what, &error)?;
+            ensure!(
+                seen.src.ip() == vip && seen.dst.ip() == client && seen.ttl == 63,
+                "{what}: became {seen:?}"
+            );
+            ensure!(seen.first_transport_byte == too_big, "{what}: {seen:?}");
+            let output = lab.run(&error.bytes())?.output;
+            check_quote(&what, &output, &syn, quote_len)?;
+
+            // Only the first 8 transport bytes quoted (no TCP checksum): still translated.
+            let short = icmp_error(
+                server_router,
+                out_seen.src.ip(),
+                too_big,
+                too_big_code,
+                1400,
+                &out[ETH_LEN..out.len() - 12],
+            );
+            let output = lab.expect("short quote", &short.bytes(), XDP_TX, Counter::Tx)?;
+            verify_frame(&output.output)?;
+            check_quote("short quote", &output.output, &syn, quote_len - 12)?;
+
+            // A router on the client's side drops the SYN-ACK: the server hears it, from
+            // the SNAT address, about the SYN-ACK it sent.
+            let synack = tcp(out_seen.dst, out_seen.src, TCP_SYN | TCP_ACK).bytes();
+            let back = lab.expect("SYN-ACK", &synack, XDP_TX, Counter::Tx)?.output;
+            let error = icmp_error(
+                client_router,
+                vip,
+                expired,
+                expired_code,
+                0,
+                &back[ETH_LEN..],
+            );
+            let what = format!("{family} time exceeded for the SYN-ACK");
+            let seen = translated(lab, &what, &error)?;
+            ensure!(
+                seen.src.ip() == out_seen.src.ip() && seen.dst.ip() == out_seen.dst.ip(),
+                "{what}: became {seen:?}, the flow is {out_seen:?}"
+            );
+            check_quote(
+                &what,
+                &lab.run(&error.bytes())?.output,
+                &synack,
+                back.len() - ETH_LEN,
+            )?;
+
+            // A server without the UDP port: "port unreachable" reaches the client.
+            let request = udp(at(client, 43001), at(vip, 3478)).bytes();
+            let out = lab.expect("UDP", &request, XDP_TX, Counter::Tx)?.output;
+            let out_seen = verify_frame(&out)?;
+            let error = icmp_error(
+                out_seen.dst.ip(),
+                out_seen.src.ip(),
+                unreachable,
+                port_code,
+                0,
+                &out[ETH_LEN..],
+            );
+            let what = format!("{family} port unreachable");
+            let seen = translated(lab, &what, &error)?;
+            ensure!(
+                seen.src.ip() == vip && seen.dst.ip() == client,
+                "{what}: {seen:?}"
+            );
+            check_quote(
+                &what,
+                &lab.run(&error.bytes())?.output,
+                &request,
+                out.len() - ETH_LEN,
+            )?;
+
+            ensure!(
+                counter(lab, Counter::IcmpErrorsTranslated)? == errors_before + 7,
+                "{family}: icmp_errors_translated"
+            );
+
+            // About a flow lb does not have, or not sent to the quoted source: the kernel's.
+            let unknown = tcp(at(client, 43999), at(vip, 443), TCP_SYN).bytes();
+            let stray = icmp_error(
+                server_router,
+                vip,
+                unreachable,
+                port_code,
+                0,
+                &unknown[ETH_LEN..],
+            );
+            lab.expect(
+                "error about no flow",
+                &stray.bytes(),
+                XDP_PASS,
+                Counter::PassIcmp,
+            )?;
+            let misaddressed = icmp_error(
+                server_router,
+                client,
+                unreachable,
+                port_code,
+                0,
+                &out[ETH_LEN..],
+            );
+            lab.expect(
+                "error not sent to the quoted source",
+                &misaddressed.bytes(),
+                XDP_PASS,
+                Counter::PassIcmp,
+            )?;
+        }
         Ok(())
     })
 }
