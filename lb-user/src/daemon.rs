@@ -130,7 +130,9 @@ impl State {
 ///   does not forward, and the kernel forwards what the program hands it while a
 ///   neighbour is unresolved;
 /// - `accept_local` and `rp_filter=0`: such handed-over packets carry a SNAT address (a
-///   local address) as their source, which the kernel otherwise drops as martian.
+///   local address) as their source, which the kernel otherwise drops as martian;
+/// - `net.ipv6.conf.all.forwarding`: the kernel forwards IPv6 only with it, whatever the
+///   interface's own setting.
 ///
 /// IPv6 settings are skipped on a host without IPv6.
 fn prepare_host(interfaces: &[String]) -> Result<()> {
@@ -151,6 +153,21 @@ fn prepare_host(interfaces: &[String]) -> Result<()> {
             if current.trim() != value {
                 std::fs::write(&path, value).with_context(|| format!("set {path} = {value}"))?;
                 info!(%iface, sysctl = %format!("{family}.{key}"), value, "sysctl set for the data plane");
+            }
+        }
+    }
+    const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if Path::new(IPV6_FORWARDING).exists() {
+        let current = std::fs::read_to_string(IPV6_FORWARDING)?;
+        if current.trim() != "1" {
+            std::fs::write(IPV6_FORWARDING, "1")
+                .with_context(|| format!("set {IPV6_FORWARDING} = 1"))?;
+            info!("sysctl net.ipv6.conf.all.forwarding set to 1 for the data plane");
+        }
+        for iface in interfaces {
+            let accept_ra = format!("/proc/sys/net/ipv6/conf/{iface}/accept_ra");
+            if std::fs::read_to_string(&accept_ra).is_ok_and(|v| v.trim() == "1") {
+                warn!(%iface, "IPv6 forwarding is on, so router advertisements are now ignored on this interface; set accept_ra = 2 if it learns its routes from them");
             }
         }
     }

@@ -1,8 +1,8 @@
 //! Test clients: real TCP connections from a chosen source address inside the client
-//! namespace, speaking HTTP/1.1 to the VIP.
+//! namespace, speaking HTTP/1.1 to the VIP, and UDP exchanges with the same answer.
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -32,17 +32,35 @@ impl Connection {
     /// Opens a connection from `source` (port chosen by the kernel unless `source_port`).
     pub fn open(
         ns: &Netns,
-        source: Ipv4Addr,
+        source: impl Into<IpAddr>,
         source_port: u16,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
     ) -> Result<Self> {
-        let socket = ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
+        Self::open_within(ns, source, source_port, target, CONNECT_TIMEOUT)
+    }
+
+    /// Like `open`, giving up on the handshake after `timeout`.
+    pub fn open_within(
+        ns: &Netns,
+        source: impl Into<IpAddr>,
+        source_port: u16,
+        target: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let (source, target) = (source.into(), target.into());
+        let socket = ns.run(|| {
+            Socket::new(
+                Domain::for_address(target),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+        })??;
         socket.set_reuse_address(true)?;
         socket
-            .bind(&SocketAddr::from(SocketAddrV4::new(source, source_port)).into())
+            .bind(&SocketAddr::new(source, source_port).into())
             .with_context(|| format!("bind {source}:{source_port}"))?;
         socket
-            .connect_timeout(&SocketAddr::from(target).into(), CONNECT_TIMEOUT)
+            .connect_timeout(&target.into(), timeout)
             .with_context(|| format!("connect {source} -> {target}"))?;
         let stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -104,8 +122,46 @@ fn parse_body(body: &str) -> Result<Reply> {
 }
 
 /// One connection, one request, closed.
-pub fn request(ns: &Netns, source: Ipv4Addr, target: SocketAddrV4) -> Result<Reply> {
+pub fn request(
+    ns: &Netns,
+    source: impl Into<IpAddr>,
+    target: impl Into<SocketAddr>,
+) -> Result<Reply> {
     Connection::open(ns, source, 0, target)?.ask()
+}
+
+/// A connected UDP socket from `source` (port chosen by the kernel unless `source_port`).
+pub fn udp_socket(ns: &Netns, source: SocketAddr, target: SocketAddr) -> Result<UdpSocket> {
+    let socket = ns
+        .run(|| UdpSocket::bind(source))?
+        .with_context(|| format!("bind UDP {source}"))?;
+    socket.connect(target)?;
+    socket.set_read_timeout(Some(UDP_TRY_TIMEOUT))?;
+    Ok(socket)
+}
+
+/// How long one UDP try waits for its answer, and how many tries there are: the first
+/// datagram toward a new server may wait for neighbour resolution, as in any network.
+pub const UDP_TRY_TIMEOUT: Duration = Duration::from_secs(1);
+const UDP_TRIES: usize = 5;
+
+/// Sends one datagram on `socket` and returns the server's answer, retrying a lost one.
+/// A "port unreachable" that comes back ends it with the socket's `ConnectionRefused`.
+pub fn udp_ask(socket: &UdpSocket) -> Result<Reply> {
+    let mut buffer = [0u8; 512];
+    for _ in 0..UDP_TRIES {
+        socket.send(b"binding request")?;
+        match socket.recv(&mut buffer) {
+            Ok(n) => return parse_body(&String::from_utf8_lossy(&buffer[..n])),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("UDP answer"),
+        }
+    }
+    bail!("no UDP answer after {UDP_TRIES} tries of {UDP_TRY_TIMEOUT:?}")
 }
 
 #[cfg(test)]

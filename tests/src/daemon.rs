@@ -54,6 +54,7 @@ pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path, extra:
         .snat_addresses
         .iter()
         .map(|a| format!("\"{a}\""))
+        .chain(topology.snat_addresses6.iter().map(|a| format!("\"{a}\"")))
         .collect();
     let sized = extra
         .lines()

@@ -1,9 +1,10 @@
 //! A minimal HTTP/1.1 server standing in for a Front End server: every response names the
 //! server and the peer address it saw, so a test can tell where a connection landed and
 //! whether the source was translated. Keep-alive is supported for long-lived connections.
+//! [`UdpServer`] answers each datagram the same way.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -25,13 +26,13 @@ pub struct Server {
     accepted: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
     pub name: String,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
 }
 
 impl Server {
     /// Starts listening inside `ns`; returns once the socket is bound (ready).
-    pub fn start(ns: &Netns, name: &str, address: Ipv4Addr, port: u16) -> Result<Self> {
-        let bind = SocketAddrV4::new(address, port);
+    pub fn start(ns: &Netns, name: &str, address: impl Into<IpAddr>, port: u16) -> Result<Self> {
+        let bind = SocketAddr::new(address.into(), port);
         let listener = ns
             .run(|| TcpListener::bind(bind))?
             .with_context(|| format!("bind {bind} in {}", ns.name()))?;
@@ -102,11 +103,74 @@ fn serve(stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()>
         if !saw_request {
             continue;
         }
-        let body = format!("server={name} peer={peer}\n");
+        let body = identify(name, peer);
         write!(
             writer,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )?;
+    }
+}
+
+/// The reply body both servers send: who answered, and whom it saw.
+fn identify(name: &str, peer: SocketAddr) -> String {
+    format!("server={name} peer={peer}\n")
+}
+
+/// A UDP server that answers every datagram with [`identify`], from the address it was
+/// sent to (the socket is bound to one address).
+pub struct UdpServer {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    pub address: SocketAddr,
+}
+
+impl UdpServer {
+    /// Binds inside `ns`; returns once the socket is bound (ready).
+    pub fn start(ns: &Netns, name: &str, address: impl Into<IpAddr>, port: u16) -> Result<Self> {
+        let bind = SocketAddr::new(address.into(), port);
+        let socket = ns
+            .run(|| UdpSocket::bind(bind))?
+            .with_context(|| format!("bind UDP {bind} in {}", ns.name()))?;
+        // The stop flag is checked between reads.
+        socket.set_read_timeout(Some(ACCEPT_POLL))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_string());
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
+                        if socket
+                            .send_to(identify(&name, peer).as_bytes(), peer)
+                            .is_ok()
+                        {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            stop,
+            answered,
+            thread: Some(thread),
+            address: bind,
+        })
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

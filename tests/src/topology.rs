@@ -11,7 +11,11 @@
 //! forwards everything back out of its single interface (XDP_TX).
 //!
 //! The VIP (10.100.0.1) is routed to lb, not configured anywhere: XDP answers for it.
-use std::net::Ipv4Addr;
+//!
+//! With `ipv6`, the two-armed topology is dual-stack: the same layout in fd00:1::/64 (client
+//! side, clients from fd00:1::100), fd00:2::/64 (servers fd00:2::11.., SNAT
+//! fd00:2::100..), VIP fd00:100::1.
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -22,6 +26,20 @@ use aya::{
 use crate::netns::{unique_prefix, Netns};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+const CLIENT_NET6: [u16; 2] = [0xfd00, 1];
+const SERVER_NET6: [u16; 2] = [0xfd00, 2];
+/// Host parts in the /64s: lb's own, the client's own, the first client source, the first
+/// server, the first SNAT address.
+const LB_HOST6: u16 = 1;
+const CLIENT_HOST6: u16 = 2;
+const FIRST_CLIENT6: u16 = 0x100;
+const FIRST_SERVER6: u16 = 0x11;
+const FIRST_SNAT6: u16 = 0x100;
+
+fn v6(net: [u16; 2], host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(net[0], net[1], 0, 0, 0, 0, 0, host)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arms {
@@ -36,6 +54,8 @@ pub struct Spec {
     /// Extra client source addresses (besides the client's own interface address).
     pub clients: usize,
     pub snat_addresses: usize,
+    /// Dual-stack (two-armed only).
+    pub ipv6: bool,
 }
 
 impl Default for Spec {
@@ -45,6 +65,7 @@ impl Default for Spec {
             backends: 3,
             clients: 30,
             snat_addresses: 2,
+            ipv6: false,
         }
     }
 }
@@ -52,6 +73,8 @@ impl Default for Spec {
 pub struct BackendHost {
     pub ns: Netns,
     pub address: Ipv4Addr,
+    /// Set in a dual-stack topology.
+    pub address6: Option<Ipv6Addr>,
     pub name: String,
 }
 
@@ -113,6 +136,9 @@ pub struct Topology {
     pub backends: Vec<BackendHost>,
     pub client_addresses: Vec<Ipv4Addr>,
     pub snat_addresses: Vec<Ipv4Addr>,
+    /// Empty unless dual-stack.
+    pub client_addresses6: Vec<Ipv6Addr>,
+    pub snat_addresses6: Vec<Ipv6Addr>,
     /// lb's own address on the client side (for "non-VIP traffic still works").
     pub lb_address: Ipv4Addr,
     pub lb_interfaces: Vec<String>,
@@ -138,6 +164,10 @@ fn client_address(arms: Arms, i: usize) -> Ipv4Addr {
 
 impl Topology {
     pub fn build(spec: &Spec) -> Result<Self> {
+        anyhow::ensure!(
+            !(spec.ipv6 && spec.arms == Arms::One),
+            "the one-armed topology is IPv4 only"
+        );
         let prefix = unique_prefix();
         let lb = Netns::create(&format!("{prefix}-lb"))?;
         let client = Netns::create(&format!("{prefix}-cl"))?;
@@ -147,6 +177,7 @@ impl Topology {
             backends.push(BackendHost {
                 ns: Netns::create(&format!("{prefix}-b{i}"))?,
                 address: Ipv4Addr::UNSPECIFIED,
+                address6: None,
                 name: format!("fe{}", i + 1),
             });
         }
@@ -260,6 +291,61 @@ impl Topology {
             b.ns.ip(&["route", "add", "default", "via", server_gw])?;
         }
 
+        let (mut client_addresses6, mut snat_addresses6) = (Vec::new(), Vec::new());
+        if spec.ipv6 {
+            // nodad: the addresses are usable at once (no duplicate detection wait).
+            let add = |ns: &Netns, address: Ipv6Addr, len: u8, dev: &str| {
+                ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{address}/{len}"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ])
+            };
+            add(&lb, v6(CLIENT_NET6, LB_HOST6), 64, "front")?;
+            add(&lb, v6(SERVER_NET6, LB_HOST6), 64, "back")?;
+            add(&client, v6(CLIENT_NET6, CLIENT_HOST6), 64, "eth0")?;
+            client.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &v6(CLIENT_NET6, LB_HOST6).to_string(),
+            ])?;
+            client_addresses6 = (0..spec.clients)
+                .map(|i| v6(CLIENT_NET6, FIRST_CLIENT6 + i as u16))
+                .collect();
+            client.ip_batch(
+                &client_addresses6
+                    .iter()
+                    .map(|a| format!("addr add {a}/64 dev eth0 nodad"))
+                    .collect::<Vec<_>>(),
+            )?;
+            snat_addresses6 = (0..spec.snat_addresses)
+                .map(|i| v6(SERVER_NET6, FIRST_SNAT6 + i as u16))
+                .collect();
+            for a in &snat_addresses6 {
+                add(&lb, *a, 128, "back")?;
+            }
+            for (i, b) in backends.iter_mut().enumerate() {
+                let address = v6(SERVER_NET6, FIRST_SERVER6 + i as u16);
+                add(&b.ns, address, 64, "eth0")?;
+                b.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &v6(SERVER_NET6, LB_HOST6).to_string(),
+                ])?;
+                b.address6 = Some(address);
+            }
+        }
+
         Ok(Self {
             _peer_programs: peer_programs,
             prefix,
@@ -269,6 +355,8 @@ impl Topology {
             backends,
             client_addresses,
             snat_addresses,
+            client_addresses6,
+            snat_addresses6,
             lb_address,
             lb_interfaces,
         })

@@ -365,3 +365,71 @@ fn non_vip_traffic_passes() -> Result<()> {
     );
     Ok(())
 }
+
+/// SNAT port exhaustion: with 8 ports on one SNAT address and one server (a SNAT port is
+/// unique per server address and port, as the return flow's key), connections beyond 8 are refused
+/// (counted, and a warning in the daemon's log naming what to change) while the ones
+/// already open keep working, on their server.
+#[test]
+fn snat_exhaustion_refuses_new_flows_and_keeps_existing_ones() -> Result<()> {
+    const PORTS: usize = 8;
+    /// Short: a refused handshake only ever times out, and each try costs this long.
+    const REFUSED_WITHIN: Duration = Duration::from_millis(1500);
+    let f = Fixture::start_with(
+        &Spec {
+            backends: 1,
+            clients: PORTS + 4,
+            snat_addresses: 1,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+        &format!(
+            "snat_port_min = 20000\nsnat_port_max = {}\n",
+            20000 + PORTS - 1
+        ),
+    )?;
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for &c in &f.topology.client_addresses {
+        match Connection::open_within(&f.topology.client, c, 0, f.vip(), REFUSED_WITHIN) {
+            Ok(mut conn) => {
+                let server = conn.ask()?.server;
+                open.push((conn, server));
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    ensure!(
+        open.len() <= PORTS && refused >= f.topology.client_addresses.len() - PORTS,
+        "{} connections open and {refused} refused with {PORTS} SNAT ports",
+        open.len()
+    );
+    ensure!(!open.is_empty(), "no connection got a SNAT port");
+    ensure!(counter(&f, "drop_snat_exhausted")? > 0);
+
+    // The daemon checks the counters every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f.daemon.log().contains("SNAT ports exhausted") {
+        ensure!(
+            Instant::now() < deadline,
+            "no exhaustion warning in the log:\n{}",
+            f.daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (conn, server) in &mut open {
+        let now = conn.ask()?.server;
+        ensure!(
+            &now == server,
+            "an open connection moved from {server} to {now}"
+        );
+    }
+    let status = f.daemon.status()?;
+    let other_drops: Vec<_> = status
+        .counters
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && *k != "drop_snat_exhausted" && **v > 0)
+        .collect();
+    ensure!(other_drops.is_empty(), "unexpected drops: {other_drops:?}");
+    Ok(())
+}
