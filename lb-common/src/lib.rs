@@ -42,6 +42,10 @@ pub const NEW_FLOW_PROGRAM_NAME: &str = "lb_new_flow";
 // fraction of a percent of fair for pools of up to a few hundred servers.
 pub const MAGLEV_SIZE: u32 = 65_537;
 pub const MAX_SERVICES: u32 = 64;
+/// (VIP, port, protocol) entries over all services: a service may listen on many ports.
+pub const MAX_SERVICE_PORTS: u32 = 4096;
+/// `Backend::port_be` of a multi-port service: each connection keeps the port it asked for.
+pub const BACKEND_PORT_KEEP: u16 = 0;
 pub const MAX_BACKENDS: u32 = 4096;
 /// IPv4 SNAT addresses live at `[0, MAX_SNAT_PER_FAMILY)` of `LB_SNAT_ADDRS`, IPv6 ones at
 /// `[SNAT_V6_BASE, SNAT_V6_BASE + MAX_SNAT_PER_FAMILY)`.
@@ -139,6 +143,7 @@ pub struct AddrKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr_be: [u32; 4],
+    /// The server's port, or `BACKEND_PORT_KEEP`.
     pub port_be: u16,
     pub family: u8,
     pub _pad: u8,

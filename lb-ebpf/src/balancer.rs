@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash, maglev_index, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey, Service,
-    ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, FAMILY_V6, FLOW_F_CLOSING,
+    ServiceKey, Settings, AFFINITY_NONE, BACKEND_PORT_KEEP, AFFINITY_SOURCE_PORT, FAMILY_V6, FLOW_F_CLOSING,
     FLOW_F_REVERSE, MAGLEV_SIZE, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SNAT_V6_BASE,
 };
 
@@ -297,14 +297,20 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         idle_timeout_s: service.idle_timeout_s,
         last_seen_ns: now,
     };
-    let Some(reverse_key) = claim_snat_port(pkt.key, backend, settings, now) else {
+    // A multi-port service's servers listen on the port the client asked for.
+    let server_port_be = if backend.port_be == BACKEND_PORT_KEEP {
+        pkt.key.dst_port_be
+    } else {
+        backend.port_be
+    };
+    let Some(reverse_key) = claim_snat_port(pkt.key, backend, server_port_be, settings, now) else {
         return Verdict::drop(Counter::DropSnatExhausted);
     };
     *forward = FlowEntry {
         new_src_be: reverse_key.dst_be,
         new_dst_be: backend.addr_be,
         new_src_port_be: reverse_key.dst_port_be,
-        new_dst_port_be: backend.port_be,
+        new_dst_port_be: server_port_be,
         service_id: service.id,
         backend_id,
         flags: flow_flags,
@@ -322,7 +328,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         return Verdict::drop(Counter::DropFlowInsert);
     }
 
-    crate::log::new_flow(ctx, pkt.key, backend, forward.new_src_port_be, affinity_hit);
+    crate::log::new_flow(ctx, pkt.key, forward, affinity_hit);
     stats::count(Counter::NewFlows);
     stats::count(if affinity_hit {
         Counter::AffinityHits
@@ -398,7 +404,7 @@ fn maglev_pick(service: &Service, hash: u32) -> Option<u32> {
     (id != NO_BACKEND).then_some(id)
 }
 
-/// Claims a SNAT address and port for a flow toward `backend` by inserting the return-path
+/// Claims a SNAT address and port for a flow toward `backend`:`server_port_be` by inserting the return-path
 /// entry (`EntrySlot::Reverse`) into `LB_HALF_OPEN` with BPF_NOEXIST: the insert itself is
 /// the atomic claim, so two CPUs can never hand out the same (SNAT address, port) toward the
 /// same backend. A pair is also taken while a confirmed flow holds it in `LB_FLOWS`; an
@@ -411,6 +417,7 @@ fn maglev_pick(service: &Service, hash: u32) -> Option<u32> {
 fn claim_snat_port(
     flow: &FlowKey,
     backend: &Backend,
+    server_port_be: u16,
     settings: &Settings,
     now: u64,
 ) -> Option<&'static FlowKey> {
@@ -426,7 +433,7 @@ fn claim_snat_port(
     *key = FlowKey {
         src_be: backend.addr_be,
         dst_be: [0; 4],
-        src_port_be: backend.port_be,
+        src_port_be: server_port_be,
         dst_port_be: 0,
         proto: flow.proto,
         family: flow.family,

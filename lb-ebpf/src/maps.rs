@@ -8,12 +8,13 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, FlowEntry, FlowKey, FragmentKey, Service,
     ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, MAGLEV_ENTRIES, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
+    MAX_BACKENDS, MAX_COUNTERS, MAX_SERVICE_PORTS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
     MAX_SERVICES, MAX_SNAT_ADDRS,
 };
 
 #[map(name = "LB_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
 
 #[map(name = "LB_VIPS")]
 pub static VIPS: HashMap<AddrKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);

@@ -124,8 +124,10 @@ pub struct TableFill {
 pub struct ServiceStatus {
     pub name: String,
     pub vip: IpAddr,
-    pub port: u16,
-    pub backend_port: u16,
+    /// One port, or the list as configured ("5061,444,5070-5073").
+    pub port: String,
+    /// None for a multi-port service: each connection keeps its port.
+    pub backend_port: Option<u16>,
     pub protocol: String,
     pub affinity: String,
     pub affinity_timeout: u32,
@@ -135,6 +137,14 @@ pub struct ServiceStatus {
     pub top_sources: Vec<SourceShare>,
     pub stats: Traffic,
     pub backends: Vec<BackendStatus>,
+}
+
+impl ServiceStatus {
+    /// Where the servers listen: ":4443", or "same port" for a multi-port service.
+    pub fn server_port(&self) -> String {
+        self.backend_port
+            .map_or_else(|| "same port".to_string(), |p| format!(":{p}"))
+    }
 }
 
 /// One client's part of a service's new flows.
@@ -164,6 +174,17 @@ pub struct BackendStatus {
     /// Clients whose affinity points here and has not expired.
     pub affinities: u64,
     pub stats: Traffic,
+}
+
+impl BackendStatus {
+    /// "address:port", or the address alone for a multi-port service's server.
+    pub fn endpoint(&self) -> String {
+        if self.port == lb_common::BACKEND_PORT_KEEP {
+            self.address.to_string()
+        } else {
+            std::net::SocketAddr::new(self.address, self.port).to_string()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

@@ -150,8 +150,9 @@ impl Affinity {
 pub struct ServiceConfig {
     pub name: String,
     pub vip: IpAddr,
-    pub port: u16,
-    /// Port on the servers; defaults to `port` (443 -> 4443 for the external web VIP).
+    pub port: Ports,
+    /// Port on the servers; defaults to `port` (443 -> 4443 for the external web VIP). Only
+    /// for a single port: with several, each connection keeps the port it asked for.
     pub backend_port: Option<u16>,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
@@ -238,9 +239,100 @@ fn default_on_down() -> OnDown {
     OnDown::Keep
 }
 
+/// A service's VIP port: `port = 443`, or a list of ports and "first-last" ranges,
+/// `port = [5061, 444, "5070-5073"]`, so a Front End pool VIP is one service (one server
+/// choice, one affinity per client across all its ports).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Ports {
+    One(u16),
+    List(Vec<PortItem>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PortItem {
+    Port(u16),
+    /// "first-last", both included.
+    Range(String),
+}
+
+/// At most this many ports in one service (the data plane holds `MAX_SERVICE_PORTS` over
+/// all services).
+pub const MAX_PORTS_PER_SERVICE: usize = 1024;
+
+impl Ports {
+    /// Every port, in the order given, ranges expanded; an error names the bad item.
+    pub fn expand(&self) -> Result<Vec<u16>> {
+        let items = match self {
+            Ports::One(port) => vec![PortItem::Port(*port)],
+            Ports::List(items) => items.clone(),
+        };
+        let mut ports = Vec::new();
+        for item in &items {
+            match item {
+                PortItem::Port(port) => ports.push(*port),
+                PortItem::Range(text) => {
+                    let (first, last) = text
+                        .split_once('-')
+                        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+                        .with_context(|| format!("{text:?} is not a port range like \"5070-5073\""))?;
+                    if first > last {
+                        bail!("{text:?}: the range ends before it starts");
+                    }
+                    ports.extend(first..=last);
+                }
+            }
+            if ports.len() > MAX_PORTS_PER_SERVICE {
+                bail!("more than {MAX_PORTS_PER_SERVICE} ports");
+            }
+        }
+        if ports.is_empty() {
+            bail!("no port given");
+        }
+        if ports.contains(&0) {
+            bail!("must not be 0");
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = ports.iter().find(|p| !seen.insert(**p)) {
+            bail!("port {dup} is listed twice");
+        }
+        Ok(ports)
+    }
+}
+
+impl std::fmt::Display for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ports::One(port) => write!(f, "{port}"),
+            Ports::List(items) => {
+                let shown: Vec<String> = items
+                    .iter()
+                    .map(|i| match i {
+                        PortItem::Port(p) => p.to_string(),
+                        PortItem::Range(r) => r.clone(),
+                    })
+                    .collect();
+                write!(f, "{}", shown.join(","))
+            }
+        }
+    }
+}
+
 impl ServiceConfig {
-    pub fn backend_port(&self) -> u16 {
-        self.backend_port.unwrap_or(self.port)
+    /// The VIP ports (valid once the config is validated).
+    pub fn ports(&self) -> Vec<u16> {
+        self.port.expand().unwrap_or_default()
+    }
+
+    /// The servers' port, or `None` for a multi-port service, whose connections keep the
+    /// port they asked for.
+    pub fn backend_port(&self) -> Option<u16> {
+        match (&self.port, self.backend_port) {
+            (_, Some(port)) => Some(port),
+            (Ports::One(port), None) => Some(*port),
+            (Ports::List(_), None) => None,
+        }
     }
 }
 
@@ -399,13 +491,24 @@ impl Config {
             if !names.insert(&s.name) {
                 bail!("{at}.name: duplicate service name");
             }
-            if !endpoints.insert((s.vip, s.port, s.protocol)) {
+            let ports = s.port.expand().with_context(|| format!("{at}.port"))?;
+            for port in ports {
+                if !endpoints.insert((s.vip, port, s.protocol)) {
+                    bail!(
+                        "{at}: another service already uses {}:{port} {}",
+                        s.vip,
+                        s.protocol.as_str()
+                    );
+                }
+            }
+            if endpoints.len() > lb_common::MAX_SERVICE_PORTS as usize {
                 bail!(
-                    "{at}: another service already uses {}:{} {:?}",
-                    s.vip,
-                    s.port,
-                    s.protocol
+                    "service: at most {} ports over all services",
+                    lb_common::MAX_SERVICE_PORTS
                 );
+            }
+            if matches!(s.port, Ports::List(_)) && s.backend_port.is_some() {
+                bail!("{at}.backend_port: only for a single port; with several, each connection keeps the port it asked for");
             }
             if unusable_address(s.vip) {
                 bail!("{at}.vip: {} cannot be a VIP", s.vip);
@@ -420,9 +523,6 @@ impl Config {
                     s.vip,
                     if s.vip.is_ipv6() { "IPv6" } else { "IPv4" }
                 );
-            }
-            if s.port == 0 {
-                bail!("{at}.port: must not be 0");
             }
             if s.backend_port == Some(0) {
                 bail!("{at}.backend_port: must not be 0");
@@ -484,6 +584,9 @@ impl Config {
                 if b.port == Some(0) {
                     bail!("{at}.backends[{j}].port: must not be 0");
                 }
+                if b.port.is_some() && matches!(s.port, Ports::List(_)) {
+                    bail!("{at}.backends[{j}].port: a service with several ports sends each connection to the port it asked for");
+                }
                 if b.weight > MAX_WEIGHT {
                     bail!(
                         "{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}",
@@ -524,7 +627,7 @@ pub(crate) mod tests {
             s.idle_timeout > 1800,
             "a 1800 s idle long-poll must survive"
         );
-        assert_eq!(s.backend_port(), 4443);
+        assert_eq!(s.backend_port(), Some(4443));
         assert_eq!(s.backends[0].weight, 1);
         assert_eq!(c.daemon.xdp_mode, XdpModeConfig::Auto);
         assert_eq!(c.daemon.control_socket, DEFAULT_CONTROL_SOCKET);
@@ -590,6 +693,54 @@ pub(crate) mod tests {
         assert!(error_of(&with("kind = \"http\", path = \"x\"")).contains("path starting with /"));
         assert!(error_of(&with("kind = \"tcp\", sni = \"a\"")).contains(".health.sni"));
         assert!(error_of(&with("kind = \"icmp\"")).contains("icmp"));
+    }
+
+    /// The Front End pool VIP as one service.
+    const FE_POOL: &str = r#"
+        [daemon]
+        interfaces = ["eth0"]
+        snat_addresses = ["10.2.0.100"]
+
+        [[service]]
+        name = "fe-pool"
+        vip = "10.100.0.2"
+        port = [5061, 444, "5070-5073", 135]
+        backends = [{ address = "10.2.0.11" }]
+    "#;
+
+    #[test]
+    fn port_lists_and_ranges_expand() {
+        let c = Config::parse(FE_POOL).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.ports(), [5061, 444, 5070, 5071, 5072, 5073, 135]);
+        assert_eq!(s.backend_port(), None, "each connection keeps its port");
+        assert_eq!(s.port.to_string(), "5061,444,5070-5073,135");
+    }
+
+    #[test]
+    fn bad_port_lists_are_named() {
+        let with = |ports: &str| FE_POOL.replace(r#"[5061, 444, "5070-5073", 135]"#, ports);
+        for (ports, expect) in [
+            (r#"["5073-5070"]"#, "ends before it starts"),
+            (r#"["50x0-5073"]"#, "not a port range"),
+            (r#"[5061, "5060-5062"]"#, "5061 is listed twice"),
+            ("[]", "no port given"),
+            ("[0]", "must not be 0"),
+        ] {
+            let e = error_of(&with(ports));
+            assert!(e.contains(".port") && e.contains(expect), "{ports}: {e}");
+        }
+        let e = error_of(&FE_POOL.replace("port = [", "backend_port = 4443\nport = ["));
+        assert!(e.contains(".backend_port: only for a single port"), "{e}");
+        let e = error_of(&FE_POOL.replace(
+            r#"{ address = "10.2.0.11" }"#,
+            r#"{ address = "10.2.0.11", port = 5061 }"#,
+        ));
+        assert!(e.contains(".backends[0].port"), "{e}");
+        let overlapping = format!(
+            "{FE_POOL}\n[[service]]\nname = \"sip\"\nvip = \"10.100.0.2\"\nport = 5072\n"
+        );
+        assert!(error_of(&overlapping).contains("already uses 10.100.0.2:5072 tcp"));
     }
 
     #[test]

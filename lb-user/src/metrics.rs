@@ -54,7 +54,7 @@ pub fn render(report: &StatusReport) -> Result<String> {
         }
         let rows =
             std::iter::once((labels(&svc), &s.stats, None)).chain(s.backends.iter().map(|b| {
-                let server = format!("{}:{}", b.address, b.port);
+                let server = b.endpoint();
                 (
                     labels(&[("service", &s.name), ("server", &server)]),
                     &b.stats,
@@ -225,8 +225,8 @@ mod tests {
             services: vec![ServiceStatus {
                 name: "web".into(),
                 vip: "10.100.0.1".parse().unwrap(),
-                port: 443,
-                backend_port: 4443,
+                port: "443".into(),
+                backend_port: Some(4443),
                 protocol: "tcp".into(),
                 affinity: "source".into(),
                 affinity_timeout: 1800,

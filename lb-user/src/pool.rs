@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Result};
 use lb_common::{
     Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, AFFINITY_NONE,
     AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
-    BACKEND_F_DRAINING, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    BACKEND_F_DRAINING, BACKEND_PORT_KEEP, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
     SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
 };
 use tracing::{info, warn};
@@ -65,7 +65,7 @@ pub struct Pool {
     /// Live Maglev half per service id.
     live_half: BTreeMap<u32, u32>,
     /// Service keys currently in the data plane, by name, for removal on reload.
-    installed: BTreeMap<String, ServiceKey>,
+    installed: BTreeMap<String, Vec<ServiceKey>>,
     /// VIPs currently in the data plane.
     vips: BTreeSet<IpAddr>,
     /// Data-plane debug logging (`lb debug on|off`). Deliberately not persisted: a restart
@@ -94,13 +94,17 @@ fn lowest_free(used: impl Iterator<Item = u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|id| !used.contains(id))
 }
 
-fn service_key(s: &ServiceConfig) -> ServiceKey {
-    ServiceKey {
-        vip_be: addr_words(s.vip),
-        port_be: s.port.to_be(),
-        proto: s.protocol.number(),
-        family: family(s.vip),
-    }
+/// One data-plane key per VIP port of the service.
+fn service_keys(s: &ServiceConfig) -> Vec<ServiceKey> {
+    s.ports()
+        .into_iter()
+        .map(|port| ServiceKey {
+            vip_be: addr_words(s.vip),
+            port_be: port.to_be(),
+            proto: s.protocol.number(),
+            family: family(s.vip),
+        })
+        .collect()
 }
 
 fn affinity_mode(a: Affinity) -> u32 {
@@ -202,10 +206,16 @@ impl Pool {
         let installed = dp.installed_services();
         let mut names_by_id = BTreeMap::new();
         for s in &self.config.services {
-            if let Some((_, svc)) = installed.iter().find(|(k, _)| *k == service_key(s)) {
+            let keys = service_keys(s);
+            if let Some((_, svc)) = installed.iter().find(|(k, _)| keys.contains(k)) {
                 self.service_ids.insert(s.name.clone(), svc.id);
                 self.live_half.insert(svc.id, svc.table_half);
-                self.installed.insert(s.name.clone(), service_key(s));
+                let adopted = installed
+                    .iter()
+                    .filter(|(_, other)| other.id == svc.id)
+                    .map(|(k, _)| *k)
+                    .collect();
+                self.installed.insert(s.name.clone(), adopted);
                 self.vips.insert(s.vip);
                 names_by_id.insert(svc.id, s.name.clone());
             }
@@ -325,15 +335,16 @@ impl Pool {
         for s in &services {
             self.install_service(dp, s)?;
         }
-        let stale: Vec<(String, ServiceKey)> = self
+        let stale: Vec<String> = self
             .installed
-            .iter()
-            .filter(|(name, _)| !wanted_services.contains(*name))
-            .map(|(n, k)| (n.clone(), *k))
+            .keys()
+            .filter(|name| !wanted_services.contains(*name))
+            .cloned()
             .collect();
-        for (name, key) in stale {
-            dp.remove_service(&key)?;
-            self.installed.remove(&name);
+        for name in stale {
+            for key in self.installed.remove(&name).unwrap_or_default() {
+                dp.remove_service(&key)?;
+            }
         }
         let live_ids: BTreeSet<u32> = self.service_ids.values().copied().collect();
         self.live_half.retain(|id, _| live_ids.contains(id));
@@ -372,26 +383,28 @@ impl Pool {
             });
         }
         let table = maglev::build(&members, MAGLEV_SIZE);
-        let key = service_key(s);
-        // A service whose key changed (new VIP or port) is a new entry; drop the old one.
-        if let Some(old) = self.installed.get(&s.name).filter(|old| **old != key) {
-            dp.remove_service(old)?;
+        let keys = service_keys(s);
+        // Ports (or a VIP) the service no longer has.
+        for old in self.installed.get(&s.name).into_iter().flatten() {
+            if !keys.contains(old) {
+                dp.remove_service(old)?;
+            }
         }
         let half = self.live_half.get(&service_id).map_or(0, |h| h ^ 1);
         dp.write_maglev(service_id, half, &table)?;
-        dp.set_service(
-            key,
-            Service {
-                id: service_id,
-                affinity_mode: affinity_mode(s.affinity),
-                affinity_timeout_s: s.affinity_timeout,
-                idle_timeout_s: s.idle_timeout,
-                table_half: half,
-                _pad: 0,
-            },
-        )?;
+        let service = Service {
+            id: service_id,
+            affinity_mode: affinity_mode(s.affinity),
+            affinity_timeout_s: s.affinity_timeout,
+            idle_timeout_s: s.idle_timeout,
+            table_half: half,
+            _pad: 0,
+        };
+        for key in &keys {
+            dp.set_service(*key, service)?;
+        }
         self.live_half.insert(service_id, half);
-        self.installed.insert(s.name.clone(), key);
+        self.installed.insert(s.name.clone(), keys);
         Ok(())
     }
 
@@ -443,7 +456,11 @@ impl Pool {
         if self.backends(service).iter().any(|b| b.address == address) {
             bail!("service {service:?} already has backend {address}");
         }
-        let vip = self.service(service)?.vip;
+        let svc = self.service(service)?;
+        if port.is_some() && svc.backend_port().is_none() {
+            bail!("service {service:?} has several ports; each connection goes to the port it asked for, so a server takes no port");
+        }
+        let vip = svc.vip;
         if address.is_ipv6() != vip.is_ipv6() {
             bail!("backend {address} is not of the VIP's address family ({vip}): lb translates v4 -> v4 and v6 -> v6 only");
         }
@@ -557,7 +574,12 @@ impl Pool {
                 targets.push(health::Target {
                     service: s.name.clone(),
                     address: b.address,
-                    port: h.port.unwrap_or(b.port),
+                    // A multi-port service's servers are checked on its first port.
+                    port: h.port.unwrap_or(if b.port == BACKEND_PORT_KEEP {
+                        s.ports().first().copied().unwrap_or_default()
+                    } else {
+                        b.port
+                    }),
                     config: h.clone(),
                 });
             }
@@ -836,7 +858,7 @@ impl Pool {
             services.push(ServiceStatus {
                 name: s.name.clone(),
                 vip: s.vip,
-                port: s.port,
+                port: s.port.to_string(),
                 backend_port: s.backend_port(),
                 protocol: s.protocol.as_str().into(),
                 affinity: s.affinity.as_str().into(),

@@ -93,7 +93,10 @@ impl Overlay {
             .chain(o.added.values())
             .map(|b| EffectiveBackend {
                 address: b.address,
-                port: b.port.unwrap_or(svc.backend_port()),
+                port: b
+                    .port
+                    .or(svc.backend_port())
+                    .unwrap_or(lb_common::BACKEND_PORT_KEEP),
                 weight: o.weights.get(&b.address).copied().unwrap_or(b.weight),
                 drain: o.draining.get(&b.address).copied(),
             })

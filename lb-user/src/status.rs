@@ -10,8 +10,8 @@ pub fn render(report: &StatusReport) -> String {
     }
     for s in &report.services {
         out.push_str(&format!(
-            "service {} {}:{} -> :{} {}  affinity={} ({} s)  idle_timeout={} s  new_flows={}  affinity hits/misses={}/{}\n",
-            s.name, s.vip, s.port, s.backend_port, s.protocol, s.affinity, s.affinity_timeout,
+            "service {} {}:{} -> {} {}  affinity={} ({} s)  idle_timeout={} s  new_flows={}  affinity hits/misses={}/{}\n",
+            s.name, s.vip, s.port, s.server_port(), s.protocol, s.affinity, s.affinity_timeout,
             s.idle_timeout, s.stats.new_flows, s.stats.affinity_hits, s.stats.affinity_misses,
         ));
         let mut table = Table::new();
@@ -30,7 +30,7 @@ pub fn render(report: &StatusReport) -> String {
         ]);
         for b in &s.backends {
             table.add_row([
-                format!("{}:{}", b.address, b.port),
+                b.endpoint(),
                 b.weight.to_string(),
                 b.state.clone(),
                 b.active_flows.to_string(),
@@ -104,7 +104,7 @@ pub fn render_stats(report: &StatusReport) -> String {
         let rows = std::iter::once((format!("{} {}:{}", s.name, s.vip, s.port), &s.stats)).chain(
             s.backends
                 .iter()
-                .map(|b| (format!("  {}:{}", b.address, b.port), &b.stats)),
+                .map(|b| (format!("  {}", b.endpoint()), &b.stats)),
         );
         for (name, t) in rows {
             table.add_row([
