@@ -275,8 +275,12 @@ impl Ports {
                 PortItem::Range(text) => {
                     let (first, last) = text
                         .split_once('-')
-                        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
-                        .with_context(|| format!("{text:?} is not a port range like \"5070-5073\""))?;
+                        .and_then(|(a, b)| {
+                            Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                        })
+                        .with_context(|| {
+                            format!("{text:?} is not a port range like \"5070-5073\"")
+                        })?;
                     if first > last {
                         bail!("{text:?}: the range ends before it starts");
                     }
@@ -737,9 +741,8 @@ pub(crate) mod tests {
             r#"{ address = "10.2.0.11", port = 5061 }"#,
         ));
         assert!(e.contains(".backends[0].port"), "{e}");
-        let overlapping = format!(
-            "{FE_POOL}\n[[service]]\nname = \"sip\"\nvip = \"10.100.0.2\"\nport = 5072\n"
-        );
+        let overlapping =
+            format!("{FE_POOL}\n[[service]]\nname = \"sip\"\nvip = \"10.100.0.2\"\nport = 5072\n");
         assert!(error_of(&overlapping).contains("already uses 10.100.0.2:5072 tcp"));
     }
 

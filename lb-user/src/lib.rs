@@ -1,6 +1,7 @@
 //! The lb control daemon and CLI as a library, so the test harness can drive the same
 //! data plane (`Dataplane`) and speak the same control protocol (`api`).
 pub mod api;
+pub mod checks;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
@@ -8,6 +9,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod pool;
+pub mod preset;
 pub mod runtime;
 pub mod status;
 pub mod vlan;

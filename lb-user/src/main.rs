@@ -5,8 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lb::{
     api::{self, Request, Response},
+    checks,
     config::{Config, DEFAULT_CONTROL_SOCKET},
-    dataplane, status,
+    dataplane, preset, status,
 };
 
 #[derive(Parser)]
@@ -56,6 +57,28 @@ enum Command {
     Debug {
         #[arg(value_enum)]
         state: Switch,
+    },
+    /// Write a commented config for a Lync / Skype for Business VIP (to stdout, or --output).
+    Init {
+        #[arg(long, value_enum)]
+        preset: preset::Preset,
+        /// The VIP (default: a documentation address to replace).
+        #[arg(long)]
+        vip: Option<IpAddr>,
+        /// The Front End servers.
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<IpAddr>,
+        /// SNAT addresses: local addresses of this box on the server side.
+        #[arg(long, value_delimiter = ',')]
+        snat: Vec<IpAddr>,
+        /// Interfaces to attach to (client side and server side, or the one arm).
+        #[arg(long, value_delimiter = ',')]
+        interfaces: Vec<String>,
+        /// Write here instead of stdout; an existing file is kept unless --force.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
     },
     /// Configuration tools.
     Config {
@@ -129,8 +152,13 @@ enum Switch {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a config file; names the offending key on error.
-    Check { file: PathBuf },
+    /// Validate a config file (names the offending key on error) and warn about the known
+    /// Lync traps; --strict turns warnings into a failure.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -300,15 +328,61 @@ fn run(cli: Cli) -> Result<()> {
             );
             done(Request::DebugLog { enabled }, what)
         }
+        Command::Init {
+            preset,
+            vip,
+            servers,
+            snat,
+            interfaces,
+            output,
+            force,
+        } => {
+            let defaults = preset::Site::default();
+            let site = preset::Site {
+                vip: vip.unwrap_or(defaults.vip),
+                servers: if servers.is_empty() {
+                    defaults.servers
+                } else {
+                    servers
+                },
+                snat: if snat.is_empty() { defaults.snat } else { snat },
+                interfaces: if interfaces.is_empty() {
+                    defaults.interfaces
+                } else {
+                    interfaces
+                },
+            };
+            let text = preset::render(preset, &site)?;
+            match output {
+                None => print!("{text}"),
+                Some(path) => {
+                    if path.exists() && !force {
+                        bail!("{} exists; use --force to replace it", path.display());
+                    }
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("write {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            Ok(())
+        }
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { file, strict },
         } => {
             let config = Config::load(&file)?;
             let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+            let warnings = checks::warnings(&config);
+            for w in &warnings {
+                println!("warning: {w}");
+            }
+            if strict && !warnings.is_empty() {
+                bail!("{}: {} warning(s)", file.display(), warnings.len());
+            }
             println!(
-                "{}: ok ({} services, {backends} backends)",
+                "{}: ok ({} services, {backends} backends, {} warnings)",
                 file.display(),
-                config.services.len()
+                config.services.len(),
+                warnings.len()
             );
             Ok(())
         }
