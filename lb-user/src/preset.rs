@@ -78,24 +78,15 @@ pub fn render(preset: Preset, site: &Site) -> Result<String> {
                 "# Port 80 of the external Web Services, to the servers' 8080; same reasoning.\n",
             )
         }
-        Preset::LyncWebInternal => {
-            service(
-                "web-int",
-                site,
-                "443",
-                None,
-                "source",
-                "# Internal Web Services: clients connect directly, so source-address affinity keeps\n\
-                 # each client's connections on one Front End server.\n",
-            ) + &service(
-                "web-int-http",
-                site,
-                "80",
-                None,
-                "source",
-                "# Port 80 of the internal Web Services.\n",
-            )
-        }
+        Preset::LyncWebInternal => service(
+            "web-int",
+            site,
+            "[443, 80]",
+            None,
+            "source",
+            "# Internal Web Services on 443 and 80, as one service: clients connect directly, so\n\
+             # source-address affinity keeps each client on one Front End server for both ports.\n",
+        ),
         Preset::LyncFePool => service(
             "fe-pool",
             site,
@@ -224,10 +215,7 @@ mod tests {
             ports(Preset::LyncWebExternal),
             [(vec![443], Some(4443)), (vec![80], Some(8080))]
         );
-        assert_eq!(
-            ports(Preset::LyncWebInternal),
-            [(vec![443], Some(443)), (vec![80], Some(80))]
-        );
+        assert_eq!(ports(Preset::LyncWebInternal), [(vec![443, 80], None)]);
         let fe = &ports(Preset::LyncFePool)[0];
         assert_eq!(fe.0.len(), 15);
         assert!(fe.0.contains(&5072) && fe.1.is_none());
