@@ -2,7 +2,7 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lb::{
     api::{self, Request, Response},
     checks,
@@ -80,6 +80,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print shell completions for lb.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print lb's man page (roff).
+    Man,
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -364,6 +371,14 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("wrote {}", path.display());
                 }
             }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
         Command::Config {

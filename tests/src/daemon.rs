@@ -32,6 +32,7 @@ pub fn lb_binary() -> Result<PathBuf> {
 
 pub struct Daemon {
     child: Child,
+    binary: PathBuf,
     dir: PathBuf,
     lb_netns: String,
     pub config_path: PathBuf,
@@ -69,7 +70,7 @@ pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path, extra:
     )
 }
 
-fn spawn(lb_netns: &str, config_path: &Path, log_path: &Path) -> Result<Child> {
+fn spawn(binary: &Path, lb_netns: &str, config_path: &Path, log_path: &Path) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -79,7 +80,7 @@ fn spawn(lb_netns: &str, config_path: &Path, log_path: &Path) -> Result<Child> {
     Command::new("nsenter")
         .arg(format!("--net=/run/netns/{lb_netns}"))
         .arg("--")
-        .arg(lb_binary()?)
+        .arg(binary)
         .args(["daemon", "--config"])
         .arg(config_path)
         .stdin(Stdio::null())
@@ -98,6 +99,16 @@ impl Daemon {
 
     /// Like `start`, with extra `[daemon]` keys (TOML lines).
     pub fn start_with(topology: &Topology, daemon_extra: &str, services: &str) -> Result<Self> {
+        Self::start_binary(topology, &lb_binary()?, daemon_extra, services)
+    }
+
+    /// Like `start_with`, running `binary daemon --config FILE` (e.g. an installed lb).
+    pub fn start_binary(
+        topology: &Topology,
+        binary: &Path,
+        daemon_extra: &str,
+        services: &str,
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-lb", topology.prefix));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
@@ -108,11 +119,17 @@ impl Daemon {
             daemon_section(topology, &socket, &pin_dir, daemon_extra)
         );
         std::fs::write(&config_path, config)?;
-        let child = spawn(topology.lb.name(), &config_path, &dir.join("daemon.log"))?;
+        let child = spawn(
+            binary,
+            topology.lb.name(),
+            &config_path,
+            &dir.join("daemon.log"),
+        )?;
         let lb_netns = topology.lb.name().to_string();
         let daemon_extra = daemon_extra.to_string();
         let mut daemon = Self {
             child,
+            binary: binary.to_path_buf(),
             dir,
             lb_netns,
             config_path,
@@ -130,6 +147,7 @@ impl Daemon {
         self.child.kill()?;
         self.child.wait()?;
         self.child = spawn(
+            &self.binary,
             &self.lb_netns,
             &self.config_path,
             &self.dir.join("daemon.log"),

@@ -7,6 +7,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod package;
+
 #[derive(Parser)]
 #[command(about = "lb's build and test tasks")]
 struct Cli {
@@ -22,7 +24,11 @@ enum Task {
     Build,
     /// Build, then run the demo: a Front End pool in namespaces with real traffic.
     Demo,
-    /// Build, then run every test: unit tests, packet tests and the veth harness.
+    /// Build the Debian package (target/lb_<version>_<arch>.deb): binary, systemd unit,
+    /// completions, man page, example configs.
+    Package,
+    /// Build, then run every test: unit tests, packet tests, the veth harness and the
+    /// package round trip.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -58,6 +64,9 @@ const DEBIAN_RUST_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
 ];
+/// What the package round trip needs: systemd-analyze to verify the unit, man to
+/// resolve its Documentation= line.
+const PACKAGE_TEST_PACKAGES: &[&str] = &["systemd", "man-db"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the benchmarks compare lb with and serve from, plus the plot's font.
 const BENCH_PACKAGES: &[&str] = &[
@@ -80,13 +89,19 @@ fn main() -> Result<()> {
             build()?;
             run(Command::new(workspace().join("target/debug/lb-demo")).env("LB_BIN", lb_binary()))
         }
-        Task::Test { args } => {
+        Task::Package => {
             setup()?;
+            package::build().map(drop)
+        }
+        Task::Test { args } => {
+            setup()?.ensure(PACKAGE_TEST_PACKAGES)?;
             build()?;
+            let deb = package::build()?;
             run(cargo()
                 .args(["test", "--workspace"])
                 .args(&args)
-                .env("LB_BIN", lb_binary()))
+                .env("LB_BIN", lb_binary())
+                .env("LB_DEB", deb))
         }
         Task::Fuzz { packets, seed } => {
             setup()?;
