@@ -12,4 +12,5 @@ pub mod pool;
 pub mod preset;
 pub mod runtime;
 pub mod status;
+pub mod top;
 pub mod vlan;

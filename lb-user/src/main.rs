@@ -7,7 +7,7 @@ use lb::{
     api::{self, Request, Response},
     checks,
     config::{Config, DEFAULT_CONTROL_SOCKET},
-    dataplane, preset, status,
+    dataplane, preset, status, top,
 };
 
 #[derive(Parser)]
@@ -35,6 +35,12 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Live view of services and servers, refreshed every second (q quits).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
     },
     /// Data-plane counters and traffic per service and server.
     Stats {
@@ -228,6 +234,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             print!("{}", status::render_stats(&report));
             Ok(())
+        }
+        Command::Top { interval } => {
+            if !(0.1..=60.0).contains(&interval) {
+                bail!("--interval: 0.1 to 60 seconds, got {interval}");
+            }
+            top::run(&cli.socket, std::time::Duration::from_secs_f64(interval))
         }
         Command::Reload => done(Request::Reload, "configuration reloaded".into()),
         Command::Backend { command } => match command {
