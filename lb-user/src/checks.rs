@@ -16,7 +16,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
         let at = format!("service {:?}", s.name);
         if s.affinity == Affinity::Source && is_external_web(s) {
             found.push(format!(
-                "{at}: {} -> {} looks like the external Web Services VIP, which sits behind the reverse proxy: with affinity \"source\" every client arrives from the proxy's address and all land on one server (the mega-proxy case). Use affinity \"none\" or \"source-port\", unless clients reach this VIP directly.",
+                "{at}: {} -> {} looks like the external Web Services VIP, which sits behind the reverse proxy: with affinity \"source\" every client arrives from the proxy's address and all land on one server (the mega-proxy case). Use affinity \"source-port\" (Microsoft's TCP affinity), unless clients reach this VIP directly.",
                 s.port,
                 s.backend_port().unwrap_or_default()
             ));

@@ -64,17 +64,18 @@ pub fn render(preset: Preset, site: &Site) -> Result<String> {
                 site,
                 "443",
                 Some(4443),
-                "none",
+                "source-port",
                 "# The reverse proxy forwards the external Web Services (Mcx, UCWA, Autodiscover)\n\
-                 # here, so every client arrives from the proxy's address: source affinity would put\n\
-                 # them all on one server (the mega-proxy case). Lync 2013 and later need no affinity\n\
-                 # on this VIP. If clients reach it directly, \"source\" keeps each on its server.\n",
+                 # here, so every client arrives from the proxy's address: source-address affinity\n\
+                 # would put them all on one server (the mega-proxy case). Microsoft's Lync 2013\n\
+                 # mobility requirements substitute TCP affinity (address + port, \"source-port\"\n\
+                 # here) for cookie affinity. If clients reach this VIP directly, use \"source\".\n",
             ) + &service(
                 "web-ext-http",
                 site,
                 "80",
                 Some(8080),
-                "none",
+                "source-port",
                 "# Port 80 of the external Web Services, to the servers' 8080; same reasoning.\n",
             )
         }
