@@ -20,7 +20,7 @@ fn maglev_build(c: &mut Criterion) {
     for n in [10, 100, 1000] {
         let members = pool(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &members, |b, members| {
-            b.iter(|| build(black_box(members), MAGLEV_SIZE))
+            b.iter(|| build(black_box(members), MAGLEV_SIZE, 0))
         });
     }
     group.finish();

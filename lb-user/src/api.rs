@@ -57,6 +57,14 @@ pub enum Request {
     DebugLog {
         enabled: bool,
     },
+    /// Withdraw (drained) or announce again this node's VIPs; flows continue either way.
+    NodeDrain {
+        drained: bool,
+    },
+    /// The live Maglev table of a service, to compare nodes.
+    MaglevTable {
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,9 +79,51 @@ pub enum Response {
     Flushed {
         removed: usize,
     },
+    MaglevTable(MaglevTable),
     Error {
         message: String,
     },
+}
+
+/// A Maglev table by server, not by the node-local backend ids: comparable across nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaglevTable {
+    /// The servers in the table, sorted ("address:port", or the address alone for a
+    /// multi-port service).
+    pub servers: Vec<String>,
+    /// Per slot, the index of its server in `servers`; `EMPTY_SLOT` if none.
+    pub slots: Vec<u16>,
+}
+
+pub const EMPTY_SLOT: u16 = u16::MAX;
+
+impl MaglevTable {
+    /// FNV-1a over the servers of every slot in order: equal on two nodes exactly when their
+    /// tables send every client to the same server.
+    pub fn digest(&self) -> u64 {
+        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+        for &slot in &self.slots {
+            let server = self
+                .servers
+                .get(usize::from(slot))
+                .map_or("-", String::as_str);
+            for byte in server.bytes().chain([0]) {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        hash
+    }
+
+    /// Slots per server.
+    pub fn shares(&self) -> Vec<(String, usize)> {
+        let mut counts = vec![0; self.servers.len()];
+        for &slot in &self.slots {
+            if let Some(c) = counts.get_mut(usize::from(slot)) {
+                *c += 1;
+            }
+        }
+        self.servers.iter().cloned().zip(counts).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +146,12 @@ pub struct StatusReport {
     /// Data-plane debug logging is on.
     #[serde(default)]
     pub debug_log: bool,
+    /// `lb node drain` is in force: no VIP is announced.
+    #[serde(default)]
+    pub node_drained: bool,
+    /// The VIPs BIRD announces for this node; None without `daemon.announce`.
+    #[serde(default)]
+    pub announced: Option<Vec<IpAddr>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

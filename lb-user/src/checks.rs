@@ -49,6 +49,42 @@ pub fn warnings(config: &Config) -> Vec<String> {
     found
 }
 
+/// Two nodes of one scale-out group: the same services (so the same Maglev tables and
+/// choices for every client), and no SNAT address in common (two nodes translating to the
+/// same address and port toward a server would break each other's connections).
+pub fn same_group(node: &Config, peer: &Config) -> anyhow::Result<()> {
+    let shared: Vec<String> = node
+        .daemon
+        .snat_addresses
+        .iter()
+        .filter(|a| peer.daemon.snat_addresses.contains(a))
+        .map(ToString::to_string)
+        .collect();
+    if !shared.is_empty() {
+        anyhow::bail!(
+            "daemon.snat_addresses: {} used by both nodes; each node needs its own",
+            shared.join(", ")
+        );
+    }
+    if node.services != peer.services {
+        let names =
+            |c: &Config| -> Vec<String> { c.services.iter().map(|s| s.name.clone()).collect() };
+        let differing: Vec<String> = node
+            .services
+            .iter()
+            .filter(|s| !peer.services.contains(s))
+            .map(|s| s.name.clone())
+            .collect();
+        anyhow::bail!(
+            "the services differ ({}; services {:?} vs {:?}): the nodes would build different Maglev tables and move clients between servers as the router moves them between nodes",
+            if differing.is_empty() { "order or count".to_string() } else { format!("{} differ", differing.join(", ")) },
+            names(node),
+            names(peer)
+        );
+    }
+    Ok(())
+}
+
 /// A service translating 443 -> 4443 or 80 -> 8080.
 fn is_external_web(s: &ServiceConfig) -> bool {
     let ports = s.ports();
@@ -110,6 +146,23 @@ mod tests {
     #[test]
     fn a_clean_config_has_no_warnings() {
         assert_eq!(warnings_of(&clean()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn nodes_of_a_group_need_the_same_services_and_their_own_snat() {
+        let node = Config::parse(&clean()).unwrap();
+        let peer = Config::parse(&clean().replace("10.2.0.100", "10.2.0.101")).unwrap();
+        same_group(&node, &peer).unwrap();
+        let e = format!("{:#}", same_group(&node, &node).unwrap_err());
+        assert!(e.contains("10.2.0.100 used by both nodes"), "{e}");
+        let other = Config::parse(
+            &clean()
+                .replace("10.2.0.100", "10.2.0.101")
+                .replace("weight = 2", "weight = 3"),
+        )
+        .unwrap();
+        let e = format!("{:#}", same_group(&node, &other).unwrap_err());
+        assert!(e.contains("web-ext differ"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,25 @@ pub struct DaemonConfig {
     /// Seconds between garbage collections of expired flows and affinities.
     #[serde(default = "default_gc_interval")]
     pub gc_interval: u32,
+    /// Route announcement of the VIPs through BIRD; off when absent.
+    pub announce: Option<AnnounceConfig>,
+}
+
+/// lb announces a VIP while this node serves it (not drained, not stopping, at least one
+/// server taking new clients) by writing a BIRD config fragment with static routes for
+/// the announced VIPs (protocols `lb_vips4` and `lb_vips6`; bird.conf includes the
+/// fragment and exports those protocols over BGP) and telling BIRD to reload it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceConfig {
+    pub bird_fragment: std::path::PathBuf,
+    /// Run after each change of the fragment.
+    #[serde(default = "default_bird_reload")]
+    pub reload_command: Vec<String>,
+}
+
+fn default_bird_reload() -> Vec<String> {
+    vec!["birdc".into(), "configure".into()]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -166,6 +185,11 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Health checks; without this section every server counts as up.
     pub health: Option<HealthConfig>,
+    /// Mixed into the Maglev permutations: the table depends only on the servers, their
+    /// weights and this seed, so nodes with the same service config pick the same server
+    /// for every client. Change it to reshuffle the whole table.
+    #[serde(default)]
+    pub seed: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -450,6 +474,12 @@ impl Config {
             if !snat_seen.insert(a) {
                 bail!("daemon.snat_addresses[{i}]: duplicate address {a}");
             }
+        }
+        if d.announce
+            .as_ref()
+            .is_some_and(|a| a.reload_command.is_empty())
+        {
+            bail!("daemon.announce.reload_command: must name a program");
         }
         if d.snat_port_min == 0 || d.snat_port_min > d.snat_port_max {
             bail!(

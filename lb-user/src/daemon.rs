@@ -5,6 +5,7 @@
 //! forwarding, and the next daemon adopts it with every flow and affinity. `lb detach`
 //! stops the data plane for good.
 use std::{
+    net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -21,6 +22,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    announce::Announcer,
     api::{Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
     config::Config,
     dataplane::{Capacity, Dataplane, DataplaneLogger},
@@ -29,14 +31,16 @@ use crate::{
     runtime::{state_path, Overlay},
 };
 
-/// How often drain deadlines are checked.
-const DRAIN_TICK: Duration = Duration::from_secs(1);
+/// How often drain deadlines, alarm counters and the announced routes are checked.
+const HOUSEKEEPING_TICK: Duration = Duration::from_secs(1);
 
 pub struct State {
     config_path: PathBuf,
     pub dataplane: Dataplane,
     pub pool: Pool,
     checker: Checker,
+    /// What BIRD announces for this node (None without `daemon.announce`), for `lb status`.
+    announced: Option<Vec<IpAddr>>,
 }
 
 impl State {
@@ -70,13 +74,20 @@ impl State {
         // Anything but a read may change which servers exist, so health follows afterwards.
         let changes_servers = !matches!(
             request,
-            Request::Status | Request::AffinityList { .. } | Request::DebugLog { .. }
+            Request::Status
+                | Request::AffinityList { .. }
+                | Request::DebugLog { .. }
+                | Request::NodeDrain { .. }
+                | Request::MaglevTable { .. }
         );
         let dp = &mut self.dataplane;
         let pool = &mut self.pool;
         let done = |r: Result<()>| r.map(|()| Response::Done);
         let result = match request {
-            Request::Status => pool.status(dp).map(Response::Status),
+            Request::Status => pool.status(dp).map(|mut report| {
+                report.announced = self.announced.clone();
+                Response::Status(report)
+            }),
             Request::Reload => done(self.reload()),
             Request::BackendAdd {
                 service,
@@ -113,6 +124,16 @@ impl State {
             Request::DebugLog { enabled } => {
                 info!(enabled, "data-plane debug logging switched");
                 done(pool.set_debug_log(dp, enabled))
+            }
+            Request::NodeDrain { drained } => {
+                info!(
+                    drained,
+                    "node drain switched; routes follow within a second"
+                );
+                done(pool.set_node_drained(drained))
+            }
+            Request::MaglevTable { service } => {
+                pool.maglev_table(dp, &service).map(Response::MaglevTable)
             }
         };
         let response = result.unwrap_or_else(|e| Response::Error {
@@ -209,6 +230,7 @@ pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Resu
         dataplane,
         pool,
         checker: Checker::new(reports),
+        announced: None,
     };
     state.reconcile_health();
     Ok(state)
@@ -244,7 +266,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut drain_tick = tokio::time::interval(DRAIN_TICK);
+    let mut housekeeping_tick = tokio::time::interval(HOUSEKEEPING_TICK);
+    // Announcing runs BIRD's reload command, so it happens outside the state lock.
+    let mut announcer = state
+        .lock()
+        .await
+        .pool
+        .config()
+        .daemon
+        .announce
+        .clone()
+        .map(Announcer::new);
+    let mut announce_error: Option<String> = None;
     let gc_every = Duration::from_secs(u64::from(
         state.lock().await.pool.config().daemon.gc_interval,
     ));
@@ -262,14 +295,28 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
                 Err(e) => error!(error = %e, "accept on the control socket"),
             },
-            _ = drain_tick.tick() => {
-                let mut s = state.lock().await;
-                let s = &mut *s;
-                if let Err(e) = s.pool.expire_drains(&mut s.dataplane, unix_now()) {
-                    error!(error = %format!("{e:#}"), "cutting expired drains");
-                }
-                if let Err(e) = s.pool.watch_counters(&s.dataplane) {
-                    error!(error = %format!("{e:#}"), "reading data-plane counters");
+            _ = housekeeping_tick.tick() => {
+                let wanted = {
+                    let mut guard = state.lock().await;
+                    let s = &mut *guard;
+                    if let Err(e) = s.pool.expire_drains(&mut s.dataplane, unix_now()) {
+                        error!(error = %format!("{e:#}"), "cutting expired drains");
+                    }
+                    if let Err(e) = s.pool.watch_counters(&s.dataplane) {
+                        error!(error = %format!("{e:#}"), "reading data-plane counters");
+                    }
+                    s.pool.announceable_vips()
+                };
+                if let Some(announcer) = &mut announcer {
+                    let result = announcer.update(wanted).await.map_err(|e| format!("{e:#}"));
+                    // Logged once per distinct failure, not every second.
+                    if let Err(e) = &result {
+                        if announce_error.as_ref() != Some(e) {
+                            error!(error = %e, "announcing the VIPs through BIRD; retrying every second");
+                        }
+                    }
+                    announce_error = result.err();
+                    state.lock().await.announced = Some(announcer.announced());
                 }
             }
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
@@ -290,6 +337,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+    }
+    if let Some(announcer) = &mut announcer {
+        announcer.withdraw_all().await;
     }
     let _ = std::fs::remove_file(&socket_path);
     info!("lb daemon stopping; the data plane keeps running (pinned) until `lb detach`");

@@ -460,6 +460,17 @@ impl Dataplane {
         Ok(())
     }
 
+    /// One half of a service's Maglev table as the data plane holds it.
+    pub fn read_maglev(&self, service_id: u32, half: u32) -> Result<Vec<u32>> {
+        (0..MAGLEV_SIZE)
+            .map(|slot| {
+                self.maglev
+                    .get(&maglev_index(service_id, half, slot), 0)
+                    .context("read Maglev table")
+            })
+            .collect()
+    }
+
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
         self.services
             .insert(key, service, 0)

@@ -1,5 +1,6 @@
 //! The lb control daemon and CLI as a library, so the test harness can drive the same
 //! data plane (`Dataplane`) and speak the same control protocol (`api`).
+pub mod announce;
 pub mod api;
 pub mod checks;
 pub mod config;

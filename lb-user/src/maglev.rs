@@ -25,8 +25,9 @@ fn fnv1a(seed: u64, identity: u64) -> u64 {
     h
 }
 
-/// Builds a table of `size` slots (a prime) mapping slot -> backend id.
-pub fn build(members: &[Member], size: u32) -> Vec<u32> {
+/// Builds a table of `size` slots (a prime) mapping slot -> backend id. `seed` (the
+/// service's `seed`) is mixed into every member's permutation.
+pub fn build(members: &[Member], size: u32, seed: u32) -> Vec<u32> {
     let size = size as usize;
     let mut table = vec![NO_BACKEND; size];
     let mut active: Vec<Member> = members.iter().copied().filter(|m| m.weight > 0).collect();
@@ -37,8 +38,9 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
     let perms: Vec<(usize, usize)> = active
         .iter()
         .map(|m| {
-            let offset = (fnv1a(0x6f66_6673, m.identity) % size as u64) as usize;
-            let skip = (fnv1a(0x736b_6970, m.identity) % (size as u64 - 1)) as usize + 1;
+            let seed = u64::from(seed) << 32;
+            let offset = (fnv1a(0x6f66_6673 ^ seed, m.identity) % size as u64) as usize;
+            let skip = (fnv1a(0x736b_6970 ^ seed, m.identity) % (size as u64 - 1)) as usize + 1;
             (offset, skip)
         })
         .collect();
@@ -92,7 +94,7 @@ mod tests {
 
     #[test]
     fn equal_weights_get_near_equal_shares() {
-        let table = build(&members(7), MAGLEV_SIZE);
+        let table = build(&members(7), MAGLEV_SIZE, 0);
         let fair = MAGLEV_SIZE as f64 / 7.0;
         for count in shares(&table, 7) {
             assert!(
@@ -106,9 +108,18 @@ mod tests {
     fn weights_are_honoured() {
         let mut m = members(3);
         m[2].weight = 2;
-        let counts = shares(&build(&m, MAGLEV_SIZE), 3);
+        let counts = shares(&build(&m, MAGLEV_SIZE, 0), 3);
         let ratio = counts[2] as f64 / counts[0] as f64;
         assert!((1.9..2.1).contains(&ratio), "{counts:?}");
+    }
+
+    #[test]
+    fn the_seed_reshuffles_and_only_the_seed() {
+        let m = members(5);
+        assert_eq!(build(&m, MAGLEV_SIZE, 7), build(&m, MAGLEV_SIZE, 7));
+        let (a, b) = (build(&m, MAGLEV_SIZE, 0), build(&m, MAGLEV_SIZE, 7));
+        let moved = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert!(moved > a.len() / 2, "a new seed moved only {moved} slots");
     }
 
     #[test]
@@ -116,14 +127,14 @@ mod tests {
         let m = members(5);
         let mut reversed = m.clone();
         reversed.reverse();
-        assert_eq!(build(&m, MAGLEV_SIZE), build(&reversed, MAGLEV_SIZE));
+        assert_eq!(build(&m, MAGLEV_SIZE, 0), build(&reversed, MAGLEV_SIZE, 0));
     }
 
     #[test]
     fn removing_one_backend_moves_only_its_slots_and_a_little_more() {
         let all = members(5);
-        let before = build(&all, MAGLEV_SIZE);
-        let after = build(&all[..4], MAGLEV_SIZE);
+        let before = build(&all, MAGLEV_SIZE, 0);
+        let after = build(&all[..4], MAGLEV_SIZE, 0);
         let moved_other = before
             .iter()
             .zip(&after)
@@ -141,7 +152,7 @@ mod tests {
     fn zero_weight_and_empty_pools() {
         let mut m = members(2);
         m[1].weight = 0;
-        assert!(build(&m, MAGLEV_SIZE).iter().all(|&id| id == 0));
-        assert!(build(&[], 13).iter().all(|&id| id == NO_BACKEND));
+        assert!(build(&m, MAGLEV_SIZE, 0).iter().all(|&id| id == 0));
+        assert!(build(&[], 13, 0).iter().all(|&id| id == NO_BACKEND));
     }
 }

@@ -54,6 +54,18 @@ enum Command {
         #[command(subcommand)]
         command: BackendCommand,
     },
+    /// This node in a scale-out group: drain withdraws its VIP routes (the router sends
+    /// new clients to the other nodes), its flows continue; undrain announces them again.
+    Node {
+        #[arg(value_enum)]
+        action: NodeAction,
+    },
+    /// A service's live Maglev table: slots per server and a digest to compare nodes.
+    Maglev {
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect or reset client affinities.
     Affinity {
         #[command(subcommand)]
@@ -158,6 +170,12 @@ enum AffinityCommand {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum NodeAction {
+    Drain,
+    Undrain,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum Switch {
     On,
     Off,
@@ -171,6 +189,10 @@ enum ConfigCommand {
         file: PathBuf,
         #[arg(long)]
         strict: bool,
+        /// The config of another node of the same scale-out group (repeatable): its
+        /// services must be the same and its SNAT addresses different.
+        #[arg(long = "peer")]
+        peers: Vec<PathBuf>,
     },
 }
 
@@ -339,6 +361,26 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Command::Node { action } => {
+            let drained = matches!(action, NodeAction::Drain);
+            let what = if drained {
+                "node drained: its VIP routes are withdrawn; open connections continue"
+            } else {
+                "node undrained: its VIP routes are announced again"
+            };
+            done(Request::NodeDrain { drained }, what.into())
+        }
+        Command::Maglev { service, json } => {
+            let Response::MaglevTable(table) = call(Request::MaglevTable { service })? else {
+                bail!("unexpected response")
+            };
+            if json {
+                println!("{}", serde_json::to_string(&table)?);
+            } else {
+                print!("{}", status::render_maglev(&table));
+            }
+            Ok(())
+        }
         Command::Debug { state } => {
             let enabled = matches!(state, Switch::On);
             let what = format!(
@@ -394,9 +436,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config {
-            command: ConfigCommand::Check { file, strict },
+            command:
+                ConfigCommand::Check {
+                    file,
+                    strict,
+                    peers,
+                },
         } => {
             let config = Config::load(&file)?;
+            for peer in &peers {
+                let other = Config::load(peer)?;
+                checks::same_group(&config, &other)
+                    .with_context(|| format!("{} and {}", file.display(), peer.display()))?;
+            }
             let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
             let warnings = checks::warnings(&config);
             for w in &warnings {

@@ -246,6 +246,8 @@ mod tests {
             counters: [("drop_no_route".to_string(), 4)].into(),
             tables: Default::default(),
             debug_log: false,
+            node_drained: false,
+            announced: None,
         };
         let text = render(&report).unwrap();
         assert!(

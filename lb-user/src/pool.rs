@@ -7,7 +7,7 @@
 //! live by one update of the service entry, so no packet sees a half-written table.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -23,8 +23,8 @@ use tracing::{info, warn};
 
 use crate::{
     api::{
-        AffinityRecord, BackendStatus, ServiceStatus, SourceShare, StatusReport, TableFill,
-        TableReport,
+        AffinityRecord, BackendStatus, MaglevTable, ServiceStatus, SourceShare, StatusReport,
+        TableFill, TableReport, EMPTY_SLOT,
     },
     config::{family, Affinity, BackendConfig, Config, OnDown, ServiceConfig, MAX_WEIGHT},
     dataplane::{addr_from_words, addr_words, monotonic_ns, Dataplane},
@@ -180,6 +180,36 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// The VIPs this node should announce: none while the node is drained; otherwise each
+    /// VIP with at least one server taking new clients (up, not draining, weight above 0).
+    pub fn announceable_vips(&self) -> BTreeSet<IpAddr> {
+        if self.overlay.node_drained {
+            return BTreeSet::new();
+        }
+        self.config
+            .services
+            .iter()
+            .filter(|s| {
+                self.backends(&s.name).iter().any(|b| {
+                    b.drain.is_none()
+                        && b.weight > 0
+                        && !self.down.contains(&(s.name.clone(), b.address))
+                })
+            })
+            .map(|s| s.vip)
+            .collect()
+    }
+
+    pub fn node_drained(&self) -> bool {
+        self.overlay.node_drained
+    }
+
+    /// `lb node drain` / `undrain`: persisted like every runtime change.
+    pub fn set_node_drained(&mut self, drained: bool) -> Result<()> {
+        self.overlay.node_drained = drained;
+        self.persist()
     }
 
     pub fn config(&self) -> &Config {
@@ -382,7 +412,7 @@ impl Pool {
                 weight: if takes_new_clients { b.weight } else { 0 },
             });
         }
-        let table = maglev::build(&members, MAGLEV_SIZE);
+        let table = maglev::build(&members, MAGLEV_SIZE, s.seed);
         let keys = service_keys(s);
         // Ports (or a VIP) the service no longer has.
         for old in self.installed.get(&s.name).into_iter().flatten() {
@@ -759,6 +789,45 @@ impl Pool {
         Ok(records)
     }
 
+    /// The live half of a service's Maglev table, by server.
+    pub fn maglev_table(&self, dp: &Dataplane, service: &str) -> Result<MaglevTable> {
+        let svc = self.service(service)?;
+        let service_id = self
+            .service_ids
+            .get(service)
+            .copied()
+            .ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let half = self.live_half.get(&service_id).copied().unwrap_or(0);
+        let ids = dp.read_maglev(service_id, half)?;
+        let endpoint = |b: &BackendIdentity| {
+            if b.port == BACKEND_PORT_KEEP {
+                b.address.to_string()
+            } else {
+                SocketAddr::new(b.address, b.port).to_string()
+            }
+        };
+        let by_id: BTreeMap<u32, String> = self
+            .backend_ids
+            .iter()
+            .filter(|(k, _)| k.service == svc.name)
+            .map(|(k, id)| (*id, endpoint(k)))
+            .collect();
+        let servers: Vec<String> = by_id
+            .values()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let index = |id: &u32| {
+            by_id
+                .get(id)
+                .and_then(|e| servers.iter().position(|s| s == e))
+                .map_or(EMPTY_SLOT, |i| i as u16)
+        };
+        let slots = ids.iter().map(index).collect();
+        Ok(MaglevTable { servers, slots })
+    }
+
     pub fn affinity_flush(
         &self,
         dp: &mut Dataplane,
@@ -882,6 +951,8 @@ impl Pool {
             counters,
             tables,
             debug_log: self.debug_log,
+            node_drained: self.overlay.node_drained,
+            announced: None,
         })
     }
 

@@ -17,6 +17,10 @@ use crate::config::{BackendConfig, Config};
 pub struct Overlay {
     #[serde(default)]
     pub services: BTreeMap<String, ServiceOverlay>,
+    /// `lb node drain`: this node announces no VIP, so the router sends new clients to
+    /// the other nodes; the flows it carries continue.
+    #[serde(default)]
+    pub node_drained: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

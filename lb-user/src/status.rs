@@ -1,10 +1,26 @@
 //! Human rendering of `lb status`.
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 
-use crate::api::{AffinityRecord, StatusReport};
+use crate::api::{AffinityRecord, MaglevTable, StatusReport};
 
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
+    if report.node_drained {
+        out.push_str(
+            "NODE DRAINED: no VIP is announced; open connections continue (lb node undrain)\n",
+        );
+    }
+    if let Some(announced) = &report.announced {
+        let list: Vec<String> = announced.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "announced through BIRD: {}\n",
+            if list.is_empty() {
+                "nothing".to_string()
+            } else {
+                list.join(", ")
+            }
+        ));
+    }
     if report.services.is_empty() {
         out.push_str("no services configured\n");
     }
@@ -150,4 +166,21 @@ pub fn render_affinities(entries: &[AffinityRecord]) -> String {
         ]);
     }
     format!("{table}\nlive affinities: {}\n", entries.len())
+}
+
+/// `lb maglev`: slots per server and the digest to compare with other nodes.
+pub fn render_maglev(table: &MaglevTable) -> String {
+    let mut out = format!(
+        "digest {:016x} ({} slots): equal on two nodes means they send every client to the same server\n",
+        table.digest(),
+        table.slots.len()
+    );
+    let total = table.slots.len().max(1) as f64;
+    for (server, slots) in table.shares() {
+        out.push_str(&format!(
+            "  {server:<40} {slots:>6} slots  {:5.1} %\n",
+            100.0 * slots as f64 / total
+        ));
+    }
+    out
 }

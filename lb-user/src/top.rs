@@ -317,6 +317,8 @@ mod tests {
             counters: BTreeMap::from([("packets".to_string(), 99)]),
             tables: TableReport::default(),
             debug_log: false,
+            node_drained: false,
+            announced: None,
         }
     }
 
