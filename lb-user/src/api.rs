@@ -114,6 +114,15 @@ impl MaglevTable {
         hash
     }
 
+    /// The server the table picks for a new client at `client` (source affinity: the port
+    /// is not hashed), as the data plane does.
+    pub fn server_for(&self, client: IpAddr) -> Option<&str> {
+        let words = crate::dataplane::addr_words(client);
+        let hash = lb_common::hash::client_hash(&words, 0);
+        let slot = *self.slots.get(hash as usize % self.slots.len().max(1))?;
+        self.servers.get(usize::from(slot)).map(String::as_str)
+    }
+
     /// Slots per server.
     pub fn shares(&self) -> Vec<(String, usize)> {
         let mut counts = vec![0; self.servers.len()];

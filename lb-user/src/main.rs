@@ -63,6 +63,9 @@ enum Command {
     /// A service's live Maglev table: slots per server and a digest to compare nodes.
     Maglev {
         service: String,
+        /// Also show the server the table picks for this client address.
+        #[arg(long)]
+        client: Option<IpAddr>,
         #[arg(long)]
         json: bool,
     },
@@ -370,7 +373,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             done(Request::NodeDrain { drained }, what.into())
         }
-        Command::Maglev { service, json } => {
+        Command::Maglev {
+            service,
+            client,
+            json,
+        } => {
             let Response::MaglevTable(table) = call(Request::MaglevTable { service })? else {
                 bail!("unexpected response")
             };
@@ -378,6 +385,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&table)?);
             } else {
                 print!("{}", status::render_maglev(&table));
+            }
+            if let Some(client) = client {
+                let server = table.server_for(client).unwrap_or("no server");
+                println!("a new client at {client} goes to {server}");
             }
             Ok(())
         }

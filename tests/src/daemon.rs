@@ -1,5 +1,6 @@
 //! The real `lb` binary running as a daemon inside the lb namespace.
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -9,6 +10,32 @@ use anyhow::{anyhow, bail, Context, Result};
 use lb::api::{self, Request, Response, StatusReport};
 
 use crate::topology::Topology;
+
+/// Where a daemon runs: its namespace, the interfaces it attaches to, its SNAT addresses,
+/// and a name unique to this test (for its files and pin directory).
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub name: String,
+    pub netns: String,
+    pub interfaces: Vec<String>,
+    pub snat: Vec<IpAddr>,
+}
+
+impl From<&Topology> for Site {
+    fn from(t: &Topology) -> Self {
+        Self {
+            name: t.prefix.clone(),
+            netns: t.lb.name().to_string(),
+            interfaces: t.lb_interfaces.clone(),
+            snat: t
+                .snat_addresses
+                .iter()
+                .map(|&a| IpAddr::from(a))
+                .chain(t.snat_addresses6.iter().map(|&a| IpAddr::from(a)))
+                .collect(),
+        }
+    }
+}
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +61,7 @@ pub struct Daemon {
     child: Child,
     binary: PathBuf,
     dir: PathBuf,
-    lb_netns: String,
+    site: Site,
     pub config_path: PathBuf,
     pub socket: PathBuf,
     /// This test's own bpffs pin directory (removed on drop, which detaches the program).
@@ -43,27 +70,23 @@ pub struct Daemon {
     daemon_extra: String,
 }
 
-/// The `[daemon]` section for a topology plus `extra` keys, with small tables (so tests
-/// load quickly) unless `extra` sizes them.
-pub fn daemon_section(topology: &Topology, socket: &Path, pin_dir: &Path, extra: &str) -> String {
-    let interfaces: Vec<String> = topology
-        .lb_interfaces
-        .iter()
-        .map(|i| format!("{i:?}"))
-        .collect();
-    let snat: Vec<String> = topology
-        .snat_addresses
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .chain(topology.snat_addresses6.iter().map(|a| format!("\"{a}\"")))
-        .collect();
+/// The `[daemon]` section for a site plus `extra` keys, with small tables (so tests load
+/// quickly) unless `extra` sizes them.
+pub fn daemon_section(site: &Site, socket: &Path, pin_dir: &Path, extra: &str) -> String {
+    let quoted = |items: Vec<String>| -> String {
+        items
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let sized = extra
         .lines()
         .any(|l| l.trim_start().starts_with("max_flows"));
     format!(
         "[daemon]\ninterfaces = [{}]\nsnat_addresses = [{}]\ncontrol_socket = {:?}\npin_dir = {:?}\n{}{extra}\n",
-        interfaces.join(", "),
-        snat.join(", "),
+        quoted(site.interfaces.clone()),
+        quoted(site.snat.iter().map(ToString::to_string).collect()),
         socket.display().to_string(),
         pin_dir.display().to_string(),
         if sized { "" } else { "max_flows = 65536\nmax_affinities = 65536\n" },
@@ -99,39 +122,33 @@ impl Daemon {
 
     /// Like `start`, with extra `[daemon]` keys (TOML lines).
     pub fn start_with(topology: &Topology, daemon_extra: &str, services: &str) -> Result<Self> {
-        Self::start_binary(topology, &lb_binary()?, daemon_extra, services)
+        Self::start_binary(&topology.into(), &lb_binary()?, daemon_extra, services)
     }
 
     /// Like `start_with`, running `binary daemon --config FILE` (e.g. an installed lb).
     pub fn start_binary(
-        topology: &Topology,
+        site: &Site,
         binary: &Path,
         daemon_extra: &str,
         services: &str,
     ) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-lb", topology.prefix));
+        let dir = std::env::temp_dir().join(format!("{}-lb", site.name));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("lb.sock");
         let config_path = dir.join("lb.toml");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&topology.prefix);
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&site.name);
         let config = format!(
             "{}{services}",
-            daemon_section(topology, &socket, &pin_dir, daemon_extra)
+            daemon_section(site, &socket, &pin_dir, daemon_extra)
         );
         std::fs::write(&config_path, config)?;
-        let child = spawn(
-            binary,
-            topology.lb.name(),
-            &config_path,
-            &dir.join("daemon.log"),
-        )?;
-        let lb_netns = topology.lb.name().to_string();
+        let child = spawn(binary, &site.netns, &config_path, &dir.join("daemon.log"))?;
         let daemon_extra = daemon_extra.to_string();
         let mut daemon = Self {
             child,
             binary: binary.to_path_buf(),
             dir,
-            lb_netns,
+            site: site.clone(),
             config_path,
             socket,
             pin_dir,
@@ -148,7 +165,7 @@ impl Daemon {
         self.child.wait()?;
         self.child = spawn(
             &self.binary,
-            &self.lb_netns,
+            &self.site.netns,
             &self.config_path,
             &self.dir.join("daemon.log"),
         )?;
@@ -185,8 +202,8 @@ impl Daemon {
     }
 
     /// Rewrites the config file (daemon section kept) without telling the daemon.
-    pub fn write_services(&self, topology: &Topology, services: &str) -> Result<()> {
-        let section = daemon_section(topology, &self.socket, &self.pin_dir, &self.daemon_extra);
+    pub fn write_services(&self, services: &str) -> Result<()> {
+        let section = daemon_section(&self.site, &self.socket, &self.pin_dir, &self.daemon_extra);
         Ok(std::fs::write(
             &self.config_path,
             format!("{section}\n{services}"),
@@ -212,8 +229,8 @@ impl Daemon {
     }
 
     /// Rewrites the `[[service]]` part of the config and asks the daemon to apply it.
-    pub fn reload(&self, topology: &Topology, services: &str) -> Result<()> {
-        self.write_services(topology, services)?;
+    pub fn reload(&self, services: &str) -> Result<()> {
+        self.write_services(services)?;
         match self.call(Request::Reload)? {
             Response::Done => Ok(()),
             other => Err(anyhow!("reload failed: {other:?}")),

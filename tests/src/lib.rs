@@ -2,6 +2,7 @@
 //! Every namespace, link and process a test creates is removed when its owner is dropped,
 //! also when the test fails.
 pub mod client;
+pub mod cluster;
 pub mod daemon;
 pub mod fixture;
 pub mod netns;

@@ -81,12 +81,12 @@ pub struct BackendHost {
 /// An `xdp_pass` program attached to a veth peer of one of lb's interfaces. veth delivers
 /// frames that lb sends with XDP_TX only to a peer that has an XDP program of its own
 /// (GRO alone is enough for redirected frames); a real NIC needs nothing like it.
-struct PeerProgram {
+pub(crate) struct PeerProgram {
     ns_name: String,
     ebpf: Option<Ebpf>,
 }
 
-fn attach_peer_program(ns: &Netns, dev: &str) -> Result<PeerProgram> {
+pub(crate) fn attach_peer_program(ns: &Netns, dev: &str) -> Result<PeerProgram> {
     let ebpf = ns.run(|| -> Result<Ebpf> {
         let mut ebpf = Ebpf::load(lb::dataplane::BASELINE_OBJECT)?;
         let program: &mut Xdp = ebpf
@@ -147,7 +147,7 @@ pub struct Topology {
 /// veths deliver frames without a complete checksum (the sender offloads it); a real NIC
 /// never does. Make the endpoints compute full checksums, and turn GRO on so frames that
 /// lb redirects in native mode have a receiving NAPI on the peer.
-fn tune_endpoint(ns: &Netns, dev: &str) -> Result<()> {
+pub(crate) fn tune_endpoint(ns: &Netns, dev: &str) -> Result<()> {
     ns.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"])
         .map(drop)
 }

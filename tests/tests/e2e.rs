@@ -287,7 +287,7 @@ fn affinity_expires_after_timeout() -> Result<()> {
         service.clone(),
     )?;
     let first_three = &Fixture::addresses(&f.topology)[..3];
-    f.daemon.reload(&f.topology, &service.toml(first_three))?;
+    f.daemon.reload(&service.toml(first_three))?;
     let before = f.servers_of(&f.topology.client_addresses)?;
     ensure!(
         before.values().all(|s| s != "fe4"),
@@ -295,7 +295,7 @@ fn affinity_expires_after_timeout() -> Result<()> {
     );
 
     f.daemon
-        .reload(&f.topology, &service.toml(&Fixture::addresses(&f.topology)))?;
+        .reload(&service.toml(&Fixture::addresses(&f.topology)))?;
     let started = Instant::now();
     for (&c, server) in &before {
         let now = f.ask(c)?.server;

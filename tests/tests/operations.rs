@@ -194,7 +194,7 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
     let service = ServiceSpec::default();
     let f = Fixture::start(&spec, service.clone())?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon.reload(&f.topology, &service.toml(&all[..3]))?;
+    f.daemon.reload(&service.toml(&all[..3]))?;
     let before = f.servers_of(&f.topology.client_addresses[..60])?;
     let mut conns = open_long_lived(&f, 10)?;
 
@@ -464,7 +464,7 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
     let service = ServiceSpec::default();
     let mut f = Fixture::start(&spec, service.clone())?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon.reload(&f.topology, &service.toml(&all[..3]))?;
+    f.daemon.reload(&service.toml(&all[..3]))?;
     f.daemon.cli_ok(&[
         "backend",
         "add",
@@ -507,8 +507,7 @@ fn sighup_reloads_the_config() -> Result<()> {
         service.clone(),
     )?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon
-        .write_services(&f.topology, &service.toml(&all[..1]))?;
+    f.daemon.write_services(&service.toml(&all[..1]))?;
     f.daemon.signal(libc::SIGHUP)?;
     wait_for(
         Duration::from_secs(10),

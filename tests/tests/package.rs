@@ -131,7 +131,12 @@ fn check_installed_daemon_forwards(binary: &Path) -> Result<()> {
         .iter()
         .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
         .collect::<Result<Vec<_>>>()?;
-    let daemon = Daemon::start_binary(&t, binary, "", &service.toml(&Fixture::addresses(&t)))?;
+    let daemon = Daemon::start_binary(
+        &(&t).into(),
+        binary,
+        "",
+        &service.toml(&Fixture::addresses(&t)),
+    )?;
     for &c in &t.client_addresses {
         let reply = client::request(&t.client, c, SocketAddr::new(VIP.into(), service.port))?;
         ensure!(

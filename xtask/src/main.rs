@@ -64,9 +64,9 @@ const DEBIAN_RUST_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
 ];
-/// What the package round trip needs: systemd-analyze to verify the unit, man to
-/// resolve its Documentation= line.
-const PACKAGE_TEST_PACKAGES: &[&str] = &["systemd", "man-db"];
+/// What the tests need beyond the runtime: systemd-analyze to verify the packaged unit, man
+/// to resolve its Documentation= line, BIRD for the scale-out test's BGP.
+const TEST_PACKAGES: &[&str] = &["systemd", "man-db", "bird2"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the benchmarks compare lb with and serve from, plus the plot's font.
 const BENCH_PACKAGES: &[&str] = &[
@@ -94,7 +94,7 @@ fn main() -> Result<()> {
             package::build().map(drop)
         }
         Task::Test { args } => {
-            setup()?.ensure(PACKAGE_TEST_PACKAGES)?;
+            setup()?.ensure(TEST_PACKAGES)?;
             build()?;
             let deb = package::build()?;
             run(cargo()

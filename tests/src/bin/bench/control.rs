@@ -82,7 +82,7 @@ pub fn maglev(rounds: usize) -> Vec<MaglevPoint> {
             let mut table = Vec::new();
             for _ in 0..rounds {
                 let start = Instant::now();
-                table = build(&pool, MAGLEV_SIZE);
+                table = build(&pool, MAGLEV_SIZE, 0);
                 times.push(start.elapsed().as_secs_f64() * 1e3);
             }
             let total_weight: u32 = pool.iter().map(|m| m.weight).sum();
@@ -98,7 +98,7 @@ pub fn maglev(rounds: usize) -> Vec<MaglevPoint> {
                     slots.get(&m.id).copied().unwrap_or(0) as f64 / fair
                 })
                 .collect();
-            let without_one = build(&pool[1..], MAGLEV_SIZE);
+            let without_one = build(&pool[1..], MAGLEV_SIZE, 0);
             let mut plus_one = pool.clone();
             plus_one.extend(
                 members(n + 1, weighted)
@@ -106,7 +106,7 @@ pub fn maglev(rounds: usize) -> Vec<MaglevPoint> {
                     .copied()
                     .map(|m| Member { id: n as u32, ..m }),
             );
-            let with_one_more = build(&plus_one, MAGLEV_SIZE);
+            let with_one_more = build(&plus_one, MAGLEV_SIZE, 0);
             points.push(MaglevPoint {
                 backends: n,
                 weighted,
