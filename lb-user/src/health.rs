@@ -143,10 +143,7 @@ fn http_client(target: &Target) -> reqwest::Result<Option<reqwest::Client>> {
         // Pools present internal certificates; the check is about liveness, not identity.
         .danger_accept_invalid_certs(true);
     if let Some(sni) = &cfg.sni {
-        builder = builder.resolve(
-            sni,
-            SocketAddr::from(SocketAddr::new(target.address, target.port)),
-        );
+        builder = builder.resolve(sni, SocketAddr::new(target.address, target.port));
     }
     builder.build().map(Some)
 }

@@ -761,11 +761,7 @@ impl Pool {
         client: Option<IpAddr>,
     ) -> Result<Vec<AffinityRecord>> {
         let svc = self.service(service)?;
-        let service_id = self
-            .service_ids
-            .get(service)
-            .copied()
-            .ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let service_id = self.installed_id(service)?;
         let by_id: BTreeMap<u32, &BackendIdentity> =
             self.backend_ids.iter().map(|(k, v)| (*v, k)).collect();
         let now = monotonic_ns();
@@ -789,14 +785,18 @@ impl Pool {
         Ok(records)
     }
 
+    /// The data-plane id of a configured service.
+    fn installed_id(&self, service: &str) -> Result<u32> {
+        self.service_ids
+            .get(service)
+            .copied()
+            .ok_or_else(|| anyhow!("service {service:?} not installed"))
+    }
+
     /// The live half of a service's Maglev table, by server.
     pub fn maglev_table(&self, dp: &Dataplane, service: &str) -> Result<MaglevTable> {
         let svc = self.service(service)?;
-        let service_id = self
-            .service_ids
-            .get(service)
-            .copied()
-            .ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let service_id = self.installed_id(service)?;
         let half = self.live_half.get(&service_id).copied().unwrap_or(0);
         let ids = dp.read_maglev(service_id, half)?;
         let endpoint = |b: &BackendIdentity| {
@@ -836,11 +836,7 @@ impl Pool {
         backend: Option<IpAddr>,
     ) -> Result<usize> {
         self.service(service)?;
-        let service_id = self
-            .service_ids
-            .get(service)
-            .copied()
-            .ok_or_else(|| anyhow!("service {service:?} not installed"))?;
+        let service_id = self.installed_id(service)?;
         let backend_id = backend.map(|b| self.id_of(service, b)).transpose()?;
         let removal = dp.remove_affinities(|k, e| {
             k.service_id == service_id

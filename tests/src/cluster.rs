@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     daemon::Site,
-    netns::{run_cmd, unique_prefix, Netns},
+    netns::{unique_prefix, veth, Netns},
     topology::{attach_peer_program, tune_endpoint, BackendHost, PeerProgram, VIP},
 };
 
@@ -96,26 +96,9 @@ pub struct Cluster {
     pub client_addresses: Vec<Ipv4Addr>,
 }
 
-fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    run_cmd(
-        "ip",
-        &[
-            "link",
-            "add",
-            a_dev,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            b_dev,
-            "netns",
-            b.name(),
-        ],
-    )?;
-    a.ip(&["link", "set", a_dev, "up"])?;
-    b.ip(&["link", "set", b_dev, "up"])?;
+/// A veth pair with both ends tuned like every endpoint of the harness.
+fn link(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+    veth(a, a_dev, b, b_dev)?;
     tune_endpoint(a, a_dev)?;
     tune_endpoint(b, b_dev)
 }
@@ -132,7 +115,7 @@ impl Cluster {
         switch.ip(&["link", "set", "br0", "up"])?;
         let mut peer_programs = Vec::new();
 
-        veth(&client, "eth0", &router, "c0")?;
+        link(&client, "eth0", &router, "c0")?;
         client.ip(&["addr", "add", "10.1.0.2/16", "dev", "eth0"])?;
         router.ip(&["addr", "add", "10.1.0.1/16", "dev", "c0"])?;
         client.ip(&["route", "add", "default", "via", "10.1.0.1"])?;
@@ -150,23 +133,29 @@ impl Cluster {
         router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
 
         let plug = |ns: &Netns, dev: &str, port: &str| -> Result<()> {
-            veth(ns, dev, &switch, port)?;
+            link(ns, dev, &switch, port)?;
             switch.ip(&["link", "set", port, "master", "br0"])?;
             Ok(())
         };
         let mut node_list = Vec::new();
         for k in 0..nodes {
             let ns = Netns::create(&format!("{prefix}-n{k}"))?;
-            let link = format!("n{k}");
-            veth(&router, &link, &ns, "uplink")?;
+            let link_name = format!("n{k}");
+            link(&router, &link_name, &ns, "uplink")?;
             let (router_side, node_side) = (
                 Ipv4Addr::new(10, 3, k as u8, 1),
                 Ipv4Addr::new(10, 3, k as u8, 2),
             );
-            router.ip(&["addr", "add", &format!("{router_side}/30"), "dev", &link])?;
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("{router_side}/30"),
+                "dev",
+                &link_name,
+            ])?;
             ns.ip(&["addr", "add", &format!("{node_side}/30"), "dev", "uplink"])?;
             // lb sends frames into these links by XDP; the peer needs a program (see topology).
-            peer_programs.push(attach_peer_program(&router, &link)?);
+            peer_programs.push(attach_peer_program(&router, &link_name)?);
             let port = format!("p-n{k}");
             plug(&ns, "back", &port)?;
             peer_programs.push(attach_peer_program(&switch, &port)?);

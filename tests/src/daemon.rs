@@ -70,6 +70,19 @@ pub struct Daemon {
     daemon_extra: String,
 }
 
+/// Fails with the list of drop counters that moved, except those in `expected`.
+pub fn ensure_no_drops(status: &StatusReport, expected: &[&str]) -> Result<()> {
+    let drops: Vec<_> = status
+        .counters
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && !expected.contains(&k.as_str()) && **v > 0)
+        .collect();
+    if !drops.is_empty() {
+        bail!("unexpected drops: {drops:?}");
+    }
+    Ok(())
+}
+
 /// The `[daemon]` section for a site plus `extra` keys, with small tables (so tests load
 /// quickly) unless `extra` sizes them.
 pub fn daemon_section(site: &Site, socket: &Path, pin_dir: &Path, extra: &str) -> String {

@@ -36,6 +36,29 @@ pub fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A veth pair from `a_dev` in `a` to `b_dev` in `b`, both ends up.
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+    run_cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_dev,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_dev,
+            "netns",
+            b.name(),
+        ],
+    )?;
+    a.ip(&["link", "set", a_dev, "up"])?;
+    b.ip(&["link", "set", b_dev, "up"]).map(drop)
+}
+
 #[derive(Debug)]
 pub struct Netns {
     name: String,

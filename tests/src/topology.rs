@@ -23,7 +23,7 @@ use aya::{
     Ebpf,
 };
 
-use crate::netns::{unique_prefix, Netns};
+use crate::netns::{unique_prefix, veth, Netns};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
@@ -184,53 +184,17 @@ impl Topology {
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
         let plug_into_switch = |ns: &Netns, dev: &str, port: &str| -> Result<()> {
-            crate::netns::run_cmd(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    dev,
-                    "netns",
-                    ns.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    port,
-                    "netns",
-                    switch.name(),
-                ],
-            )?;
-            switch.ip(&["link", "set", port, "master", "br0", "up"])?;
-            tune_endpoint(&switch, port)?;
-            ns.ip(&["link", "set", dev, "up"])?;
-            Ok(())
+            veth(ns, dev, &switch, port)?;
+            switch.ip(&["link", "set", port, "master", "br0"])?;
+            tune_endpoint(&switch, port)
         };
 
         let mut peer_programs = Vec::new();
         let (lb_address, server_net, server_gw, snat_base, lb_interfaces, client_gw);
         match spec.arms {
             Arms::Two => {
-                crate::netns::run_cmd(
-                    "ip",
-                    &[
-                        "link",
-                        "add",
-                        "eth0",
-                        "netns",
-                        client.name(),
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "front",
-                        "netns",
-                        lb.name(),
-                    ],
-                )?;
-                lb.ip(&["link", "set", "front", "up"])?;
+                veth(&client, "eth0", &lb, "front")?;
                 lb.ip(&["addr", "add", "10.1.0.1/16", "dev", "front"])?;
-                client.ip(&["link", "set", "eth0", "up"])?;
                 client.ip(&["addr", "add", "10.1.0.2/16", "dev", "eth0"])?;
                 peer_programs.push(attach_peer_program(&client, "eth0")?);
                 plug_into_switch(&lb, "back", "p-lb")?;

@@ -9,11 +9,10 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use harness::{
     client::{self, Reply},
-    daemon::Daemon,
+    daemon::{ensure_no_drops, Daemon},
     server::{Server, UdpServer},
     topology::{Spec, Topology, VIP, VIP6},
 };
-use lb::api::StatusReport;
 
 const WEB_PORT: u16 = 443;
 const WEB_BACKEND_PORT: u16 = 4443;
@@ -60,14 +59,10 @@ fn v6_servers(t: &Topology) -> Result<Vec<IpAddr>> {
         .collect()
 }
 
-fn no_drops(status: &StatusReport) -> Result<()> {
-    let drops: Vec<_> = status
-        .counters
-        .iter()
-        .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
-        .collect();
-    ensure!(drops.is_empty(), "unexpected drops: {drops:?}");
-    Ok(())
+/// The STUN/TURN service in both families, to `v4` and `v6` servers.
+fn turn_services(v4: &[IpAddr], v6: &[IpAddr]) -> String {
+    service("turn", "udp", VIP.into(), TURN_PORT, TURN_PORT, v4)
+        + &service("turn6", "udp", VIP6.into(), TURN_PORT, TURN_PORT, v6)
 }
 
 /// Every client reached one server only, and every server got clients.
@@ -179,7 +174,7 @@ fn ipv6_source_affinity_port_translation_and_snat() -> Result<()> {
         web6.stats.new_flows,
         web6.stats.affinity_misses
     );
-    no_drops(&status)
+    ensure_no_drops(&status, &[])
 }
 
 /// UDP in both families: every datagram is answered through lb, a client's sockets (one
@@ -198,21 +193,7 @@ fn udp_affinity_and_snat_in_both_families() -> Result<()> {
             TURN_PORT,
         )?);
     }
-    let services = service(
-        "turn",
-        "udp",
-        VIP.into(),
-        TURN_PORT,
-        TURN_PORT,
-        &v4_servers(&t),
-    ) + &service(
-        "turn6",
-        "udp",
-        VIP6.into(),
-        TURN_PORT,
-        TURN_PORT,
-        &v6_servers(&t)?,
-    );
+    let services = turn_services(&v4_servers(&t), &v6_servers(&t)?);
     let daemon = Daemon::start(&t, &services)?;
 
     let families: [(&str, Vec<IpAddr>, IpAddr, Vec<IpAddr>); 2] = [
@@ -267,7 +248,7 @@ fn udp_affinity_and_snat_in_both_families() -> Result<()> {
         answered >= 2 * flows,
         "servers answered {answered} datagrams for {flows} flows"
     );
-    no_drops(&status)
+    ensure_no_drops(&status, &[])
 }
 
 /// A server without the UDP port answers "port unreachable"; lb translates the ICMP error,
@@ -277,19 +258,8 @@ fn port_unreachable_from_a_server_reaches_the_client() -> Result<()> {
     let t = dual_stack(1)?;
     // One server, and nothing listening on its UDP port.
     let only = &t.backends[..1];
-    let services = service(
-        "turn",
-        "udp",
-        VIP.into(),
-        TURN_PORT,
-        TURN_PORT,
+    let services = turn_services(
         &[only[0].address.into()],
-    ) + &service(
-        "turn6",
-        "udp",
-        VIP6.into(),
-        TURN_PORT,
-        TURN_PORT,
         &[only[0].address6.context("no IPv6")?.into()],
     );
     let daemon = Daemon::start(&t, &services)?;
@@ -318,5 +288,5 @@ fn port_unreachable_from_a_server_reaches_the_client() -> Result<()> {
         "icmp_errors_translated: {}",
         status.counters["icmp_errors_translated"]
     );
-    no_drops(&status)
+    ensure_no_drops(&status, &[])
 }

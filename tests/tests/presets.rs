@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use harness::{
     client,
-    daemon::{lb_binary, Daemon},
+    daemon::{ensure_no_drops, lb_binary, Daemon},
     netns::run_cmd,
     server::Server,
     topology::{Spec, Topology, VIP},
@@ -121,14 +121,7 @@ fn check_preset(preset: &str) -> Result<()> {
             );
         }
     }
-    let drops: Vec<_> = daemon
-        .status()?
-        .counters
-        .into_iter()
-        .filter(|(k, v)| k.starts_with("drop_") && *v > 0)
-        .collect();
-    ensure!(drops.is_empty(), "{preset}: drops {drops:?}");
-    Ok(())
+    ensure_no_drops(&daemon.status()?, &[]).with_context(|| preset.to_string())
 }
 
 /// Waits until `expected` (service, server) pairs report "up" from their health checks.

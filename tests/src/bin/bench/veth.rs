@@ -5,7 +5,6 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -373,7 +372,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         snat_addresses: 8,
         ..Spec::default()
     })?;
-    let dir = PathBuf::from(std::env::temp_dir()).join(format!("{}-bench", topology.prefix));
+    let dir = std::env::temp_dir().join(format!("{}-bench", topology.prefix));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(plan, &topology, &dir);
     let _ = std::fs::remove_dir_all(&dir);
