@@ -1029,6 +1029,36 @@ mod tests {
     }
 
     #[test]
+    fn a_vip_is_announced_while_a_server_takes_new_clients_and_the_node_is_not_drained() {
+        let text = format!(
+            "{}\n[[service]]\nname = \"idle\"\nvip = \"10.100.0.9\"\nport = 443\nbackends = [{{ address = \"10.2.0.11\", weight = 0 }}]\n",
+            crate::config::tests::MINIMAL
+        );
+        let mut pool = Pool::new(Config::parse(&text).unwrap(), Overlay::default(), None);
+        let web: IpAddr = "10.100.0.1".parse().unwrap();
+        assert_eq!(
+            pool.announceable_vips(),
+            [web].into(),
+            "weight 0 everywhere: not announced"
+        );
+        pool.down
+            .insert(("web-ext".into(), "10.2.0.11".parse().unwrap()));
+        assert_eq!(
+            pool.announceable_vips(),
+            [web].into(),
+            "one server still up"
+        );
+        pool.down
+            .insert(("web-ext".into(), "10.2.0.12".parse().unwrap()));
+        assert!(pool.announceable_vips().is_empty(), "every server down");
+        pool.down.clear();
+        pool.set_node_drained(true).unwrap();
+        assert!(pool.announceable_vips().is_empty(), "node drained");
+        pool.set_node_drained(false).unwrap();
+        assert_eq!(pool.announceable_vips(), [web].into());
+    }
+
+    #[test]
     fn lowest_free_reuses_gaps() {
         assert_eq!(lowest_free([0, 1, 3].into_iter(), 10), Some(2));
         assert_eq!(lowest_free([0, 1].into_iter(), 2), None);
