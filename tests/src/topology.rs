@@ -78,15 +78,17 @@ pub struct BackendHost {
     pub name: String,
 }
 
-/// An `xdp_pass` program attached to a veth peer of one of lb's interfaces. veth delivers
-/// frames that lb sends with XDP_TX only to a peer that has an XDP program of its own
-/// (GRO alone is enough for redirected frames); a real NIC needs nothing like it.
-pub(crate) struct PeerProgram {
+/// An `xdp_pass` program attached to an interface, detached on drop. On a veth peer of one
+/// of lb's interfaces: veth delivers frames that lb sends with XDP_TX only to a peer that
+/// has an XDP program of its own (GRO alone is enough for redirected frames); a real NIC
+/// needs nothing like it. The benchmarks also attach it to lb's own interfaces, to measure
+/// what any XDP program costs on veth.
+pub struct PeerProgram {
     ns_name: String,
     ebpf: Option<Ebpf>,
 }
 
-pub(crate) fn attach_peer_program(ns: &Netns, dev: &str) -> Result<PeerProgram> {
+pub fn attach_peer_program(ns: &Netns, dev: &str) -> Result<PeerProgram> {
     let ebpf = ns.run(|| -> Result<Ebpf> {
         let mut ebpf = Ebpf::load(lb::dataplane::BASELINE_OBJECT)?;
         let program: &mut Xdp = ebpf

@@ -165,11 +165,12 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let fig = |b: Balancer| v.figures.iter().find(|f| f.balancer == b);
-    if let (Some(lb), Some(nft), Some(ha), Some(route)) = (
+    if let (Some(lb), Some(nft), Some(ha), Some(route), Some(route_xdp)) = (
         fig(Balancer::Lb),
         fig(Balancer::Nftables),
         fig(Balancer::Haproxy),
         fig(Balancer::Routing),
+        fig(Balancer::RoutingXdpPass),
     ) {
         let _ = writeln!(
             out,
@@ -180,6 +181,7 @@ pub fn markdown(r: &Results) -> String {
             ("lb / nftables", nft),
             ("lb / HAProxy", ha),
             ("lb / plain routing", route),
+            ("lb / routing with xdp_pass", route_xdp),
         ] {
             let _ = writeln!(
                 out,

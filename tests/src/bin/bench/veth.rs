@@ -1,6 +1,7 @@
 //! Section 2: end to end through veth. The same namespaces, clients and nginx servers, with
-//! four ways of reaching the servers set up one after the other and repeated in alternation:
-//! plain routing to the servers (no balancing, the ceiling), lb, nftables DNAT with
+//! five ways of reaching the servers set up one after the other and repeated in alternation:
+//! plain routing to the servers (no balancing, the ceiling), the same with `xdp_pass` on the
+//! balancer's interfaces (the cost of any XDP program on veth), lb, nftables DNAT with
 //! `jhash ip saddr` plus SNAT, and HAProxy `balance source`.
 use std::{
     fmt::Write as _,
@@ -14,7 +15,7 @@ use harness::{
     daemon::Daemon,
     fixture::ServiceSpec,
     netns::Netns,
-    topology::{Spec, Topology, VIP},
+    topology::{attach_peer_program, PeerProgram, Spec, Topology, VIP},
 };
 use serde::Serialize;
 
@@ -30,14 +31,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
 pub enum Balancer {
     Routing,
+    /// Plain routing with `xdp_pass` on the balancer's interfaces: what putting any XDP
+    /// program on these veths costs, before it does any work.
+    RoutingXdpPass,
     Lb,
     Nftables,
     Haproxy,
 }
 
 impl Balancer {
-    pub const ALL: [Balancer; 4] = [
+    pub const ALL: [Balancer; 5] = [
         Balancer::Routing,
+        Balancer::RoutingXdpPass,
         Balancer::Lb,
         Balancer::Nftables,
         Balancer::Haproxy,
@@ -46,6 +51,7 @@ impl Balancer {
     pub fn label(self) -> &'static str {
         match self {
             Balancer::Routing => "kernel routing, no balancing",
+            Balancer::RoutingXdpPass => "kernel routing, xdp_pass on the balancer's interfaces",
             Balancer::Lb => "lb (XDP, driver mode)",
             Balancer::Nftables => "nftables DNAT jhash ip saddr + SNAT",
             Balancer::Haproxy => "HAProxy 2.6 tcp, balance source",
@@ -155,6 +161,10 @@ fn start_nginx(topology: &Topology, dir: &std::path::Path) -> Result<Vec<Process
 /// Whatever keeps one balancer in place; dropping it removes that balancer.
 enum Active {
     Routing,
+    /// Dropping the programs detaches them.
+    XdpPass {
+        _programs: Vec<PeerProgram>,
+    },
     /// The daemon; dropping it stops it and removes its pinned data plane.
     Lb {
         _daemon: Box<Daemon>,
@@ -212,6 +222,13 @@ fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> R
     let lb_ns = &topology.lb;
     Ok(match balancer {
         Balancer::Routing => Active::Routing,
+        Balancer::RoutingXdpPass => Active::XdpPass {
+            _programs: topology
+                .lb_interfaces
+                .iter()
+                .map(|i| attach_peer_program(lb_ns, i))
+                .collect::<Result<_>>()?,
+        },
         Balancer::Lb => {
             let extra = "max_flows = 4194304\nmax_affinities = 1048576\n";
             Active::Lb {
@@ -241,7 +258,7 @@ fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> R
 
 fn deactivate(active: Active, topology: &Topology) -> Result<()> {
     match active {
-        Active::Routing | Active::Lb { .. } => {}
+        Active::Routing | Active::XdpPass { .. } | Active::Lb { .. } => {}
         Active::Nftables => {
             topology
                 .lb
@@ -280,7 +297,7 @@ fn jiffy_us() -> f64 {
 /// Where clients connect for `balancer`: the VIP, or with plain routing one server each.
 fn target(balancer: Balancer, topology: &Topology, worker: usize) -> SocketAddrV4 {
     match balancer {
-        Balancer::Routing => SocketAddrV4::new(
+        Balancer::Routing | Balancer::RoutingXdpPass => SocketAddrV4::new(
             topology.backends[worker % topology.backends.len()].address,
             SERVER_PORT,
         ),
@@ -298,7 +315,7 @@ struct Run {
 fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> {
     // With plain routing each server gets its own group of workers and client addresses;
     // a balancer gets them all.
-    let groups = if balancer == Balancer::Routing {
+    let groups = if matches!(balancer, Balancer::Routing | Balancer::RoutingXdpPass) {
         topology.backends.len()
     } else {
         1
