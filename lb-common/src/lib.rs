@@ -120,14 +120,20 @@ pub struct Service {
     pub _pad: u32,
 }
 
-/// Value of `LB_VIPS`: any address that has at least one service. Lets the data plane tell
-/// "malformed packet for us" (counted drop) from "someone else's traffic" (pass).
+/// Value of `LB_VIPS`: every address lb answers for, a VIP (with at least one service) or a
+/// SNAT address (`ADDR_F_SNAT`). Lets the data plane pass someone else's traffic after one
+/// lookup, and tell "malformed packet for a VIP" (counted drop) from "not ours" (pass).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
+    /// Services on this address; 0 for a SNAT address only.
     pub services: u32,
-    pub _pad: u32,
+    /// `ADDR_F_*`.
+    pub flags: u32,
 }
+
+/// `VipInfo::flags`: the address is a SNAT address (return traffic of balanced flows).
+pub const ADDR_F_SNAT: u32 = 1;
 
 /// `LB_VIPS` key: an address with its family.
 #[repr(C)]

@@ -23,7 +23,7 @@ use crate::{
         NEW_FLOW_PROGRAM, NEW_FLOW_SLOT, SERVICES, SETTINGS, SNAT_ADDRS,
     },
     nat::rewrite,
-    parse::{parse, Packet, Part},
+    parse::{is_ours, parse, Packet, Part},
     stats::{self, Traffic},
     verdict::Verdict,
 };
@@ -67,6 +67,11 @@ pub fn process(ctx: &XdpContext) -> Verdict {
             // find the old entry once it is confirmed. The old return entry expires alone.
             let _ = FLOWS.remove(pkt.key);
         }
+    }
+    // Someone else's traffic leaves here, after one more lookup: it cannot be in the
+    // half-open table or open a flow.
+    if !is_ours(pkt.key) {
+        return Verdict::pass(Counter::PassNotService);
     }
     if let Some(entry) = HALF_OPEN.get_ptr_mut(pkt.key) {
         // SAFETY: as above.

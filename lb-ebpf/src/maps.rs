@@ -17,7 +17,8 @@ pub static SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
 
 #[map(name = "LB_VIPS")]
-pub static VIPS: HashMap<AddrKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static VIPS: HashMap<AddrKey, VipInfo> =
+    HashMap::with_max_entries(MAX_SERVICES + MAX_SNAT_ADDRS, 0);
 
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

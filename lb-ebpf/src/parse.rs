@@ -3,7 +3,7 @@
 //! verifier (and to the reader) that the bytes exist before they are touched.
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    v4_words, v6_words, AddrKey, Counter, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
+    v4_words, v6_words, AddrKey, Counter, FlowKey, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
     PROTO_TCP, PROTO_UDP,
 };
 use network_types::{
@@ -387,13 +387,26 @@ fn unsupported_extension(key: &FlowKey) -> Verdict {
     }
 }
 
-/// Is the packet's destination a VIP? Only asked on the slow paths that need it.
+/// What lb knows of the packet's destination address (`LB_VIPS`), if anything.
 #[inline(always)]
-pub fn is_vip(key: &FlowKey) -> bool {
-    let vip = AddrKey {
+fn destination(key: &FlowKey) -> Option<*const VipInfo> {
+    let address = AddrKey {
         addr_be: key.dst_be,
         family: key.family,
         _pad: [0; 3],
     };
-    VIPS.get_ptr(&vip).is_some()
+    VIPS.get_ptr(&address)
+}
+
+/// Is the packet's destination a VIP? Only asked on the slow paths that need it.
+#[inline(always)]
+pub fn is_vip(key: &FlowKey) -> bool {
+    // SAFETY: map value pointer from a successful lookup.
+    destination(key).is_some_and(|info| unsafe { (*info).services } > 0)
+}
+
+/// Is the packet addressed to a VIP or a SNAT address? Nothing else can be lb's.
+#[inline(always)]
+pub fn is_ours(key: &FlowKey) -> bool {
+    destination(key).is_some()
 }

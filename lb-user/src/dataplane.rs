@@ -481,14 +481,26 @@ impl Dataplane {
         self.services.remove(key).context("remove service")
     }
 
-    pub fn set_vip(&mut self, addr: IpAddr, services: u32) -> Result<()> {
+    /// Records an address lb answers for (a VIP, a SNAT address, or both).
+    pub fn set_address(&mut self, addr: IpAddr, info: VipInfo) -> Result<()> {
         self.vips
-            .insert(vip_key(addr), VipInfo { services, _pad: 0 }, 0)
-            .context("write VIP")
+            .insert(vip_key(addr), info, 0)
+            .context("write LB_VIPS")
     }
 
-    pub fn remove_vip(&mut self, addr: IpAddr) -> Result<()> {
-        self.vips.remove(&vip_key(addr)).context("remove VIP")
+    pub fn remove_address(&mut self, addr: IpAddr) -> Result<()> {
+        self.vips
+            .remove(&vip_key(addr))
+            .context("remove from LB_VIPS")
+    }
+
+    /// The addresses in `LB_VIPS` (adopted from a previous daemon, or written by this one).
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.vips
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| addr_from_words(k.addr_be, k.family))
+            .collect()
     }
 
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {

@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use lb_common::{
-    Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, AFFINITY_NONE,
-    AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
+    Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, VipInfo, ADDR_F_SNAT,
+    AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
     BACKEND_F_DRAINING, BACKEND_PORT_KEEP, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
     SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
 };
@@ -66,8 +66,8 @@ pub struct Pool {
     live_half: BTreeMap<u32, u32>,
     /// Service keys currently in the data plane, by name, for removal on reload.
     installed: BTreeMap<String, Vec<ServiceKey>>,
-    /// VIPs currently in the data plane.
-    vips: BTreeSet<IpAddr>,
+    /// Addresses currently in `LB_VIPS` (VIPs and SNAT addresses).
+    addresses: BTreeSet<IpAddr>,
     /// Data-plane debug logging (`lb debug on|off`). Deliberately not persisted: a restart
     /// returns to the quiet default.
     debug_log: bool,
@@ -152,7 +152,7 @@ impl Pool {
             backend_ids: BTreeMap::new(),
             live_half: BTreeMap::new(),
             installed: BTreeMap::new(),
-            vips: BTreeSet::new(),
+            addresses: BTreeSet::new(),
             debug_log: false,
             alarms_seen: BTreeMap::new(),
         }
@@ -233,6 +233,8 @@ impl Pool {
     /// Takes over the ids and table halves of a data plane a previous daemon left running,
     /// so its flows and affinities keep their meaning.
     pub fn adopt(&mut self, dp: &Dataplane) -> Result<()> {
+        // So that addresses the config no longer has are removed by the first sync.
+        self.addresses = dp.addresses().into_iter().collect();
         let installed = dp.installed_services();
         let mut names_by_id = BTreeMap::new();
         for s in &self.config.services {
@@ -246,7 +248,6 @@ impl Pool {
                     .map(|(k, _)| *k)
                     .collect();
                 self.installed.insert(s.name.clone(), adopted);
-                self.vips.insert(s.vip);
                 names_by_id.insert(svc.id, s.name.clone());
             }
         }
@@ -378,7 +379,7 @@ impl Pool {
         }
         let live_ids: BTreeSet<u32> = self.service_ids.values().copied().collect();
         self.live_half.retain(|id, _| live_ids.contains(id));
-        self.sync_vips(dp)
+        self.sync_addresses(dp)
     }
 
     fn install_service(&mut self, dp: &mut Dataplane, s: &ServiceConfig) -> Result<()> {
@@ -438,20 +439,25 @@ impl Pool {
         Ok(())
     }
 
-    fn sync_vips(&mut self, dp: &mut Dataplane) -> Result<()> {
-        let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    /// Makes `LB_VIPS` hold exactly the VIPs (with their service counts) and the SNAT
+    /// addresses: the data plane passes traffic to any other address after one lookup.
+    fn sync_addresses(&mut self, dp: &mut Dataplane) -> Result<()> {
+        let mut wanted: BTreeMap<IpAddr, VipInfo> = BTreeMap::new();
         for s in &self.config.services {
-            *counts.entry(s.vip).or_default() += 1;
+            wanted.entry(s.vip).or_default().services += 1;
         }
-        for old in &self.vips {
-            if !counts.contains_key(old) {
-                dp.remove_vip(*old)?;
+        for snat in &self.config.daemon.snat_addresses {
+            wanted.entry(*snat).or_default().flags |= ADDR_F_SNAT;
+        }
+        for old in &self.addresses {
+            if !wanted.contains_key(old) {
+                dp.remove_address(*old)?;
             }
         }
-        for (vip, n) in &counts {
-            dp.set_vip(*vip, *n)?;
+        for (address, info) in &wanted {
+            dp.set_address(*address, *info)?;
         }
-        self.vips = counts.into_keys().collect();
+        self.addresses = wanted.into_keys().collect();
         Ok(())
     }
 
