@@ -307,8 +307,53 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A report with one service ("web", 10.100.0.1:443 -> 4443, 7 new flows), one server
+    /// (10.2.0.11:4443, up, 3 flows, 2 affinities, last check 1.5 ms) and one hot client
+    /// (192.0.2.7, 75 %), for the renderers' tests to adjust.
+    pub(crate) fn sample_report() -> StatusReport {
+        let stats = Traffic {
+            new_flows: 7,
+            ..Traffic::default()
+        };
+        StatusReport {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                vip: "10.100.0.1".parse().unwrap(),
+                port: "443".into(),
+                backend_port: Some(4443),
+                protocol: "tcp".into(),
+                affinity: "source".into(),
+                affinity_timeout: 1800,
+                idle_timeout: 3600,
+                top_sources: vec![SourceShare {
+                    client: "192.0.2.7".parse().unwrap(),
+                    new_flows: 150,
+                    share: 0.75,
+                    hot: true,
+                }],
+                stats,
+                backends: vec![BackendStatus {
+                    address: "10.2.0.11".parse().unwrap(),
+                    port: 4443,
+                    weight: 1,
+                    state: "up".into(),
+                    health: Some("ok".into()),
+                    health_latency_ms: Some(1.5),
+                    active_flows: 3,
+                    affinities: 2,
+                    stats,
+                }],
+            }],
+            counters: [("packets".to_string(), 99)].into(),
+            tables: TableReport::default(),
+            debug_log: false,
+            node_drained: false,
+            announced: None,
+        }
+    }
 
     #[test]
     fn requests_have_a_stable_wire_form() {

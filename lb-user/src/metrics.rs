@@ -203,52 +203,13 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{BackendStatus, ServiceStatus, Traffic};
+    use crate::api::tests::sample_report;
 
     #[test]
     fn report_renders_as_prometheus_text() {
-        let backend = BackendStatus {
-            address: "10.2.0.11".parse().unwrap(),
-            port: 4443,
-            weight: 1,
-            state: "down".into(),
-            health: None,
-            health_latency_ms: Some(1.5),
-            active_flows: 3,
-            affinities: 2,
-            stats: Traffic {
-                new_flows: 7,
-                ..Traffic::default()
-            },
-        };
-        let report = StatusReport {
-            services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "10.100.0.1".parse().unwrap(),
-                port: "443".into(),
-                backend_port: Some(4443),
-                protocol: "tcp".into(),
-                affinity: "source".into(),
-                affinity_timeout: 1800,
-                idle_timeout: 3600,
-                top_sources: vec![crate::api::SourceShare {
-                    client: "192.0.2.7".parse().unwrap(),
-                    new_flows: 150,
-                    share: 0.75,
-                    hot: true,
-                }],
-                stats: Traffic {
-                    new_flows: 7,
-                    ..Traffic::default()
-                },
-                backends: vec![backend],
-            }],
-            counters: [("drop_no_route".to_string(), 4)].into(),
-            tables: Default::default(),
-            debug_log: false,
-            node_drained: false,
-            announced: None,
-        };
+        let mut report = sample_report();
+        report.services[0].backends[0].state = "down".into();
+        report.counters.insert("drop_no_route".to_string(), 4);
         let text = render(&report).unwrap();
         assert!(
             text.contains(r#"lb_new_flows_total{service="web",server="10.2.0.11:4443"} 7"#),

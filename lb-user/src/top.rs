@@ -277,49 +277,21 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::api::{BackendStatus, ServiceStatus, SourceShare, TableReport};
+    use crate::api::tests::sample_report;
 
+    /// The sample report with these service and server totals, its server draining.
     fn report(new_flows: u64, bytes_in: u64) -> StatusReport {
         let stats = Traffic {
             new_flows,
             bytes_in,
             ..Traffic::default()
         };
-        StatusReport {
-            services: vec![ServiceStatus {
-                name: "web-ext".into(),
-                vip: "10.100.0.1".parse().unwrap(),
-                port: "443".into(),
-                backend_port: Some(4443),
-                protocol: "tcp".into(),
-                affinity: "source".into(),
-                affinity_timeout: 1800,
-                idle_timeout: 1900,
-                top_sources: vec![SourceShare {
-                    client: "10.1.1.7".parse().unwrap(),
-                    new_flows: 300,
-                    share: 0.6,
-                    hot: true,
-                }],
-                stats,
-                backends: vec![BackendStatus {
-                    address: "10.2.0.11".parse().unwrap(),
-                    port: 4443,
-                    weight: 1,
-                    state: "draining (20 s left)".into(),
-                    health: Some("ok".into()),
-                    health_latency_ms: Some(0.4),
-                    active_flows: 12,
-                    affinities: 5,
-                    stats,
-                }],
-            }],
-            counters: BTreeMap::from([("packets".to_string(), 99)]),
-            tables: TableReport::default(),
-            debug_log: false,
-            node_drained: false,
-            announced: None,
-        }
+        let mut report = sample_report();
+        let service = &mut report.services[0];
+        service.stats = stats;
+        service.backends[0].stats = stats;
+        service.backends[0].state = "draining (20 s left)".into();
+        report
     }
 
     fn screen(view: &View) -> String {
@@ -339,14 +311,14 @@ mod tests {
         let mut view = View::default();
         view.update(Ok(report(100, 1_000)), start);
         view.update(Ok(report(150, 3_000)), start + Duration::from_secs(2));
-        let rate = view.rates["web-ext"];
+        let rate = view.rates["web"];
         assert_eq!((rate.new_flows, rate.bytes_in), (25.0, 1_000.0));
         let text = screen(&view);
         for expected in [
-            "web-ext 10.100.0.1:443 tcp",
+            "web 10.100.0.1:443 tcp",
             "10.2.0.11:4443",
             "draining (20 s left)",
-            "10.1.1.7 60% HOT",
+            "192.0.2.7 75% HOT",
             "1000",
         ] {
             assert!(text.contains(expected), "{expected:?} not in\n{text}");
