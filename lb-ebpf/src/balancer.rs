@@ -205,6 +205,14 @@ fn established(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) 
             refresh_affinity(pkt, entry, now);
         }
     }
+    fragments::track_first(pkt, entry, now);
+    translate_and_forward(ctx, pkt, entry)
+}
+
+/// Counts the packet for its flow's service and server, rewrites it as `entry` says and
+/// sends it on: the end of every path that carries a packet of a known flow.
+#[inline(always)]
+pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> Verdict {
     let bytes = u64::from(pkt.ip_len);
     let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
         Traffic::Reverse { bytes }
@@ -212,7 +220,6 @@ fn established(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) 
         Traffic::Forward { bytes }
     };
     stats::record(entry.service_id, entry.backend_id, traffic);
-    fragments::track_first(pkt, entry, now);
     if !rewrite(ctx, pkt, entry) {
         return Verdict::drop(Counter::DropInternal);
     }

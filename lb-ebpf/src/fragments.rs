@@ -4,15 +4,13 @@
 //! addresses. A later fragment whose first fragment was not seen is dropped (for a VIP,
 //! counted) rather than forwarded half-translated.
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
-use lb_common::{Counter, FlowEntry, FragmentKey, FLOW_F_REVERSE};
+use lb_common::{Counter, FlowEntry, FragmentKey};
 
 use crate::{
-    balancer::is_fresh,
-    forward::forward,
+    balancer::{is_fresh, translate_and_forward},
     maps::{entry_slot, EntrySlot, FRAGMENTS, SETTINGS},
-    nat::rewrite,
     parse::{is_vip, Packet, Part},
-    stats::{self, Traffic},
+    stats,
     verdict::Verdict,
 };
 
@@ -64,17 +62,7 @@ pub fn forward_later(ctx: &XdpContext, pkt: &Packet, id: u32, now: u64) -> Verdi
     if !is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
         return unknown(pkt);
     }
-    let bytes = u64::from(pkt.ip_len);
-    let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
-        Traffic::Reverse { bytes }
-    } else {
-        Traffic::Forward { bytes }
-    };
-    stats::record(entry.service_id, entry.backend_id, traffic);
-    if !rewrite(ctx, pkt, entry) {
-        return Verdict::drop(Counter::DropInternal);
-    }
-    forward(ctx, pkt)
+    translate_and_forward(ctx, pkt, entry)
 }
 
 #[inline(always)]
