@@ -79,17 +79,30 @@ impl Fixture {
 
     /// Like `start`, with extra `[daemon]` keys (TOML lines).
     pub fn start_with(spec: &Spec, service: ServiceSpec, daemon_extra: &str) -> Result<Self> {
+        Self::launch(spec, service, daemon_extra, 0)
+    }
+
+    /// Like `start`, but the last server, running on its host, is not in the pool yet: for
+    /// tests that add it later.
+    pub fn start_holding_back_last(spec: &Spec, service: ServiceSpec) -> Result<Self> {
+        Self::launch(spec, service, "", 1)
+    }
+
+    fn launch(
+        spec: &Spec,
+        service: ServiceSpec,
+        daemon_extra: &str,
+        held_back: usize,
+    ) -> Result<Self> {
         let topology = Topology::build(spec)?;
         let servers = topology
             .backends
             .iter()
             .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
             .collect::<Result<Vec<_>>>()?;
-        let daemon = Daemon::start_with(
-            &topology,
-            daemon_extra,
-            &service.toml(&Self::addresses(&topology)),
-        )?;
+        let addresses = Self::addresses(&topology);
+        let pool = &addresses[..addresses.len().saturating_sub(held_back)];
+        let daemon = Daemon::start_with(&topology, daemon_extra, &service.toml(pool))?;
         Ok(Self {
             daemon,
             servers,

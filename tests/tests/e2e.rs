@@ -274,7 +274,7 @@ fn affinity_expires_after_timeout() -> Result<()> {
         affinity_timeout: TIMEOUT_S,
         ..ServiceSpec::default()
     };
-    let f = Fixture::start(
+    let f = Fixture::start_holding_back_last(
         &Spec {
             backends: 4,
             clients: 40,
@@ -282,8 +282,6 @@ fn affinity_expires_after_timeout() -> Result<()> {
         },
         service.clone(),
     )?;
-    let first_three = &Fixture::addresses(&f.topology)[..3];
-    f.daemon.reload(&service.toml(first_three))?;
     let before = f.servers_of(&f.topology.client_addresses)?;
     ensure!(
         before.values().all(|s| s != "fe4"),

@@ -191,10 +191,8 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
         clients: 90,
         ..Spec::default()
     };
-    let service = ServiceSpec::default();
-    let f = Fixture::start(&spec, service.clone())?;
+    let f = Fixture::start_holding_back_last(&spec, ServiceSpec::default())?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon.reload(&service.toml(&all[..3]))?;
     let before = f.servers_of(&f.topology.client_addresses[..60])?;
     let mut conns = open_long_lived(&f, 10)?;
 
@@ -461,10 +459,8 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
         clients: 2,
         ..Spec::default()
     };
-    let service = ServiceSpec::default();
-    let mut f = Fixture::start(&spec, service.clone())?;
+    let mut f = Fixture::start_holding_back_last(&spec, ServiceSpec::default())?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon.reload(&service.toml(&all[..3]))?;
     f.daemon.cli_ok(&[
         "backend",
         "add",
