@@ -31,12 +31,9 @@ pub fn warnings(config: &Config) -> Vec<String> {
             None => found.push(format!(
                 "{at}: no health checks: a server whose Front End service stopped keeps getting new clients. Add health = {{ kind = \"tcp\", port = {LYNC_MONITOR_PORT} }}."
             )),
-            Some(h) => {
-                let monitored = h
-                    .port
-                    .or(s.backend_port())
-                    .or(s.ports().first().copied())
-                    .unwrap_or_default();
+            Some(_) => {
+                let monitored =
+                    s.health_port(s.backend_port().unwrap_or(lb_common::BACKEND_PORT_KEEP));
                 if monitored != LYNC_MONITOR_PORT {
                     found.push(format!(
                         "{at}: health checks probe port {monitored}: IIS keeps answering there when the Front End service (SIP) has stopped. Monitor port {LYNC_MONITOR_PORT} instead (health.port = {LYNC_MONITOR_PORT})."

@@ -353,6 +353,19 @@ impl ServiceConfig {
         self.port.expand().unwrap_or_default()
     }
 
+    /// Where health checks probe a server that listens on `server_port`
+    /// (`BACKEND_PORT_KEEP` for a multi-port service): the monitor port if set, else the
+    /// server's port, else (multi-port) the service's first port.
+    pub fn health_port(&self, server_port: u16) -> u16 {
+        let fixed = (server_port != lb_common::BACKEND_PORT_KEEP).then_some(server_port);
+        self.health
+            .as_ref()
+            .and_then(|h| h.port)
+            .or(fixed)
+            .or(self.ports().first().copied())
+            .unwrap_or_default()
+    }
+
     /// The servers' port, or `None` for a multi-port service, whose connections keep the
     /// port they asked for.
     pub fn backend_port(&self) -> Option<u16> {

@@ -610,12 +610,7 @@ impl Pool {
                 targets.push(health::Target {
                     service: s.name.clone(),
                     address: b.address,
-                    // A multi-port service's servers are checked on its first port.
-                    port: h.port.unwrap_or(if b.port == BACKEND_PORT_KEEP {
-                        s.ports().first().copied().unwrap_or_default()
-                    } else {
-                        b.port
-                    }),
+                    port: s.health_port(b.port),
                     config: h.clone(),
                 });
             }
