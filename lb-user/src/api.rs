@@ -241,14 +241,19 @@ pub struct BackendStatus {
     pub stats: Traffic,
 }
 
+/// A server as shown: "address:port", or the address alone for a multi-port service's
+/// server (`BACKEND_PORT_KEEP`).
+pub fn endpoint(address: IpAddr, port: u16) -> String {
+    if port == lb_common::BACKEND_PORT_KEEP {
+        address.to_string()
+    } else {
+        std::net::SocketAddr::new(address, port).to_string()
+    }
+}
+
 impl BackendStatus {
-    /// "address:port", or the address alone for a multi-port service's server.
     pub fn endpoint(&self) -> String {
-        if self.port == lb_common::BACKEND_PORT_KEEP {
-            self.address.to_string()
-        } else {
-            std::net::SocketAddr::new(self.address, self.port).to_string()
-        }
+        endpoint(self.address, self.port)
     }
 }
 

@@ -7,7 +7,7 @@
 //! live by one update of the service entry, so no packet sees a half-written table.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -16,15 +16,15 @@ use anyhow::{anyhow, bail, Result};
 use lb_common::{
     Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, VipInfo, ADDR_F_SNAT,
     AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
-    BACKEND_F_DRAINING, BACKEND_PORT_KEEP, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    BACKEND_F_DRAINING, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
     SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
 };
 use tracing::{info, warn};
 
 use crate::{
     api::{
-        AffinityRecord, BackendStatus, MaglevTable, ServiceStatus, SourceShare, StatusReport,
-        TableFill, TableReport, EMPTY_SLOT,
+        endpoint, AffinityRecord, BackendStatus, MaglevTable, ServiceStatus, SourceShare,
+        StatusReport, TableFill, TableReport, EMPTY_SLOT,
     },
     config::{family, Affinity, BackendConfig, Config, OnDown, ServiceConfig, MAX_WEIGHT},
     dataplane::{addr_from_words, addr_words, monotonic_ns, Dataplane},
@@ -800,18 +800,11 @@ impl Pool {
         let service_id = self.installed_id(service)?;
         let half = self.live_half.get(&service_id).copied().unwrap_or(0);
         let ids = dp.read_maglev(service_id, half)?;
-        let endpoint = |b: &BackendIdentity| {
-            if b.port == BACKEND_PORT_KEEP {
-                b.address.to_string()
-            } else {
-                SocketAddr::new(b.address, b.port).to_string()
-            }
-        };
         let by_id: BTreeMap<u32, String> = self
             .backend_ids
             .iter()
             .filter(|(k, _)| k.service == svc.name)
-            .map(|(k, id)| (*id, endpoint(k)))
+            .map(|(k, id)| (*id, endpoint(k.address, k.port)))
             .collect();
         let servers: Vec<String> = by_id
             .values()
@@ -819,13 +812,18 @@ impl Pool {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let index = |id: &u32| {
-            by_id
-                .get(id)
-                .and_then(|e| servers.iter().position(|s| s == e))
-                .map_or(EMPTY_SLOT, |i| i as u16)
-        };
-        let slots = ids.iter().map(index).collect();
+        // Backend id -> index into the sorted servers, once, not per slot.
+        let index_of: BTreeMap<u32, u16> = by_id
+            .iter()
+            .filter_map(|(id, e)| {
+                let i = servers.binary_search(e).ok()?;
+                Some((*id, i as u16))
+            })
+            .collect();
+        let slots = ids
+            .iter()
+            .map(|id| index_of.get(id).copied().unwrap_or(EMPTY_SLOT))
+            .collect();
         Ok(MaglevTable { servers, slots })
     }
 
