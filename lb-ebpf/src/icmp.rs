@@ -7,7 +7,7 @@ use lb_common::{csum, Counter, FAMILY_V4, SETTINGS_F_ECHO_REPLY};
 use crate::{
     icmp_error,
     maps::SETTINGS,
-    parse::{is_vip, Packet, Part, ICMP_HEADER, L3},
+    parse::{is_vip, Packet, Part, ICMP_CHECK_OFFSET, ICMP_HEADER, L3},
     verdict::Verdict,
 };
 
@@ -15,7 +15,6 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-const ICMP_CHECK_OFFSET: usize = 2;
 /// TTL / hop limit of the replies lb originates.
 const REPLY_HOP_LIMIT: u8 = 64;
 // Out of line: its own stack frame (see "Stack" in the README).

@@ -18,7 +18,11 @@ use crate::{
     balancer::is_fresh,
     forward::forward,
     maps::{key_slot, KeySlot, FLOWS, HALF_OPEN},
-    parse::{ptr_at, Packet, ICMP_HEADER, L3, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
+    nat::{as_sent, has_no_checksum},
+    parse::{
+        ptr_at, Packet, ICMP_CHECK_OFFSET, ICMP_HEADER, IPV4_MIN_HEADER, IPV4_OFFSET_MASK,
+        IPV6_HEADER, L3, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
+    },
     stats,
     verdict::Verdict,
 };
@@ -28,16 +32,9 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
-const ICMP_CHECK_OFFSET: usize = 2;
-const IPV4_MIN_HEADER: usize = 20;
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
-const IPV6_HEADER: usize = 40;
 /// Ports: the first 4 bytes of a TCP or UDP header. Every ICMP error quotes at least 8
 /// bytes of the transport header (RFC 792, RFC 4443).
 const PORTS: usize = 4;
-/// A UDP checksum of 0 means "none"; a computed 0 is sent as all ones (RFC 768).
-const UDP_CHECK_NONE: u16 = 0;
-const UDP_CHECK_ZERO_SENT_AS: u16 = 0xffff;
 
 /// Is this ICMP (family V4) or ICMPv6 type an error that quotes the packet it is about?
 /// ICMPv6 types 1 to 4: unreachable, packet too big, time exceeded, parameter problem.
@@ -207,16 +204,13 @@ fn rewrite_quoted_transport(
     // SAFETY: bounds-checked just above.
     let check = unsafe { &mut *check };
     let old = u16::from_ne_bytes(*check);
-    if reply.proto == PROTO_UDP && old == UDP_CHECK_NONE {
+    if has_no_checksum(reply.proto, old) {
         return Some(icmp);
     }
     // The pseudo-header's addresses and the ports.
     let mut l4 = icmp;
     l4.merge(addresses(reply, entry));
-    let mut new = l4.apply(old);
-    if reply.proto == PROTO_UDP && new == UDP_CHECK_NONE {
-        new = UDP_CHECK_ZERO_SENT_AS;
-    }
+    let new = as_sent(reply.proto, l4.apply(old));
     icmp.u16(old, new);
     *check = new.to_ne_bytes();
     Some(icmp)

@@ -10,6 +10,23 @@ use crate::parse::{
 const UDP_CHECK_NONE: u16 = 0;
 const UDP_CHECK_ZERO_SENT_AS: u16 = 0xffff;
 
+/// A transport checksum that says "none" and must stay so: UDP with checksum 0.
+#[inline(always)]
+pub fn has_no_checksum(proto: u8, check: u16) -> bool {
+    proto == PROTO_UDP && check == UDP_CHECK_NONE
+}
+
+/// An updated transport checksum as it goes on the wire: for UDP, a sum of zero is sent as
+/// all ones, since zero would mean "none".
+#[inline(always)]
+pub fn as_sent(proto: u8, sum: u16) -> u16 {
+    if proto == PROTO_UDP && sum == UDP_CHECK_NONE {
+        UDP_CHECK_ZERO_SENT_AS
+    } else {
+        sum
+    }
+}
+
 /// Rewrites addresses and ports to those of `entry` and decrements the TTL / hop limit (lb
 /// is a routing hop). The caller has made sure it is above 1. False only if the transport
 /// header `parse` saw is no longer there, which nothing in between can cause.
@@ -72,8 +89,7 @@ fn rewrite_transport<const N: usize>(
     let old = &pkt.key;
     // Ports are the first two words of both headers; the checksum is within the fixed part.
     let check = u16::from_ne_bytes([header[check_offset], header[check_offset + 1]]);
-    let no_checksum = old.proto == PROTO_UDP && check == UDP_CHECK_NONE;
-    if !no_checksum {
+    if !has_no_checksum(old.proto, check) {
         let mut sum = check;
         // IPv4 addresses only use word 0; the others are 0 -> 0, which changes nothing.
         for word in 0..4 {
@@ -82,9 +98,7 @@ fn rewrite_transport<const N: usize>(
         }
         sum = csum::replace_u16(sum, old.src_port_be, entry.new_src_port_be);
         sum = csum::replace_u16(sum, old.dst_port_be, entry.new_dst_port_be);
-        if old.proto == PROTO_UDP && sum == UDP_CHECK_NONE {
-            sum = UDP_CHECK_ZERO_SENT_AS;
-        }
+        let sum = as_sent(old.proto, sum);
         header[check_offset..check_offset + 2].copy_from_slice(&sum.to_ne_bytes());
     }
     header[0..2].copy_from_slice(&entry.new_src_port_be.to_ne_bytes());

@@ -25,9 +25,9 @@ pub const VLAN_TAG_LEN: usize = 4;
 
 /// IPv4 "more fragments" flag and fragment offset mask, in host order of the `frags` field.
 const IPV4_MF: u16 = 0x2000;
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
-const IPV4_MIN_HEADER: usize = 20;
-const IPV6_HEADER: usize = 40;
+pub const IPV4_OFFSET_MASK: u16 = 0x1fff;
+pub const IPV4_MIN_HEADER: usize = 20;
+pub const IPV6_HEADER: usize = 40;
 
 // IPv6 extension headers lb skips (RFC 8200 section 4), and the fragment header's fields.
 const NEXTHDR_HOP: u8 = 0;
@@ -50,6 +50,7 @@ pub const TCP_CHECK_OFFSET: usize = 16;
 pub const UDP_HEADER: usize = 8;
 pub const UDP_CHECK_OFFSET: usize = 6;
 pub const ICMP_HEADER: usize = 8;
+pub const ICMP_CHECK_OFFSET: usize = 2;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
