@@ -305,9 +305,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     if let Err(e) = s.pool.watch_counters(&s.dataplane) {
                         error!(error = %format!("{e:#}"), "reading data-plane counters");
                     }
-                    s.pool.announceable_vips()
+                    announcer.is_some().then(|| s.pool.announceable_vips())
                 };
-                if let Some(announcer) = &mut announcer {
+                if let (Some(announcer), Some(wanted)) = (&mut announcer, wanted) {
                     let result = announcer.update(wanted).await.map_err(|e| format!("{e:#}"));
                     // Logged once per distinct failure, not every second.
                     if let Err(e) = &result {
