@@ -15,21 +15,23 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::{
     daemon::Site,
     netns::{unique_prefix, veth, Netns},
     topology::{attach_peer_program, tune_endpoint, BackendHost, PeerProgram, VIP},
+    wait::until,
 };
 
 const ROUTER_AS: u32 = 65000;
 const NODE_AS: u32 = 65001;
 /// BGP sessions come up within seconds; BIRD retries a refused connection after 5 s.
 pub const ROUTE_TIMEOUT: Duration = Duration::from_secs(60);
+const ROUTE_POLL: Duration = Duration::from_millis(50);
 
 /// A BIRD daemon in the foreground, stopped on drop.
 struct Bird {
@@ -268,20 +270,13 @@ impl Cluster {
     pub fn wait_for_next_hops(&self, nodes: &[usize]) -> Result<Duration> {
         let mut wanted: Vec<Ipv4Addr> = nodes.iter().map(|&k| self.nodes[k].uplink).collect();
         wanted.sort();
-        let started = Instant::now();
-        loop {
-            let mut now = self.vip_next_hops()?;
+        let mut now = Vec::new();
+        let waited = until(ROUTE_TIMEOUT, ROUTE_POLL, "the router's next hops", || {
+            now = self.vip_next_hops()?;
             now.sort();
-            if now == wanted {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > ROUTE_TIMEOUT {
-                bail!(
-                    "the router reaches the VIP via {now:?}, not {wanted:?}, after {ROUTE_TIMEOUT:?}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(now == wanted)
+        });
+        waited.with_context(|| format!("the router reaches the VIP via {now:?}, not {wanted:?}"))
     }
 }
 

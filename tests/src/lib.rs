@@ -9,3 +9,4 @@ pub mod netns;
 pub mod packet;
 pub mod server;
 pub mod topology;
+pub mod wait;

@@ -6,12 +6,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use harness::{
     client::{self, Connection},
     daemon::ensure_no_drops,
     fixture::{Fixture, ServiceSpec},
     topology::{Arms, Spec},
+    wait::until,
 };
 
 /// Connections per client address in the affinity test.
@@ -402,15 +403,13 @@ fn snat_exhaustion_refuses_new_flows_and_keeps_existing_ones() -> Result<()> {
     ensure!(counter(&f, "drop_snat_exhausted")? > 0);
 
     // The daemon checks the counters every second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f.daemon.log().contains("SNAT ports exhausted") {
-        ensure!(
-            Instant::now() < deadline,
-            "no exhaustion warning in the log:\n{}",
-            f.daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "the exhaustion warning",
+        || Ok(f.daemon.log().contains("SNAT ports exhausted")),
+    )
+    .with_context(|| format!("daemon log:\n{}", f.daemon.log()))?;
     for (conn, server) in &mut open {
         let now = conn.ask()?.server;
         ensure!(

@@ -8,12 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use harness::{
     client::Connection,
     fixture::{Fixture, ServiceSpec},
     server::Server,
     topology::Spec,
+    wait::until,
 };
 use lb::api::{AffinityRecord, StatusReport};
 
@@ -62,15 +63,8 @@ fn backend_status(status: &StatusReport, address: Ipv4Addr) -> Result<&lb::api::
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` passes.
-fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if check()? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("timed out after {limit:?} waiting for {what}")
+fn wait_for(limit: Duration, what: &str, check: impl FnMut() -> Result<bool>) -> Result<()> {
+    until(limit, Duration::from_millis(100), what, check).map(drop)
 }
 
 /// Issue test 1: drain a server while 20 clients hold open connections and keep sending.

@@ -1,23 +1,21 @@
 //! Each `lb init` preset, end to end: the generated file passes `lb config check --strict`,
 //! and its services, run by the real daemon, carry real connections on every VIP port to
 //! servers listening on the preset's server ports, with health checks on 5061. Needs root.
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use harness::{
     client,
     daemon::{ensure_no_drops, lb_binary, Daemon},
     netns::run_cmd,
     server::Server,
     topology::{Spec, Topology, VIP},
+    wait::until,
 };
 use lb::config::Config;
 
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
+const HEALTH_POLL: Duration = Duration::from_millis(200);
 const MONITOR_PORT: u16 = 5061;
 
 /// Runs `lb init` for the topology and returns the file's text, checked strictly.
@@ -126,23 +124,20 @@ fn check_preset(preset: &str) -> Result<()> {
 
 /// Waits until `expected` (service, server) pairs report "up" from their health checks.
 fn wait_healthy(daemon: &Daemon, expected: usize) -> Result<()> {
-    let deadline = Instant::now() + HEALTHY_WITHIN;
-    loop {
-        let status = daemon.status()?;
-        let up = status
+    let mut up = 0;
+    let waited = until(HEALTHY_WITHIN, HEALTH_POLL, "healthy servers", || {
+        up = daemon
+            .status()?
             .services
             .iter()
             .flat_map(|s| &s.backends)
             .filter(|b| b.state == "up" && b.health.is_some())
             .count();
-        if up == expected {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{up} of {expected} servers healthy after {HEALTHY_WITHIN:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Ok(up == expected)
+    });
+    waited
+        .map(drop)
+        .with_context(|| format!("{up} of {expected} servers healthy"))
 }
 
 #[test]

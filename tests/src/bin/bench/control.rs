@@ -7,11 +7,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use harness::{
     fixture::{Fixture, ServiceSpec},
     server::Server,
     topology::Spec,
+    wait::until,
 };
 use lb::maglev::{build, Member};
 use lb_common::MAGLEV_SIZE;
@@ -121,15 +122,9 @@ pub fn maglev(rounds: usize) -> Vec<MaglevPoint> {
     points
 }
 
-fn wait_for(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check()? {
-            return Ok(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    bail!("condition not met within {limit:?}")
+/// Polled every 10 ms: these waits are the measurements.
+fn wait_for(limit: Duration, check: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    until(limit, Duration::from_millis(10), "the condition", check)
 }
 
 pub fn health(rounds: usize) -> Result<Health> {
