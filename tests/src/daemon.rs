@@ -3,13 +3,13 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use lb::api::{self, Request, Response, StatusReport};
 
-use crate::topology::Topology;
+use crate::{topology::Topology, wait::until};
 
 /// Where a daemon runs: its namespace, the interfaces it attaches to, its SNAT addresses,
 /// and a name unique to this test (for its files and pin directory).
@@ -186,23 +186,15 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while Instant::now() < deadline {
+        let ready = until(READY_TIMEOUT, POLL, "the lb daemon to answer", || {
             if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "lb daemon exited ({status}) during start-up:\n{}",
-                    self.log()
-                );
+                bail!("lb daemon exited ({status}) during start-up");
             }
-            if self.status().is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(POLL);
-        }
-        bail!(
-            "lb daemon not ready after {READY_TIMEOUT:?}:\n{}",
-            self.log()
-        )
+            Ok(self.status().is_ok())
+        });
+        ready
+            .map(drop)
+            .with_context(|| format!("lb daemon log:\n{}", self.log()))
     }
 
     /// Sends a signal to the daemon process.
@@ -278,13 +270,10 @@ impl Drop for Daemon {
         // SIGTERM first so the daemon detaches its programs itself; SIGKILL if it hangs.
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(POLL);
-        }
+        // Killed below whether it stopped in time or not.
+        let _ = until(STOP_TIMEOUT, POLL, "the lb daemon to stop", || {
+            Ok(self.child.try_wait()?.is_some())
+        });
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {

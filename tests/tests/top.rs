@@ -8,7 +8,7 @@ use std::{
     os::unix::process::CommandExt,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -17,11 +17,13 @@ use harness::{
     daemon::lb_binary,
     fixture::{Fixture, ServiceSpec},
     topology::Spec,
+    wait::until,
 };
 
 const ROWS: u16 = 40;
 const COLUMNS: u16 = 140;
 const SCREEN_TIMEOUT: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(50);
 
 /// A program on the slave side of a new pseudo-terminal; what it draws is fed to a vt100
 /// emulator, whose screen the test reads.
@@ -103,17 +105,13 @@ impl Terminal {
 
     /// Waits until every one of `texts` is on the screen; returns the screen.
     fn wait_for(&self, texts: &[&str]) -> Result<String> {
-        let deadline = Instant::now() + SCREEN_TIMEOUT;
-        loop {
-            let screen = self.contents();
-            if texts.iter().all(|t| screen.contains(t)) {
-                return Ok(screen);
-            }
-            if Instant::now() > deadline {
-                bail!("{texts:?} not all on screen after {SCREEN_TIMEOUT:?}:\n{screen}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut screen = String::new();
+        let shown = until(SCREEN_TIMEOUT, POLL, "the screen", || {
+            screen = self.contents();
+            Ok(texts.iter().all(|t| screen.contains(t)))
+        });
+        shown.with_context(|| format!("{texts:?} not all on screen:\n{screen}"))?;
+        Ok(screen)
     }
 
     fn type_keys(&mut self, keys: &[u8]) -> Result<()> {
@@ -121,16 +119,13 @@ impl Terminal {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("still running after {timeout:?}:\n{}", self.contents());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut status = None;
+        let exited = until(timeout, POLL, "lb top to exit", || {
+            status = self.child.try_wait()?;
+            Ok(status.is_some())
+        });
+        exited.with_context(|| format!("still running:\n{}", self.contents()))?;
+        status.context("exited without a status")
     }
 }
 
