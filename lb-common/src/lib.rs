@@ -3,17 +3,18 @@
 //! Every map key and value is `#[repr(C)]`, `Copy`, made of integers and arrays only, with
 //! explicit padding so that hash lookups never depend on uninitialised bytes. Addresses are
 //! stored as four 32-bit words in network byte order (`_be`); an IPv4 address uses word 0 and
-//! leaves the rest zero, so one layout serves IPv4 now and IPv6 later.
+//! leaves the rest zero, so one layout serves both families.
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
 pub mod hash;
+pub mod seq;
 
 use core::mem::size_of;
 
 /// Bumped whenever a map layout below changes, so pinned maps of another layout are never
 /// read as if they were ours.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 // Map names: used by `#[map(name = ...)]` in lb-ebpf and by the daemon. Kernel limit: 15 chars.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
@@ -32,11 +33,22 @@ pub const MAP_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
+pub const MAP_ROUTE_GENERATION: &str = "LB_ROUTE_GEN";
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
-/// The program `lb_xdp` tail-calls for packets that may open a flow, at slot 0 of
-/// `LB_PROGRAMS`.
+/// The program `lb_xdp` tail-calls for packets that may open a flow.
 pub const NEW_FLOW_PROGRAM_NAME: &str = "lb_new_flow";
+/// Its slot in `LB_PROGRAMS`.
+pub const NEW_FLOW_SLOT: u32 = 0;
+/// The program `lb_new_flow` tail-calls once it has chosen the backend: it claims the SNAT
+/// port.
+pub const CLAIM_PROGRAM_NAME: &str = "lb_claim_snat";
+pub const CLAIM_SLOT: u32 = 1;
+/// The program `lb_claim_snat` tail-calls: it records the flow and sends the packet.
+pub const OPEN_FLOW_PROGRAM_NAME: &str = "lb_open_flow";
+pub const OPEN_FLOW_SLOT: u32 = 2;
+/// Slots of `LB_PROGRAMS`.
+pub const PROGRAM_SLOTS: u32 = 3;
 
 // Capacities. The Maglev table size must be prime; 65537 keeps the per-backend share within a
 // fraction of a percent of fair for pools of up to a few hundred servers.
@@ -91,6 +103,17 @@ pub const BACKEND_F_DOWN: u32 = 1 << 2;
 pub const FLOW_F_REVERSE: u32 = 1;
 /// FIN or RST seen in this direction: the entry lives `closing_timeout_s` only.
 pub const FLOW_F_CLOSING: u32 = 1 << 1;
+/// `FlowEntry::seq_next` holds this direction's sender's next sequence number (TCP; the
+/// return direction learns it from the server's SYN-ACK).
+pub const FLOW_F_SEQ_KNOWN: u32 = 1 << 2;
+/// Half-open client direction: the server's SYN-ACK was seen, so `handshake_ack` is the
+/// acknowledgement number that confirms the client.
+pub const FLOW_F_SYNACK_SEEN: u32 = 1 << 3;
+/// The service's affinity mode, so refreshing a flow can refresh its affinity without
+/// looking the service up: affinity by client address...
+pub const FLOW_F_TOUCH_AFFINITY: u32 = 1 << 8;
+/// ... and port.
+pub const FLOW_F_AFFINITY_PORT: u32 = 1 << 9;
 /// Answer ICMP echo requests to VIPs (`Settings::flags`); otherwise they go to the kernel.
 pub const SETTINGS_F_ECHO_REPLY: u32 = 1;
 /// Log new flows and drops through aya-log (`lb debug on`).
@@ -141,7 +164,10 @@ pub const ADDR_F_SNAT: u32 = 1;
 pub struct AddrKey {
     pub addr_be: [u32; 4],
     pub family: u8,
-    pub _pad: [u8; 3],
+    // Padding as integers, not byte arrays: zeroing a byte array compiles to a call to
+    // `memset`, which the BPF backend does not expand (a byte loop per packet).
+    pub _pad8: u8,
+    pub _pad16: u16,
 }
 
 /// `LB_BACKENDS[id]`: one server of one service (address and server-side port).
@@ -177,10 +203,32 @@ pub struct FlowKey {
     pub dst_port_be: u16,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
-/// What to rewrite a packet of this flow and direction to.
+/// Where a packet of a flow goes next, as `bpf_fib_lookup` last said: cached in the flow
+/// entry so an established packet needs no route lookup. Valid while `generation` equals
+/// `LB_ROUTE_GEN[0]`, which the daemon bumps on every route, neighbour or link change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `LB_ROUTE_GEN[0]` when this was filled; 0 never matches (the daemon starts at 1).
+    pub generation: u32,
+    /// The interface lb sends on (a VLAN device resolved to its lower device).
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// 802.1Q VLAN id to send with (host order), or `NEXT_HOP_UNTAGGED`.
+    pub vid: u16,
+    /// The route's MTU: larger packets take the route lookup, which refuses them.
+    pub mtu: u16,
+}
+
+/// `NextHop::vid` of an untagged egress.
+pub const NEXT_HOP_UNTAGGED: u16 = u16::MAX;
+
+/// What to rewrite a packet of this flow and direction to, and what lb knows of the
+/// direction's TCP state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -197,8 +245,21 @@ pub struct FlowEntry {
     /// The service's idle timeout: `timeout_s` once the flow is confirmed (it starts at the
     /// handshake timeout in `LB_HALF_OPEN`).
     pub idle_timeout_s: u32,
-    /// `bpf_ktime_get_ns` of the last refresh (refreshed coarsely, see `REFRESH_INTERVAL_NS`).
+    /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed coarsely, see
+    /// `REFRESH_INTERVAL_NS` in lb-ebpf).
     pub last_seen_ns: u64,
+    /// The interface packets of this direction arrive on; one arriving elsewhere is spoofed
+    /// (`drop_wrong_side`). 0: not known.
+    pub ingress_ifindex: u32,
+    /// TCP: the sender's next sequence number as lb has seen it (host order), valid with
+    /// `FLOW_F_SEQ_KNOWN`. A FIN or RST is believed only near it.
+    pub seq_next: u32,
+    /// TCP, half-open: the acknowledgement number that proves the sender saw the other
+    /// side's SYN (client direction: server ISN + 1, once `FLOW_F_SYNACK_SEEN`; return
+    /// direction: client ISN + 1). Host order.
+    pub handshake_ack: u32,
+    pub _pad: u32,
+    pub next_hop: NextHop,
 }
 
 /// `(client address [, port], service)` -> backend it was sent to.
@@ -265,7 +326,7 @@ pub struct FragmentKey {
     pub id: u32,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 /// Per-service and per-backend traffic counters (per CPU; the daemon sums them).
@@ -329,7 +390,9 @@ pub enum Counter {
     /// ICMP errors (unreachable, fragmentation needed / packet too big, time exceeded,
     /// parameter problem) quoting a tracked flow, translated and sent to the other side.
     IcmpErrorsTranslated,
-    /// Addressed to a VIP, but its L4 header is truncated or inconsistent.
+    /// Addressed to a VIP or SNAT address, but a header is truncated or a length field
+    /// (IPv4 total length, IPv6 payload length, TCP data offset, UDP length) disagrees with
+    /// the headers or the frame.
     DropMalformed,
     /// IPv6 to a VIP behind an extension header lb does not skip (see README), or too many of them.
     DropIpv6Extension,
@@ -349,6 +412,16 @@ pub enum Counter {
     DropOverMtu,
     /// The settings map was not populated (daemon not finished starting).
     DropNotConfigured,
+    /// A packet of a known flow arrived on the other side's interface (spoofed).
+    DropWrongSide,
+    /// A TCP ACK on a half-open flow that does not acknowledge the server's SYN-ACK (a blind
+    /// spoofer's ACK), or a SYN-ACK that does not acknowledge the client's SYN.
+    DropTcpBadAck,
+    /// A FIN or RST whose sequence number is too far from the sender's (a blind spoofer's):
+    /// the flow keeps its state.
+    DropTcpOutOfWindow,
+    /// The tail call to `lb_new_flow` failed (program array slot empty).
+    DropTailCall,
     /// A per-CPU scratch slot was missing or the frame could not be resized: cannot happen in a loaded program, counted so that it would be seen if it did.
     DropInternal,
 }
@@ -385,6 +458,10 @@ impl Counter {
         Counter::DropNoRoute,
         Counter::DropOverMtu,
         Counter::DropNotConfigured,
+        Counter::DropWrongSide,
+        Counter::DropTcpBadAck,
+        Counter::DropTcpOutOfWindow,
+        Counter::DropTailCall,
         Counter::DropInternal,
     ];
 
@@ -420,6 +497,10 @@ impl Counter {
             Counter::DropNoRoute => "drop_no_route",
             Counter::DropOverMtu => "drop_over_mtu",
             Counter::DropNotConfigured => "drop_not_configured",
+            Counter::DropWrongSide => "drop_wrong_side",
+            Counter::DropTcpBadAck => "drop_tcp_bad_ack",
+            Counter::DropTcpOutOfWindow => "drop_tcp_out_of_window",
+            Counter::DropTailCall => "drop_tail_call",
             Counter::DropInternal => "drop_internal",
         }
     }
@@ -454,7 +535,8 @@ const _: () = assert!(size_of::<AddrKey>() == 20);
 const _: () = assert!(size_of::<VipInfo>() == 8);
 const _: () = assert!(size_of::<Backend>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
-const _: () = assert!(size_of::<FlowEntry>() == 64);
+const _: () = assert!(size_of::<NextHop>() == 24);
+const _: () = assert!(size_of::<FlowEntry>() == 104);
 const _: () = assert!(size_of::<AffinityKey>() == 24);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<Settings>() == 28);
@@ -475,6 +557,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for Settings {}

@@ -1,132 +1,224 @@
 //! The packet path for VIP and SNAT traffic (TCP and UDP, IPv4 and IPv6):
 //! - confirmed flow (`LB_FLOWS`) -> rewrite and forward;
-//! - half-open flow (`LB_HALF_OPEN`) -> confirm it if this packet proves the client real,
-//!   then rewrite and forward;
-//! - miss on a connection opening (a TCP SYN, any UDP datagram) -> pick a backend (affinity,
-//!   else Maglev), claim a SNAT port, record both directions as half-open, rewrite, forward.
+//! - half-open flow (`LB_HALF_OPEN`) -> confirm it if this packet proves the client real
+//!   (see `tcp`), then rewrite and forward;
+//! - a TCP SYN, or a miss on anything else -> `lb_new_flow`: pick a backend (affinity, else
+//!   Maglev), claim a SNAT port, record both directions as half-open, rewrite, forward.
+//!
+//! Every direction of a flow is tied to the interface it arrives on, and its entry caches
+//! where its packets go next (`NextHop`), so an established packet costs two lookups: its
+//! flow and the routing generation.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
     programs::XdpContext,
 };
 use lb_common::{
-    hash, maglev_index, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey, Service,
-    ServiceKey, Settings, AFFINITY_NONE, BACKEND_PORT_KEEP, AFFINITY_SOURCE_PORT, FAMILY_V6, FLOW_F_CLOSING,
-    FLOW_F_REVERSE, MAGLEV_SIZE, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SNAT_V6_BASE,
+    hash, maglev_index, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
+    Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP,
+    FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
+    FLOW_F_SYNACK_SEEN, FLOW_F_TOUCH_AFFINITY, MAGLEV_SIZE, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, SNAT_V6_BASE, CLAIM_SLOT, NEW_FLOW_SLOT, OPEN_FLOW_SLOT,
 };
 
 use crate::{
-    forward::forward,
+    clock::{self, is_fresh, NS_PER_SEC},
+    copy,
+    forward::{next_hop, send, NO_NEXT_HOP},
     fragments, icmp,
     maps::{
         entry_slot, key_slot, EntrySlot, KeySlot, AFFINITY, BACKENDS, FLOWS, HALF_OPEN, MAGLEV,
-        NEW_FLOW_PROGRAM, NEW_FLOW_SLOT, SERVICES, SETTINGS, SNAT_ADDRS,
+        plan_slot, NewFlowPlan, PROGRAMS, SERVICES, SETTINGS, SNAT_ADDRS,
     },
     nat::rewrite,
     parse::{is_ours, parse, Packet, Part},
     stats::{self, Traffic},
+    tcp::{self, ClientAck},
     verdict::Verdict,
 };
 
-const NS_PER_SEC: u64 = 1_000_000_000;
 /// `last_seen` is written at most this often per entry: timeouts are in seconds, and a map
 /// write per packet would cost cache-line bouncing between CPUs.
 const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
-/// Flow-entry flag bits recording the service's affinity mode, so refreshing a flow can
-/// refresh its affinity without looking the service up.
-const FLOW_F_TOUCH_AFFINITY: u32 = 1 << 8;
-const FLOW_F_AFFINITY_PORT: u32 = 1 << 9;
 
 pub fn process(ctx: &XdpContext) -> Verdict {
-    let pkt = match parse(ctx) {
-        Ok(pkt) => pkt,
-        Err(verdict) => return verdict,
-    };
+    let mut pkt = MaybeUninit::uninit();
+    let mut refused = Verdict::pass(Counter::PassMalformed);
+    if !parse(ctx, &mut pkt, &mut refused) {
+        return refused;
+    }
+    // SAFETY: `parse` wrote the packet.
+    let pkt = unsafe { pkt.assume_init_ref() };
     if pkt.key.proto == PROTO_ICMP || pkt.key.proto == PROTO_ICMPV6 {
-        return icmp::handle(ctx, &pkt);
+        return icmp::handle(ctx, pkt);
     }
     if pkt.hop_limit() <= 1 {
         return Verdict::pass(Counter::PassTtlExpired);
     }
-    // SAFETY: a coarse monotonic clock read, no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now();
     if let Part::LaterFragment { id } = pkt.part {
-        return fragments::forward_later(ctx, &pkt, id, now);
+        return fragments::forward_later(ctx, pkt, id, now);
     }
-
-    if let Some(entry) = FLOWS.get_ptr_mut(pkt.key) {
-        // SAFETY: map value pointer from a successful lookup. Concurrent CPUs may race on the
-        // timestamp and flags; either write is acceptable.
-        let entry = unsafe { &mut *entry };
-        let reopened = pkt.opens() && entry.flags & FLOW_F_CLOSING != 0;
-        if !reopened && is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
-            return established(ctx, &pkt, entry, now);
-        }
-        if reopened {
-            // The client reuses the tuple of a closed connection: the new one must not
-            // find the old entry once it is confirmed. The old return entry expires alone.
-            let _ = FLOWS.remove(pkt.key);
-        }
-    }
-    // Someone else's traffic leaves here, after one more lookup: it cannot be in the
-    // half-open table or open a flow.
-    if !is_ours(pkt.key) {
-        return Verdict::pass(Counter::PassNotService);
-    }
-    if let Some(entry) = HALF_OPEN.get_ptr_mut(pkt.key) {
-        // SAFETY: as above.
-        let entry = unsafe { &mut *entry };
-        if is_fresh(entry.last_seen_ns, entry.timeout_s, now) && half_open_usable(&pkt, entry) {
-            if confirms(&pkt, entry) {
-                confirm(pkt.key, entry, now);
+    // A SYN opens a connection: `lb_new_flow` asks for the service before any flow table.
+    if !pkt.opens() {
+        if let Some(entry) = FLOWS.get_ptr_mut(pkt.key) {
+            // SAFETY: map value pointer from a successful lookup. Concurrent CPUs may race
+            // on the timestamp, flags and sequence number; either write is acceptable.
+            let entry = unsafe { &mut *entry };
+            if is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
+                return established(ctx, pkt, entry, now);
             }
-            return established(ctx, &pkt, entry, now);
+        }
+        // Someone else's traffic leaves here, after one more lookup: it cannot be in the
+        // half-open table or open a flow.
+        if !is_ours(pkt.key) {
+            return Verdict::pass(Counter::PassNotService);
+        }
+        if let Some(entry) = HALF_OPEN.get_ptr_mut(pkt.key) {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *entry };
+            if is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
+                return half_open(ctx, pkt, entry, now);
+            }
         }
     }
 
-    // SAFETY: the program array holds only `lb_new_flow`, an XDP program of this object. On
-    // success this does not return.
-    unsafe { NEW_FLOW_PROGRAM.tail_call(ctx, NEW_FLOW_SLOT) };
-    Verdict::drop(Counter::DropInternal)
+    // SAFETY: the program array holds only programs of this object. On success this does
+    // not return.
+    unsafe { PROGRAMS.tail_call(ctx, NEW_FLOW_SLOT) };
+    Verdict::drop(Counter::DropTailCall)
 }
 
-/// The packet path of `lb_new_flow`: a packet that missed both flow tables, so it opens a
-/// flow or is refused. A separate program (reached by tail call) so the verifier checks it
-/// once, from a clean state, rather than once per way of reaching it; it parses again.
+/// The packet path of `lb_new_flow`: a SYN, or a packet that missed both flow tables, so it
+/// opens a flow or is refused. Opening a flow takes two more programs, reached by tail
+/// call, so the verifier checks each once, from a clean state, rather than once per way of
+/// reaching it; each parses again. `lb_new_flow` chooses the backend, `lb_open_flow`
+/// claims the SNAT port and records the flow.
 pub fn process_new_flow(ctx: &XdpContext) -> Verdict {
-    let pkt = match parse(ctx) {
-        Ok(pkt) => pkt,
-        Err(verdict) => return verdict,
-    };
-    // SAFETY: a coarse monotonic clock read, no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    new_flow(ctx, &pkt, now)
+    let mut pkt = MaybeUninit::uninit();
+    let mut refused = Verdict::pass(Counter::PassMalformed);
+    if !parse(ctx, &mut pkt, &mut refused) {
+        return refused;
+    }
+    // SAFETY: `parse` wrote the packet.
+    let verdict = new_flow(ctx, unsafe { pkt.assume_init_ref() }, clock::now());
+    if verdict.is_none() {
+        // SAFETY: as in `process`.
+        unsafe { PROGRAMS.tail_call(ctx, CLAIM_SLOT) };
+        return Verdict::drop(Counter::DropTailCall);
+    }
+    verdict
 }
 
-/// A half-open entry carries every packet of its flow, except a retransmitted SYN whose
-/// return entry the LRU has already evicted: that one starts the flow afresh.
-#[inline(always)]
-fn half_open_usable(pkt: &Packet, entry: &FlowEntry) -> bool {
-    if !pkt.opens() || entry.flags & FLOW_F_REVERSE != 0 {
-        return true;
+/// The path of `lb_claim_snat` (see `process_new_flow`). It does not parse: it works on the
+/// flow key `parse` left in `KeySlot::Packet` and on the plan, so the verifier walks the
+/// claim's loop once rather than once per kind of packet.
+pub fn process_claim(ctx: &XdpContext) -> Verdict {
+    let verdict = claim_planned(ctx, clock::now());
+    if verdict.is_none() {
+        // SAFETY: as in `process`.
+        unsafe { PROGRAMS.tail_call(ctx, OPEN_FLOW_SLOT) };
+        return Verdict::drop(Counter::DropTailCall);
     }
-    let Some(other_key) = key_slot(KeySlot::Derived) else {
+    verdict
+}
+
+/// The packet path of `lb_open_flow` (see `process_new_flow`).
+pub fn process_open_flow(ctx: &XdpContext) -> Verdict {
+    let mut pkt = MaybeUninit::uninit();
+    let mut refused = Verdict::pass(Counter::PassMalformed);
+    if !parse(ctx, &mut pkt, &mut refused) {
+        return refused;
+    }
+    // SAFETY: `parse` wrote the packet.
+    open_flow(ctx, unsafe { pkt.assume_init_ref() }, clock::now())
+}
+
+/// Is the packet on the side of the flow its direction belongs to? A client's packets
+/// come in where its SYN did, a server's where lb sends to it.
+#[inline(always)]
+fn on_its_side(ctx: &XdpContext, entry: &FlowEntry) -> bool {
+    entry.ingress_ifindex == 0 || entry.ingress_ifindex == ctx.ingress_ifindex() as u32
+}
+
+/// A packet of a confirmed flow.
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn established(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) -> Verdict {
+    if !on_its_side(ctx, entry) {
+        return Verdict::drop(Counter::DropWrongSide);
+    }
+    if pkt.closes() && !tcp::close_believable(pkt, entry) {
+        return Verdict::drop(Counter::DropTcpOutOfWindow);
+    }
+    carry(ctx, pkt, entry, now, false)
+}
+
+/// A packet of a half-open flow: the handshake's rules (see `tcp`) decide whether it goes
+/// through, and whether it confirms the flow.
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn half_open(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) -> Verdict {
+    if !on_its_side(ctx, entry) {
+        return Verdict::drop(Counter::DropWrongSide);
+    }
+    let reverse = entry.flags & FLOW_F_REVERSE != 0;
+    if pkt.key.proto != PROTO_TCP {
+        // UDP has no handshake: the server's answer proves the client's address real.
+        return carry(ctx, pkt, entry, now, reverse);
+    }
+    if pkt.closes() {
+        if !tcp::close_believable(pkt, entry) {
+            return Verdict::drop(Counter::DropTcpOutOfWindow);
+        }
+        return carry(ctx, pkt, entry, now, false);
+    }
+    if reverse {
+        if pkt.answers_syn() {
+            if pkt.tcp_ack != entry.handshake_ack || !learn_server_isn(pkt, entry) {
+                return Verdict::drop(Counter::DropTcpBadAck);
+            }
+        }
+        return carry(ctx, pkt, entry, now, false);
+    }
+    if !pkt.has_ack() {
+        return carry(ctx, pkt, entry, now, false);
+    }
+    match tcp::client_ack(pkt, entry) {
+        ClientAck::Confirms => carry(ctx, pkt, entry, now, true),
+        ClientAck::Follows => carry(ctx, pkt, entry, now, false),
+        ClientAck::Blind => Verdict::drop(Counter::DropTcpBadAck),
+    }
+}
+
+/// The server's SYN-ACK (on the return entry `entry`): its sequence number starts the
+/// return direction's tracking, and the client direction learns which ACK confirms it.
+/// False if the client direction's entry is gone or belongs to a later attempt (a SYN the
+/// client retried, which took another SNAT port): that SYN-ACK answers nothing live.
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn learn_server_isn(pkt: &Packet, entry: &mut FlowEntry) -> bool {
+    let Some(client_key) = key_slot(KeySlot::Derived) else {
         return false;
     };
-    *other_key = other_direction(pkt.key.proto, pkt.key.family, entry);
-    HALF_OPEN.get_ptr(other_key).is_some()
-}
-
-/// Has the client shown that it really is at its address? TCP: it acknowledged our
-/// SYN-ACK. UDP: the server answered (UDP has no handshake to wait for).
-#[inline(always)]
-fn confirms(pkt: &Packet, entry: &FlowEntry) -> bool {
-    let reverse = entry.flags & FLOW_F_REVERSE != 0;
-    if pkt.key.proto == PROTO_TCP {
-        !reverse && pkt.acknowledges()
-    } else {
-        reverse
+    *client_key = other_direction(pkt.key.proto, pkt.key.family, entry);
+    let Some(client) = HALF_OPEN.get_ptr_mut(client_key) else {
+        return false;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let client = unsafe { &mut *client };
+    if copy::words(&client.new_src_be) != pkt.key.dst_be
+        || client.new_src_port_be != pkt.key.dst_port_be
+    {
+        return false;
     }
+    let server_next = pkt.tcp_seq.wrapping_add(1);
+    entry.seq_next = server_next;
+    entry.flags |= FLOW_F_SEQ_KNOWN;
+    client.handshake_ack = server_next;
+    client.flags |= FLOW_F_SYNACK_SEEN;
+    true
 }
 
 /// The key of the opposite direction of a flow, from one direction's entry: the entry's
@@ -134,23 +226,80 @@ fn confirms(pkt: &Packet, entry: &FlowEntry) -> bool {
 #[inline(always)]
 fn other_direction(proto: u8, family: u8, entry: &FlowEntry) -> FlowKey {
     FlowKey {
-        src_be: entry.new_dst_be,
-        dst_be: entry.new_src_be,
+        src_be: copy::words(&entry.new_dst_be),
+        dst_be: copy::words(&entry.new_src_be),
         src_port_be: entry.new_dst_port_be,
         dst_port_be: entry.new_src_port_be,
         proto,
         family,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 
-/// Moves both directions of a flow from `LB_HALF_OPEN` to `LB_FLOWS` with the service's
-/// idle timeout. Inserting into `LB_FLOWS` before deleting from `LB_HALF_OPEN` keeps the
-/// SNAT port claimed throughout (see `claim_snat_port`). If `LB_FLOWS` is full, the flow
-/// stays half-open, is counted, and ends at the handshake timeout.
+/// Carries a packet of a known flow: its state (closing, sequence, last seen), the counts,
+/// the rewrite, the next hop; with `confirm`, the flow moves to `LB_FLOWS` on the way.
+#[inline(always)]
+fn carry(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64, confirm: bool) -> Verdict {
+    if pkt.closes() && entry.flags & FLOW_F_CLOSING == 0 {
+        if let Some(settings) = SETTINGS.get(0) {
+            entry.timeout_s = settings.closing_timeout_s;
+        }
+        entry.flags |= FLOW_F_CLOSING;
+    }
+    tcp::track(pkt, entry);
+    if now.saturating_sub(entry.last_seen_ns) > REFRESH_INTERVAL_NS {
+        entry.last_seen_ns = now;
+        if entry.flags & FLOW_F_TOUCH_AFFINITY != 0 {
+            refresh_affinity(pkt, entry, now);
+        }
+    }
+    fragments::track_first(pkt, entry, now);
+    count(pkt, entry);
+    if !rewrite(ctx, pkt, entry) {
+        return Verdict::drop(Counter::DropInternal);
+    }
+    let hop = next_hop(ctx, pkt, &mut entry.next_hop);
+    if confirm {
+        confirm_flow(pkt.key, entry, now);
+    }
+    match hop {
+        Ok(()) => send(ctx, pkt, &entry.next_hop),
+        Err(verdict) => verdict,
+    }
+}
+
+/// Counts the packet for its flow's service and server.
+#[inline(always)]
+fn count(pkt: &Packet, entry: &FlowEntry) {
+    let bytes = u64::from(pkt.ip_len);
+    let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
+        Traffic::Reverse { bytes }
+    } else {
+        Traffic::Forward { bytes }
+    };
+    stats::record(entry.service_id, entry.backend_id, traffic);
+}
+
+/// Counts, rewrites and sends a packet that follows a flow without being one of its own
+/// (a later IP fragment): no state changes, no cached next hop.
+#[inline(always)]
+pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> Verdict {
+    count(pkt, entry);
+    if !rewrite(ctx, pkt, entry) {
+        return Verdict::drop(Counter::DropInternal);
+    }
+    crate::forward::forward(ctx, pkt)
+}
+
+/// Copies both directions of a flow from `LB_HALF_OPEN` to `LB_FLOWS` with the service's
+/// idle timeout (`entry` is the direction the confirming packet belongs to). The
+/// half-open entries stay until they expire: `LB_FLOWS` is looked up first, and the
+/// return entry keeps the SNAT port claimed meanwhile (see `claim_snat_port`). If
+/// `LB_FLOWS` is full, the flow stays half-open, is counted, and ends at the handshake
+/// timeout.
 // Out of line: its own stack frame (see "Stack" in the README).
 #[inline(never)]
-fn confirm(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
+fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
     let (Some(other_key), Some(this), Some(that)) = (
         key_slot(KeySlot::Derived),
         entry_slot(EntrySlot::Forward),
@@ -163,9 +312,18 @@ fn confirm(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
     let Some(other) = HALF_OPEN.get_ptr(other_key) else {
         return;
     };
-    *this = *entry;
+    copy::entry(this, entry);
     // SAFETY: map value pointer from a successful lookup; copied out at once.
-    *that = unsafe { *other };
+    copy::entry(that, unsafe { &*other });
+    // The server's side is where lb sends to it (known once a route lookup succeeded).
+    let (client_side, server_side) = if entry.flags & FLOW_F_REVERSE == 0 {
+        (&mut *this, &mut *that)
+    } else {
+        (&mut *that, &mut *this)
+    };
+    if server_side.ingress_ifindex == 0 && client_side.next_hop.generation != 0 {
+        server_side.ingress_ifindex = client_side.next_hop.ifindex;
+    }
     for copy in [&mut *this, &mut *that] {
         copy.timeout_s = copy.idle_timeout_s;
         copy.last_seen_ns = now;
@@ -179,51 +337,8 @@ fn confirm(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
         stats::count(Counter::FlowTableFull);
         return;
     }
-    let _ = HALF_OPEN.remove(key);
-    let _ = HALF_OPEN.remove(other_key);
     entry.timeout_s = entry.idle_timeout_s;
     stats::count(Counter::FlowsConfirmed);
-}
-
-#[inline(always)]
-pub fn is_fresh(last_seen_ns: u64, timeout_s: u32, now: u64) -> bool {
-    now.saturating_sub(last_seen_ns) <= u64::from(timeout_s) * NS_PER_SEC
-}
-
-// Out of line: its own stack frame (see "Stack" in the README).
-#[inline(never)]
-fn established(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) -> Verdict {
-    if pkt.closes() && entry.flags & FLOW_F_CLOSING == 0 {
-        if let Some(settings) = SETTINGS.get(0) {
-            entry.timeout_s = settings.closing_timeout_s;
-        }
-        entry.flags |= FLOW_F_CLOSING;
-    }
-    if now.saturating_sub(entry.last_seen_ns) > REFRESH_INTERVAL_NS {
-        entry.last_seen_ns = now;
-        if entry.flags & FLOW_F_TOUCH_AFFINITY != 0 {
-            refresh_affinity(pkt, entry, now);
-        }
-    }
-    fragments::track_first(pkt, entry, now);
-    translate_and_forward(ctx, pkt, entry)
-}
-
-/// Counts the packet for its flow's service and server, rewrites it as `entry` says and
-/// sends it on: the end of every path that carries a packet of a known flow.
-#[inline(always)]
-pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> Verdict {
-    let bytes = u64::from(pkt.ip_len);
-    let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
-        Traffic::Reverse { bytes }
-    } else {
-        Traffic::Forward { bytes }
-    };
-    stats::record(entry.service_id, entry.backend_id, traffic);
-    if !rewrite(ctx, pkt, entry) {
-        return Verdict::drop(Counter::DropInternal);
-    }
-    forward(ctx, pkt)
 }
 
 /// A long-lived connection keeps its client's affinity alive, so the client's next
@@ -247,7 +362,7 @@ fn refresh_affinity(pkt: &Packet, entry: &FlowEntry, now: u64) {
 #[inline(always)]
 fn affinity_key(flow: &FlowKey, service_id: u32, with_port: bool) -> AffinityKey {
     AffinityKey {
-        client_be: flow.src_be,
+        client_be: copy::words(&flow.src_be),
         client_port_be: if with_port { flow.src_port_be } else { 0 },
         family: flow.family,
         _pad: 0,
@@ -256,9 +371,11 @@ fn affinity_key(flow: &FlowKey, service_id: u32, with_port: bool) -> AffinityKey
 }
 
 #[inline(always)]
+/// Chooses the backend of a new flow and leaves the choice in the plan slot for
+/// `lb_open_flow` (`Verdict::none()`), or refuses the packet.
 fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     let service_key = ServiceKey {
-        vip_be: pkt.key.dst_be,
+        vip_be: copy::words(&pkt.key.dst_be),
         port_be: pkt.key.dst_port_be,
         proto: pkt.key.proto,
         family: pkt.key.family,
@@ -270,20 +387,29 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     // SAFETY: map value pointer from a successful lookup. An update by the daemon replaces
     // the element (RCU), so the one read here stays whole until the program returns.
     let service = unsafe { &*service };
-    if pkt.key.proto == PROTO_TCP && !pkt.opens() {
-        return Verdict::drop(Counter::DropTcpNoFlow);
+    if pkt.key.proto == PROTO_TCP {
+        if !pkt.opens() {
+            return Verdict::drop(Counter::DropTcpNoFlow);
+        }
+        if let Some(entry) = FLOWS.get_ptr_mut(pkt.key) {
+            // SAFETY: map value pointer from a successful lookup.
+            let entry = unsafe { &mut *entry };
+            if entry.flags & FLOW_F_CLOSING == 0 && is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
+                // A SYN on a live connection's tuple belongs to that connection.
+                return established(ctx, pkt, entry, now);
+            }
+            // The client reuses the tuple of a closed connection: the new one must not
+            // find the old entry. The old return entry expires alone.
+            let _ = FLOWS.remove(pkt.key);
+        }
     }
-    let Some(settings) = SETTINGS.get(0) else {
-        return Verdict::drop(Counter::DropNotConfigured);
-    };
     let (backend_id, affinity_hit) = match choose_backend(pkt.key, service, now) {
         Some(choice) => choice,
         None => return Verdict::drop(Counter::DropNoBackend),
     };
-    let Some(backend) = BACKENDS.get(backend_id) else {
-        return Verdict::drop(Counter::DropNoBackend);
+    let Some(plan) = plan_slot() else {
+        return Verdict::drop(Counter::DropInternal);
     };
-
     let mut flow_flags = 0;
     if service.affinity_mode != AFFINITY_NONE {
         flow_flags |= FLOW_F_TOUCH_AFFINITY;
@@ -291,45 +417,118 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     if service.affinity_mode == AFFINITY_SOURCE_PORT {
         flow_flags |= FLOW_F_AFFINITY_PORT;
     }
-    let (Some(reverse), Some(forward)) = (
-        entry_slot(EntrySlot::Reverse),
-        entry_slot(EntrySlot::Forward),
-    ) else {
+    *plan = NewFlowPlan {
+        service_id: service.id,
+        backend_id,
+        flow_flags,
+        idle_timeout_s: service.idle_timeout_s,
+        affinity_hit: u32::from(affinity_hit),
+        tcp_seq: pkt.tcp_seq,
+        server_port_be: 0,
+        _pad: 0,
+    };
+    Verdict::none()
+}
+
+/// Claims a SNAT port for the planned flow (`Verdict::none()` on success).
+#[inline(always)]
+fn claim_planned(ctx: &XdpContext, now: u64) -> Verdict {
+    let (Some(plan), Some(settings), Some(key)) =
+        (plan_slot(), SETTINGS.get(0), key_slot(KeySlot::Packet))
+    else {
+        return Verdict::drop(Counter::DropNotConfigured);
+    };
+    let key: &FlowKey = key;
+    let Some(backend) = BACKENDS.get(plan.backend_id) else {
+        return Verdict::drop(Counter::DropNoBackend);
+    };
+    let Some(reverse) = entry_slot(EntrySlot::Reverse) else {
         return Verdict::drop(Counter::DropInternal);
     };
     *reverse = FlowEntry {
-        new_src_be: pkt.key.dst_be,
-        new_dst_be: pkt.key.src_be,
-        new_src_port_be: pkt.key.dst_port_be,
-        new_dst_port_be: pkt.key.src_port_be,
-        service_id: service.id,
-        backend_id,
+        new_src_be: copy::words(&key.dst_be),
+        new_dst_be: copy::words(&key.src_be),
+        new_src_port_be: key.dst_port_be,
+        new_dst_port_be: key.src_port_be,
+        service_id: plan.service_id,
+        backend_id: plan.backend_id,
         flags: FLOW_F_REVERSE,
         timeout_s: settings.handshake_timeout_s,
-        idle_timeout_s: service.idle_timeout_s,
+        idle_timeout_s: plan.idle_timeout_s,
         last_seen_ns: now,
+        // Bound to the server's side once a route lookup has found it.
+        ingress_ifindex: 0,
+        seq_next: 0,
+        // TCP: a SYN-ACK must acknowledge the SYN (meaningless, and unused, for UDP).
+        handshake_ack: plan.tcp_seq.wrapping_add(1),
+        _pad: 0,
+        next_hop: NO_NEXT_HOP,
     };
     // A multi-port service's servers listen on the port the client asked for.
-    let server_port_be = if backend.port_be == BACKEND_PORT_KEEP {
-        pkt.key.dst_port_be
+    plan.server_port_be = if backend.port_be == BACKEND_PORT_KEEP {
+        key.dst_port_be
     } else {
         backend.port_be
     };
-    let Some(reverse_key) = claim_snat_port(pkt.key, backend, server_port_be, settings, now) else {
+    let Some(claimed) = claim_snat_port(key, backend, plan.server_port_be, settings, now) else {
         return Verdict::drop(Counter::DropSnatExhausted);
     };
+    // Logged here, where no parse's many kinds of packet multiply aya-log's code.
+    crate::log::new_flow(ctx, key, claimed, plan.affinity_hit != 0);
+    Verdict::none()
+}
+
+/// Opens the flow planned and claimed before: records both directions as half-open,
+/// rewrites and sends the packet.
+#[inline(always)]
+fn open_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
+    let (Some(plan), Some(settings), Some(reverse_key)) =
+        (plan_slot(), SETTINGS.get(0), key_slot(KeySlot::Derived))
+    else {
+        return Verdict::drop(Counter::DropNotConfigured);
+    };
+    let (plan, reverse_key): (&NewFlowPlan, &FlowKey) = (plan, reverse_key);
+    let backend_id = plan.backend_id;
+    let affinity_hit = plan.affinity_hit != 0;
+    let server_port_be = plan.server_port_be;
+    let (Some(backend), Some(forward)) = (BACKENDS.get(backend_id), entry_slot(EntrySlot::Forward))
+    else {
+        let _ = HALF_OPEN.remove(reverse_key);
+        return Verdict::drop(Counter::DropNoBackend);
+    };
+    let flow_flags = plan.flow_flags;
+    let tcp = pkt.key.proto == PROTO_TCP;
     *forward = FlowEntry {
-        new_src_be: reverse_key.dst_be,
-        new_dst_be: backend.addr_be,
+        new_src_be: copy::words(&reverse_key.dst_be),
+        new_dst_be: copy::words(&backend.addr_be),
         new_src_port_be: reverse_key.dst_port_be,
         new_dst_port_be: server_port_be,
-        service_id: service.id,
+        service_id: plan.service_id,
         backend_id,
-        flags: flow_flags,
+        flags: flow_flags | if tcp { FLOW_F_SEQ_KNOWN } else { 0 },
         timeout_s: settings.handshake_timeout_s,
-        idle_timeout_s: service.idle_timeout_s,
+        idle_timeout_s: plan.idle_timeout_s,
         last_seen_ns: now,
+        ingress_ifindex: ctx.ingress_ifindex() as u32,
+        seq_next: pkt.tcp_seq_end(),
+        handshake_ack: 0,
+        _pad: 0,
+        next_hop: NO_NEXT_HOP,
     };
+    stats::count(Counter::NewFlows);
+    stats::count(if affinity_hit {
+        Counter::AffinityHits
+    } else {
+        Counter::AffinityMisses
+    });
+    stats::record(plan.service_id, backend_id, Traffic::NewFlow { affinity_hit });
+    count(pkt, forward);
+    fragments::track_first(pkt, forward, now);
+    if !rewrite(ctx, pkt, forward) {
+        let _ = HALF_OPEN.remove(reverse_key);
+        return Verdict::drop(Counter::DropInternal);
+    }
+    let hop = next_hop(ctx, pkt, &mut forward.next_hop);
     let forward: &FlowEntry = forward;
     if HALF_OPEN
         .insert(pkt.key, forward, u64::from(BPF_ANY))
@@ -339,27 +538,23 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         let _ = HALF_OPEN.remove(reverse_key);
         return Verdict::drop(Counter::DropFlowInsert);
     }
-
-    crate::log::new_flow(ctx, pkt.key, forward, affinity_hit);
-    stats::count(Counter::NewFlows);
-    stats::count(if affinity_hit {
-        Counter::AffinityHits
-    } else {
-        Counter::AffinityMisses
-    });
-    stats::record(service.id, backend_id, Traffic::NewFlow { affinity_hit });
-    stats::record(
-        service.id,
-        backend_id,
-        Traffic::Forward {
-            bytes: u64::from(pkt.ip_len),
-        },
-    );
-    fragments::track_first(pkt, forward, now);
-    if !rewrite(ctx, pkt, forward) {
-        return Verdict::drop(Counter::DropInternal);
+    match hop {
+        Ok(()) => {
+            bind_server_side(reverse_key, forward.next_hop.ifindex);
+            send(ctx, pkt, &forward.next_hop)
+        }
+        Err(verdict) => verdict,
     }
-    crate::forward::forward(ctx, pkt)
+}
+
+/// Ties a new flow's return entry to the interface lb sends to the server on.
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn bind_server_side(reverse_key: &FlowKey, ifindex: u32) {
+    if let Some(reverse) = HALF_OPEN.get_ptr_mut(reverse_key) {
+        // SAFETY: map value pointer from a successful lookup.
+        unsafe { (*reverse).ingress_ifindex = ifindex };
+    }
 }
 
 /// The backend for a new connection: the client's fresh affinity if its backend may still
@@ -416,12 +611,13 @@ fn maglev_pick(service: &Service, hash: u32) -> Option<u32> {
     (id != NO_BACKEND).then_some(id)
 }
 
-/// Claims a SNAT address and port for a flow toward `backend`:`server_port_be` by inserting the return-path
-/// entry (`EntrySlot::Reverse`) into `LB_HALF_OPEN` with BPF_NOEXIST: the insert itself is
-/// the atomic claim, so two CPUs can never hand out the same (SNAT address, port) toward the
-/// same backend. A pair is also taken while a confirmed flow holds it in `LB_FLOWS`; an
-/// expired holder there is evicted. The check after the insert closes the race with
-/// `confirm`, which inserts into `LB_FLOWS` before it deletes from `LB_HALF_OPEN`.
+/// Claims a SNAT address and port for a flow toward `backend`:`server_port_be` by inserting
+/// the return-path entry (`EntrySlot::Reverse`) into `LB_HALF_OPEN` with BPF_NOEXIST: the
+/// insert itself is the atomic claim, so two CPUs can never hand out the same (SNAT
+/// address, port) toward the same backend. A pair is also taken while a confirmed flow
+/// holds it in `LB_FLOWS`; an expired holder in either table is evicted. A confirmed
+/// flow's return entry stays in `LB_HALF_OPEN` until it expires (`confirm_flow`), so the
+/// check of `LB_FLOWS` before the insert cannot miss a flow being confirmed meanwhile.
 ///
 /// Returns the claimed return-path key (`KeySlot::Derived`).
 // Out of line: its own stack frame (see "Stack" in the README).
@@ -443,13 +639,13 @@ fn claim_snat_port(
     }
     let key = key_slot(KeySlot::Derived)?;
     *key = FlowKey {
-        src_be: backend.addr_be,
-        dst_be: [0; 4],
+        src_be: copy::words(&backend.addr_be),
+        dst_be: [0, 0, 0, 0],
         src_port_be: server_port_be,
         dst_port_be: 0,
         proto: flow.proto,
         family: flow.family,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let hash = hash::flow_hash(
         &flow.src_be,
@@ -460,7 +656,7 @@ fn claim_snat_port(
     let ports = u32::from(settings.snat_port_max - settings.snat_port_min) + 1;
     for attempt in 0..hash::SNAT_ATTEMPTS {
         let (address, offset) = hash::snat_probe(hash, now as u32, attempt, count, ports);
-        key.dst_be = *SNAT_ADDRS.get(base + address)?;
+        key.dst_be = copy::words(SNAT_ADDRS.get(base + address)?);
         key.dst_port_be = (settings.snat_port_min + offset as u16).to_be();
         if try_claim(key, now) {
             return Some(key);
@@ -484,17 +680,22 @@ fn try_claim(key: &FlowKey, now: u64) -> bool {
             return false;
         }
     }
-    // An expired holder in LB_HALF_OPEN keeps the pair until the daemon's collection or the
-    // LRU removes it; with the handshake timeout that is seconds.
     if HALF_OPEN
         .insert(key, reverse, u64::from(BPF_NOEXIST))
-        .is_err()
+        .is_ok()
     {
-        return false;
+        return true;
     }
-    if FLOWS.get_ptr(key).is_some() {
-        let _ = HALF_OPEN.remove(key);
+    // Taken in LB_HALF_OPEN: by a live attempt, or by one that expired (a confirmed flow's
+    // leftover, a spoofed SYN's), whose pair is free again.
+    let Some(holder) = HALF_OPEN.get_ptr(key) else {
         return false;
-    }
-    true
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let expired = unsafe { !is_fresh((*holder).last_seen_ns, (*holder).timeout_s, now) };
+    expired
+        && HALF_OPEN.remove(key).is_ok()
+        && HALF_OPEN
+            .insert(key, reverse, u64::from(BPF_NOEXIST))
+            .is_ok()
 }

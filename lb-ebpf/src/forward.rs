@@ -1,5 +1,6 @@
-//! Sending a rewritten packet on: the kernel's FIB picks the egress interface and MACs; a
-//! VLAN egress device is resolved to its lower interface and the tag is set, added or removed.
+//! Sending a rewritten packet on: the kernel's FIB picks the egress interface and MACs (a
+//! VLAN egress device resolved to its lower interface), cached per flow as a `NextHop`; the
+//! tag is then set, added or removed.
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action::XDP_PASS, BPF_FIB_LKUP_RET_FRAG_NEEDED,
@@ -10,11 +11,12 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::Counter;
+use lb_common::{Counter, NextHop, NEXT_HOP_UNTAGGED};
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{fib_params, TX_PORTS, VLANS},
+    copy,
+    maps::{fib_params, ROUTE_GENERATION, TX_PORTS, VLANS},
     parse::{ptr_at, Packet, L3, VLAN_TAG_LEN},
     verdict::Verdict,
 };
@@ -32,22 +34,66 @@ struct VlanTag {
     ether_type: u16,
 }
 
-/// Routes the (already rewritten) packet. An unresolved neighbour or an egress interface
-/// without lb is handed to the kernel, which forwards it itself, so nothing is lost.
+/// A next hop that matches no generation, spelled out: `NextHop::default()` zeroes its MAC
+/// arrays with a call to `memset` (see `copy`).
+pub const NO_NEXT_HOP: NextHop = NextHop {
+    generation: 0,
+    ifindex: 0,
+    dmac: [0, 0, 0, 0, 0, 0],
+    smac: [0, 0, 0, 0, 0, 0],
+    vid: NEXT_HOP_UNTAGGED,
+    mtu: 0,
+};
+
+/// Routes the (already rewritten) packet of no cached flow: a route lookup, then send.
 // Out of line: its own stack frame (see "Stack" in the README).
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
-    let ingress = ctx.ingress_ifindex() as u32;
+    let mut hop = NO_NEXT_HOP;
+    if let Err(verdict) = next_hop(ctx, pkt, &mut hop) {
+        return verdict;
+    }
+    send(ctx, pkt, &hop)
+}
+
+/// Makes `hop` the next hop of the (already rewritten) packet: kept as it is while the
+/// routing generation it was filled in still holds and the packet fits its MTU, else
+/// filled from a route lookup. An unresolved neighbour is the kernel's to forward (and
+/// resolve), so nothing is lost.
+#[inline(always)]
+pub fn next_hop(ctx: &XdpContext, pkt: &Packet, hop: &mut NextHop) -> Result<(), Verdict> {
+    let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
+    if hop.generation == generation && generation != 0 && pkt.ip_len <= hop.mtu {
+        return Ok(());
+    }
+    let mut refused = Verdict::drop(Counter::DropInternal);
+    if lookup(ctx, pkt, hop, generation, &mut refused) {
+        Ok(())
+    } else {
+        Err(refused)
+    }
+}
+
+/// Fills `hop` from a route lookup, or says in `refused` why the packet cannot go. Out of
+/// line, with its own stack frame; a plain bool result, since a returned struct comes
+/// back as a pointer into the caller's stack, which the verifier refuses.
+#[inline(never)]
+fn lookup(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    hop: &mut NextHop,
+    generation: u32,
+    refused: &mut Verdict,
+) -> bool {
     let Some(params) = fib_params() else {
-        return Verdict::drop(Counter::DropInternal);
+        return false;
     };
-    // SAFETY: all-zero is a valid value of this plain C struct.
-    *params = unsafe { core::mem::zeroed() };
+    copy::zero(params);
     params.l4_protocol = pkt.key.proto;
     params.sport = pkt.key.src_port_be;
     params.dport = pkt.key.dst_port_be;
     params.__bindgen_anon_1.tot_len = pkt.ip_len;
-    params.ifindex = ingress;
+    params.ifindex = ctx.ingress_ifindex() as u32;
     match pkt.l3 {
         L3::V4(ip) => {
             // SAFETY: bounds-checked in `parse`.
@@ -75,24 +121,44 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             0,
         )
     };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::pass(Counter::PassNoNeigh),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Verdict::drop(Counter::DropOverMtu),
-        _ => return Verdict::drop(Counter::DropNoRoute),
-    }
-    let (egress, vid) = match VLANS.get_ptr(&params.ifindex) {
-        // SAFETY: map value pointer from a successful lookup.
-        Some(port) => unsafe { ((*port).lower_ifindex, Some((*port).vid)) },
-        None => (params.ifindex, None),
+    *refused = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => *refused,
+        BPF_FIB_LKUP_RET_NO_NEIGH => Verdict::pass(Counter::PassNoNeigh),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Verdict::drop(Counter::DropOverMtu),
+        _ => Verdict::drop(Counter::DropNoRoute),
     };
-    if !set_link_header(ctx, pkt.tagged, vid, params.dmac, params.smac) {
+    if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
+        return false;
+    }
+    let (ifindex, vid) = match VLANS.get_ptr(&params.ifindex) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(port) => unsafe { ((*port).lower_ifindex, (*port).vid) },
+        None => (params.ifindex, NEXT_HOP_UNTAGGED),
+    };
+    *hop = NextHop {
+        generation,
+        ifindex,
+        dmac: params.dmac,
+        smac: params.smac,
+        vid,
+        // SAFETY: on success the helper writes the route's MTU over `tot_len`.
+        mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+    };
+    true
+}
+
+/// Writes the link header for `hop` and sends the packet out of its interface.
+// Out of line: its VLAN cases would multiply the verifier's paths through every caller.
+#[inline(never)]
+pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
+    let vid = (hop.vid != NEXT_HOP_UNTAGGED).then_some(hop.vid);
+    if !set_link_header(ctx, pkt.tagged, vid, hop.dmac, hop.smac) {
         return Verdict::drop(Counter::DropInternal);
     }
-    if egress == ingress {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Verdict::tx()
     } else {
-        match TX_PORTS.redirect(egress, u64::from(XDP_PASS)) {
+        match TX_PORTS.redirect(hop.ifindex, u64::from(XDP_PASS)) {
             Ok(_) => Verdict::redirect(),
             Err(_) => Verdict::pass(Counter::PassEgressNotAttached),
         }

@@ -7,7 +7,9 @@ use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{Counter, FlowEntry, FragmentKey};
 
 use crate::{
-    balancer::{is_fresh, translate_and_forward},
+    balancer::translate_and_forward,
+    clock::is_fresh,
+    copy,
     maps::{entry_slot, EntrySlot, FRAGMENTS, SETTINGS},
     parse::{is_vip, Packet, Part},
     stats,
@@ -17,12 +19,12 @@ use crate::{
 #[inline(always)]
 fn key(pkt: &Packet, id: u32) -> FragmentKey {
     FragmentKey {
-        src_be: pkt.key.src_be,
-        dst_be: pkt.key.dst_be,
+        src_be: copy::words(&pkt.key.src_be),
+        dst_be: copy::words(&pkt.key.dst_be),
         id,
         proto: pkt.key.proto,
         family: pkt.key.family,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 
@@ -41,7 +43,7 @@ fn remember(pkt: &Packet, id: u32, entry: &FlowEntry, now: u64) {
     else {
         return;
     };
-    *remembered = *entry;
+    copy::entry(remembered, entry);
     remembered.timeout_s = settings.fragment_timeout_s;
     remembered.last_seen_ns = now;
     if FRAGMENTS

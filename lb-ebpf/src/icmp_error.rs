@@ -7,7 +7,7 @@
 //! work through the full NAT. The outer source becomes the flow's peer on that side (the
 //! VIP toward a client, the SNAT address toward a server): no address of one side leaks
 //! to the other, and the receiver can always route back.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum::Delta, v4_words, v6_bytes, v6_words, Counter, FlowEntry, FlowKey, FAMILY_V4, FAMILY_V6,
     PROTO_TCP, PROTO_UDP,
@@ -15,7 +15,7 @@ use lb_common::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    balancer::is_fresh,
+    clock::{self, is_fresh},
     forward::forward,
     maps::{key_slot, KeySlot, FLOWS, HALF_OPEN},
     nat::{as_sent, has_no_checksum},
@@ -68,8 +68,7 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         return Verdict::pass(Counter::PassIcmp);
     };
     let key: &FlowKey = key;
-    // SAFETY: a coarse monotonic clock read, no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now();
     let entry = match FLOWS.get_ptr(key) {
         Some(entry) => entry,
         None => match HALF_OPEN.get_ptr(key) {
@@ -147,7 +146,7 @@ fn reply_key(
         dst_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
         proto,
         family,
-        _pad: [0; 2],
+        _pad: 0,
     };
     Some(l4_offset)
 }

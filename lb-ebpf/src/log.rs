@@ -4,7 +4,7 @@
 //! level under the `xdp` target, so the switch alone decides whether they show.
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
-use lb_common::{v6_bytes, Counter, FlowEntry, FlowKey, FAMILY_V4, SETTINGS_F_DEBUG_LOG};
+use lb_common::{v6_bytes, Counter, FlowKey, FAMILY_V4, SETTINGS_F_DEBUG_LOG};
 
 use crate::maps::SETTINGS;
 
@@ -26,45 +26,46 @@ pub fn drop(ctx: &XdpContext, counter: Counter) {
 }
 
 #[inline(always)]
-pub fn new_flow(ctx: &XdpContext, client: &FlowKey, forward: &FlowEntry, affinity_hit: bool) {
+/// `claimed` is the new flow's return-path key: the backend and the SNAT address and port.
+pub fn new_flow(ctx: &XdpContext, client: &FlowKey, claimed: &FlowKey, affinity_hit: bool) {
     if !enabled() {
         return;
     }
     let how = if affinity_hit { "affinity" } else { "maglev" };
     if client.family == FAMILY_V4 {
-        new_flow_v4(ctx, client, forward, how);
+        new_flow_v4(ctx, client, claimed, how);
     } else {
-        new_flow_v6(ctx, client, forward, how);
+        new_flow_v6(ctx, client, claimed, how);
     }
 }
 
 // Out of line, one record each: their own small stack frames (see "Stack" in the README).
 #[inline(never)]
-fn new_flow_v4(ctx: &XdpContext, client: &FlowKey, forward: &FlowEntry, how: &str) {
+fn new_flow_v4(ctx: &XdpContext, client: &FlowKey, claimed: &FlowKey, how: &str) {
     info!(
         ctx,
         target: "xdp",
         "new flow {:i}:{} -> {:i}:{} snat port {} ({})",
         client.src_be[0].to_ne_bytes(),
         u16::from_be(client.src_port_be),
-        forward.new_dst_be[0].to_ne_bytes(),
-        u16::from_be(forward.new_dst_port_be),
-        u16::from_be(forward.new_src_port_be),
+        claimed.src_be[0].to_ne_bytes(),
+        u16::from_be(claimed.src_port_be),
+        u16::from_be(claimed.dst_port_be),
         how
     );
 }
 
 #[inline(never)]
-fn new_flow_v6(ctx: &XdpContext, client: &FlowKey, forward: &FlowEntry, how: &str) {
+fn new_flow_v6(ctx: &XdpContext, client: &FlowKey, claimed: &FlowKey, how: &str) {
     info!(
         ctx,
         target: "xdp",
         "new flow [{:i}]:{} -> [{:i}]:{} snat port {} ({})",
         v6_bytes(client.src_be),
         u16::from_be(client.src_port_be),
-        v6_bytes(forward.new_dst_be),
-        u16::from_be(forward.new_dst_port_be),
-        u16::from_be(forward.new_src_port_be),
+        v6_bytes(claimed.src_be),
+        u16::from_be(claimed.src_port_be),
+        u16::from_be(claimed.dst_port_be),
         how
     );
 }

@@ -3,6 +3,8 @@
 #![no_main]
 
 mod balancer;
+mod clock;
+mod copy;
 mod forward;
 mod fragments;
 mod icmp;
@@ -12,6 +14,7 @@ mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod tcp;
 mod verdict;
 
 use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::xdp, programs::XdpContext};
@@ -27,6 +30,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_new_flow(ctx: XdpContext) -> u32 {
     finish(&ctx, balancer::process_new_flow(&ctx))
+}
+
+/// Tail-called by `lb_new_flow` once it has chosen a backend.
+#[xdp]
+pub fn lb_claim_snat(ctx: XdpContext) -> u32 {
+    finish(&ctx, balancer::process_claim(&ctx))
+}
+
+/// Tail-called by `lb_claim_snat` once it has claimed a SNAT port.
+#[xdp]
+pub fn lb_open_flow(ctx: XdpContext) -> u32 {
+    finish(&ctx, balancer::process_open_flow(&ctx))
 }
 
 /// Counts the packet's one verdict and returns its action.

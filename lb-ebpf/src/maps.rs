@@ -9,7 +9,7 @@ use lb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, FlowEntry, FlowKey, FragmentKey, Service,
     ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, MAGLEV_ENTRIES, MAX_AFFINITIES,
     MAX_BACKENDS, MAX_COUNTERS, MAX_SERVICE_PORTS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
-    MAX_SERVICES, MAX_SNAT_ADDRS,
+    MAX_SERVICES, MAX_SNAT_ADDRS, PROGRAM_SLOTS,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -27,27 +27,39 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "LB_MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
 
+/// The LRU tables keep one LRU list per CPU: an insert never takes a lock shared with the
+/// other CPUs (a common list costs several hundred ns per insert under load), and a flood
+/// on one CPU evicts only that CPU's share.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 /// Confirmed connections, both directions. Not LRU: nothing a flood sends can evict an
 /// established flow; entries leave when they expire (daemon GC, or reuse of the tuple).
 #[map(name = "LB_FLOWS")]
 pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// Connections from their first packet until confirmed (TCP: the client's handshake ACK;
-/// UDP: the server's first reply), both directions. LRU and short-lived: spoofed SYNs only
-/// ever churn this table, and their SNAT ports come back after the handshake timeout.
+/// Connections from their first packet until confirmed (TCP: the client's ACK of the
+/// server's SYN-ACK; UDP: the server's first reply), both directions. LRU and short-lived:
+/// spoofed SYNs only ever churn this table, and their SNAT ports come back after the
+/// handshake timeout. Confirming copies a flow to `LB_FLOWS`, which is looked up first, and
+/// leaves these entries to expire (two deletes saved per connection).
 #[map(name = "LB_HALF_OPEN")]
 pub static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(MAX_HALF_OPEN, 0);
+    LruHashMap::with_max_entries(MAX_HALF_OPEN, BPF_F_NO_COMMON_LRU);
 
 /// Fragmented datagrams: the first fragment's rewrite, for the later ones.
 #[map(name = "LB_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FlowEntry> =
     LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 
-/// `lb_new_flow`, at `NEW_FLOW_SLOT`, put there by the daemon.
+/// The routing generation (`NextHop::generation`), bumped by the daemon on every route,
+/// neighbour or link change.
+#[map(name = "LB_ROUTE_GEN")]
+pub static ROUTE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `lb_new_flow`, `lb_claim_snat` and `lb_open_flow`, at their `*_SLOT`s, put there by the
+/// daemon.
 #[map(name = "LB_PROGRAMS")]
-pub static NEW_FLOW_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
-pub const NEW_FLOW_SLOT: u32 = 0;
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAM_SLOTS, 0);
 
 /// VLAN devices on lb's interfaces, by ifindex (written by the daemon).
 #[map(name = "LB_VLANS")]
@@ -55,7 +67,7 @@ pub static VLANS: HashMap<u32, VlanPort> = HashMap::with_max_entries(MAX_INTERFA
 
 #[map(name = "LB_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
-    LruHashMap::with_max_entries(MAX_AFFINITIES, 0);
+    LruHashMap::with_max_entries(MAX_AFFINITIES, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "LB_SNAT_ADDRS")]
 pub static SNAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(MAX_SNAT_ADDRS, 0);
@@ -105,6 +117,33 @@ static SCRATCH_KEYS: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(2, 0);
 
 #[map(name = "LB_SCRATCH_FLOW")]
 static SCRATCH_ENTRIES: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(3, 0);
+
+/// What `lb_new_flow` and `lb_claim_snat` decided for the packet they hand on (the SNAT
+/// claim itself is in `KeySlot::Derived`).
+#[derive(Clone, Copy)]
+pub struct NewFlowPlan {
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `FLOW_F_*` of the client direction (the service's affinity mode).
+    pub flow_flags: u32,
+    pub idle_timeout_s: u32,
+    /// 1 if the backend came from the client's affinity.
+    pub affinity_hit: u32,
+    /// The packet's TCP sequence number (0 for UDP).
+    pub tcp_seq: u32,
+    /// The server's port for this flow, set by `lb_claim_snat`.
+    pub server_port_be: u16,
+    pub _pad: u16,
+}
+
+#[map(name = "LB_SCRATCH_PLAN")]
+static SCRATCH_PLAN: PerCpuArray<NewFlowPlan> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn plan_slot() -> Option<&'static mut NewFlowPlan> {
+    // SAFETY: as above; each program writes it before the tail call to the one that reads it.
+    SCRATCH_PLAN.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 #[map(name = "LB_SCRATCH_FIB")]
 static SCRATCH_FIB: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);

@@ -1,6 +1,8 @@
 //! Header parsing: Ethernet, one 802.1Q tag, IPv4 or IPv6 (skipping the common extension
 //! headers), then TCP, UDP or ICMP. Every access goes through `ptr_at`, which proves to the
 //! verifier (and to the reader) that the bytes exist before they are touched.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     v4_words, v6_words, AddrKey, Counter, FlowKey, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
@@ -12,6 +14,7 @@ use network_types::{
 };
 
 use crate::{
+    copy,
     maps::{key_slot, KeySlot, VIPS},
     verdict::Verdict,
 };
@@ -45,6 +48,7 @@ const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
 const IPV6_FRAG_MORE: u16 = 1;
 
 pub const TCP_MIN_HEADER: usize = 20;
+pub const TCP_DATA_OFFSET: usize = 12;
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const UDP_HEADER: usize = 8;
@@ -106,6 +110,11 @@ pub struct Packet {
     pub part: Part,
     /// TCP flags byte; 0 for other protocols.
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers (host order); 0 for other protocols.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// TCP payload bytes in this packet.
+    pub tcp_payload_len: u32,
 }
 
 impl Packet {
@@ -115,15 +124,30 @@ impl Packet {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// A TCP segment past the handshake from the client: ACK without SYN.
-    #[inline(always)]
-    pub fn acknowledges(&self) -> bool {
-        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
-    }
-
     #[inline(always)]
     pub fn closes(&self) -> bool {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
+    /// A SYN-ACK: the server's answer to a SYN.
+    #[inline(always)]
+    pub fn answers_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+    }
+
+    #[inline(always)]
+    pub fn has_ack(&self) -> bool {
+        self.tcp_flags & TCP_ACK != 0
+    }
+
+    /// The sequence number just past this segment: SYN and FIN take one each.
+    #[inline(always)]
+    pub fn tcp_seq_end(&self) -> u32 {
+        // Arithmetic, not branches: fewer paths for the verifier.
+        let flags = u32::from((self.tcp_flags & TCP_SYN) >> 1) + u32::from(self.tcp_flags & TCP_FIN);
+        self.tcp_seq
+            .wrapping_add(self.tcp_payload_len)
+            .wrapping_add(flags)
     }
 
     /// The first `N` bytes of the transport header, if the packet has them.
@@ -145,11 +169,29 @@ impl Packet {
     }
 }
 
-/// Parses a frame. Anything that is not ours comes back as the verdict to return for it
-/// (pass untouched, or a counted drop for malformed VIP traffic).
-// Out of line: its own stack frame (see "Stack" in the README).
+/// Parses a frame into `out` and returns true, or says in `refused` what to do with a frame
+/// that is not ours (pass untouched, or a counted drop for malformed VIP traffic).
+///
+/// Out of line, with its own stack frame (see "Stack" in the README). Results go through
+/// pointers and the return value is a plain bool: a returned `Result<Packet, _>` comes
+/// back as a pointer into the caller's stack, or is read back as register-sized pieces of
+/// spilled pointers, both of which the verifier refuses.
 #[inline(never)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+pub fn parse(ctx: &XdpContext, out: &mut MaybeUninit<Packet>, refused: &mut Verdict) -> bool {
+    match parse_frame(ctx) {
+        Ok(packet) => {
+            out.write(packet);
+            true
+        }
+        Err(verdict) => {
+            *refused = verdict;
+            false
+        }
+    }
+}
+
+#[inline(always)]
+fn parse_frame(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(Counter::PassMalformed))?;
     // SAFETY: bounds-checked just above.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -206,14 +248,19 @@ fn parse_v4(
         dst_port_be: 0,
         proto: ip_ref.proto,
         family: FAMILY_V4,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let ip_len = u16::from_be_bytes(ip_ref.tot_len);
+    // The total length is a claim: the headers must fit in it, and it in the frame.
+    if usize::from(ip_len) < header_len || usize::from(ip_len) > frame_after(ctx, l3_offset) {
+        return Err(malformed(key));
+    }
     parse_l4(
         ctx,
         eth,
         tagged,
         L3::V4(ip),
+        l3_offset,
         l3_offset + header_len,
         key,
         ip_len,
@@ -242,9 +289,12 @@ fn parse_v6(
         dst_port_be: 0,
         proto: ip_ref.next_hdr,
         family: FAMILY_V6,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let ip_len = u16::from_be_bytes(ip_ref.payload_len).saturating_add(IPV6_HEADER as u16);
+    if usize::from(ip_len) > frame_after(ctx, l3_offset) {
+        return Err(malformed(key));
+    }
     let mut offset = l3_offset + IPV6_HEADER;
     let mut part = Part::Whole;
     for _ in 0..MAX_EXTENSION_HEADERS {
@@ -298,7 +348,16 @@ fn parse_v6(
     ) {
         return Err(unsupported_extension(key));
     }
-    parse_l4(ctx, eth, tagged, L3::V6(ip), offset, key, ip_len, part)
+    if offset > l3_offset + usize::from(ip_len) {
+        return Err(malformed(key));
+    }
+    parse_l4(ctx, eth, tagged, L3::V6(ip), l3_offset, offset, key, ip_len, part)
+}
+
+/// Bytes of the frame from `offset` on.
+#[inline(always)]
+fn frame_after(ctx: &XdpContext, offset: usize) -> usize {
+    (ctx.data_end() - ctx.data()).saturating_sub(offset)
 }
 
 #[inline(always)]
@@ -307,13 +366,16 @@ fn parse_l4(
     eth: *mut EthHdr,
     tagged: bool,
     l3: L3,
+    l3_offset: usize,
     l4_offset: usize,
     key: &'static mut FlowKey,
     ip_len: u16,
     part: Part,
 ) -> Result<Packet, Verdict> {
-    let mut tcp_flags = 0;
+    let (mut tcp_flags, mut tcp_seq, mut tcp_ack, mut tcp_payload_len) = (0, 0, 0, 0);
     let later_fragment = matches!(part, Part::LaterFragment { .. });
+    // What the IP header says follows the headers parsed so far (checked non-negative).
+    let l4_len = (l3_offset + usize::from(ip_len)).saturating_sub(l4_offset);
     // One bounds check per protocol, on the pointer that is kept: the verifier tracks the
     // checked length per pointer.
     match key.proto {
@@ -327,6 +389,13 @@ fn parse_l4(
                 key.src_port_be = u16::from_ne_bytes([tcp_ref[0], tcp_ref[1]]);
                 key.dst_port_be = u16::from_ne_bytes([tcp_ref[2], tcp_ref[3]]);
                 tcp_flags = tcp_ref[TCP_FLAGS_OFFSET];
+                let header_len = usize::from(tcp_ref[TCP_DATA_OFFSET] >> 4) * 4;
+                if header_len < TCP_MIN_HEADER || header_len > l4_len {
+                    return Err(malformed(key));
+                }
+                tcp_payload_len = (l4_len - header_len) as u32;
+                tcp_seq = u32::from_be_bytes([tcp_ref[4], tcp_ref[5], tcp_ref[6], tcp_ref[7]]);
+                tcp_ack = u32::from_be_bytes([tcp_ref[8], tcp_ref[9], tcp_ref[10], tcp_ref[11]]);
             }
         }
         PROTO_UDP => {
@@ -338,6 +407,11 @@ fn parse_l4(
                 let udp_ref = unsafe { &*udp };
                 key.src_port_be = u16::from_ne_bytes([udp_ref[0], udp_ref[1]]);
                 key.dst_port_be = u16::from_ne_bytes([udp_ref[2], udp_ref[3]]);
+                // A first fragment's UDP length counts the whole datagram.
+                let udp_len = usize::from(u16::from_be_bytes([udp_ref[4], udp_ref[5]]));
+                if udp_len < UDP_HEADER || (part == Part::Whole && udp_len > l4_len) {
+                    return Err(malformed(key));
+                }
             }
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
@@ -349,10 +423,8 @@ fn parse_l4(
             if key.proto != expected {
                 return Err(Verdict::pass(Counter::PassNotService));
             }
-            if !later_fragment {
-                if ptr_at::<[u8; ICMP_HEADER]>(ctx, l4_offset).is_none() {
-                    return Err(malformed(key));
-                }
+            if !later_fragment && (ptr_at::<[u8; ICMP_HEADER]>(ctx, l4_offset).is_none() || l4_len < ICMP_HEADER) {
+                return Err(malformed(key));
             }
         }
         _ => return Err(Verdict::pass(Counter::PassNotService)),
@@ -366,13 +438,17 @@ fn parse_l4(
         ip_len,
         part,
         tcp_flags,
+        tcp_seq,
+        tcp_ack,
+        tcp_payload_len,
     })
 }
 
-/// A truncated header: a counted drop if the packet was meant for a VIP, else the kernel's.
+/// A truncated header or a false length: a counted drop if the packet was meant for a VIP
+/// or a SNAT address, else the kernel's.
 #[inline(always)]
 fn malformed(key: &FlowKey) -> Verdict {
-    if is_vip(key) {
+    if is_ours(key) {
         Verdict::drop(Counter::DropMalformed)
     } else {
         Verdict::pass(Counter::PassMalformed)
@@ -392,9 +468,10 @@ fn unsupported_extension(key: &FlowKey) -> Verdict {
 #[inline(always)]
 fn destination(key: &FlowKey) -> Option<*const VipInfo> {
     let address = AddrKey {
-        addr_be: key.dst_be,
+        addr_be: copy::words(&key.dst_be),
         family: key.family,
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     };
     VIPS.get_ptr(&address)
 }

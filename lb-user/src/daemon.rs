@@ -253,6 +253,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(logger) = state.dataplane.take_logger() {
         forward_dataplane_log(logger)?;
     }
+    if let Some(generation) = state.dataplane.take_route_generation() {
+        crate::next_hops::watch(generation)?;
+    }
     let socket_path = PathBuf::from(&state.pool.config().daemon.control_socket);
     let listener = bind_control_socket(&socket_path)?;
     info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");

@@ -19,13 +19,17 @@ use lb_common::{
     maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
     Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, FAMILY_V6, LAYOUT_VERSION,
     MAGLEV_SIZE, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS,
-    MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_SERVICES, MAP_SERVICE_STATS,
+    MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION, MAP_SERVICES, MAP_SERVICE_STATS,
     MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
-    NEW_FLOW_PROGRAM_NAME, PROGRAM_NAME, SNAT_V6_BASE,
+    CLAIM_PROGRAM_NAME, CLAIM_SLOT, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME,
+    SNAT_V6_BASE,
 };
 use tracing::{info, warn};
 
-use crate::config::{family, XdpModeConfig};
+use crate::{
+    config::{family, XdpModeConfig},
+    next_hops::RouteGeneration,
+};
 
 /// The XDP object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -41,8 +45,9 @@ pub struct Capacity {
     pub max_affinities: u32,
 }
 
-const ALL_MAPS: [&str; 16] = [
+const ALL_MAPS: [&str; 17] = [
     MAP_PROGRAMS,
+    MAP_ROUTE_GENERATION,
     MAP_SERVICES,
     MAP_VIPS,
     MAP_BACKENDS,
@@ -99,6 +104,7 @@ impl log::Log for DropNames {
 pub struct Dataplane {
     ebpf: Ebpf,
     logger: Option<DataplaneLogger>,
+    route_generation: Option<RouteGeneration>,
     /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
     /// throw-away instance (packet tests).
     pin_dir: Option<PathBuf>,
@@ -141,7 +147,8 @@ pub fn vip_key(addr: IpAddr) -> AddrKey {
     AddrKey {
         addr_be: addr_words(addr),
         family: family(addr),
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     }
 }
 
@@ -272,24 +279,34 @@ impl Dataplane {
         program
             .load()
             .context("the kernel verifier rejected the XDP program")?;
-        let new_flow: &mut Xdp = ebpf
-            .program_mut(NEW_FLOW_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {NEW_FLOW_PROGRAM_NAME} missing from the XDP object"))?
-            .try_into()?;
-        new_flow
-            .load()
-            .context("the kernel verifier rejected the new-flow XDP program")?;
-        let new_flow_fd = new_flow.fd()?.try_clone()?;
-        // Pinned with the other maps: a running data plane keeps its new-flow program while
-        // no daemon runs, and the next daemon swaps its own in.
+        // Pinned with the other maps: a running data plane keeps its programs while no
+        // daemon runs, and the next daemon swaps its own in.
         let mut programs: ProgramArray<MapData> = take(&mut ebpf, MAP_PROGRAMS)?;
-        programs
-            .set(0, &new_flow_fd, 0)
-            .context("install the new-flow program")?;
+        for (name, slot) in [
+            (NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT),
+            (CLAIM_PROGRAM_NAME, CLAIM_SLOT),
+            (OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT),
+        ] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
+            let fd = program.fd()?.try_clone()?;
+            programs
+                .set(slot, &fd, 0)
+                .with_context(|| format!("install the program {name}"))?;
+        }
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, DropNames)
             .context("open the data-plane log ring")?;
+        // Whatever a previous daemon cached may have changed while none was watching.
+        let mut route_generation = RouteGeneration::new(take(&mut ebpf, MAP_ROUTE_GENERATION)?);
+        route_generation.bump()?;
         Ok(Self {
             logger: Some(logger),
+            route_generation: Some(route_generation),
             services: take(&mut ebpf, MAP_SERVICES)?,
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
@@ -308,6 +325,11 @@ impl Dataplane {
             ebpf,
             pin_dir,
         })
+    }
+
+    /// The routing generation, for the daemon's rtnetlink watcher (once).
+    pub fn take_route_generation(&mut self) -> Option<RouteGeneration> {
+        self.route_generation.take()
     }
 
     /// The reader of the program's log ring, for the daemon to poll (once).

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod next_hops;
 pub mod metrics;
 pub mod pool;
 pub mod preset;

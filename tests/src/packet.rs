@@ -46,11 +46,11 @@ impl TcpFrame {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
-        let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 0x1000_0000, 64240);
+        let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), DEFAULT_ISN, 64240);
         tcp.syn = self.syn;
         tcp.ack = self.ack;
         if self.ack {
-            tcp.acknowledgment_number = 0x2000_0001;
+            tcp.acknowledgment_number = DEFAULT_ISN.wrapping_add(1);
         }
         let mut ip = Ipv4Header::new(
             (tcp.header_len() + self.payload.len()) as u16,
@@ -191,6 +191,8 @@ pub fn lab_network() -> Result<Netns> {
             "permanent",
         ])?;
     }
+    // Many client addresses (11.0.0.0/8, the benchmarks'), behind the lab client's next hop.
+    ns.ip(&["route", "add", "11.0.0.0/8", "via", &LAB_CLIENT.to_string()])?;
     ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
     // bpf_fib_lookup checks the ingress device's own IPv6 forwarding flag.
     ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
@@ -242,6 +244,12 @@ pub const FIRST_FRAGMENT_BYTES: usize = 24;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// The initial sequence number both sides of a test handshake use unless told otherwise,
+/// so that default frames make a valid handshake: the SYN-ACK acknowledges the SYN
+/// (`DEFAULT_ISN + 1`) and the client's ACK the SYN-ACK (the same number).
+pub const DEFAULT_ISN: u32 = 0x1000_0000;
 
 /// An IPv6 fragment header, or IPv4 fragment fields: offset in 8-byte units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +266,9 @@ pub struct Frame {
     pub src: std::net::SocketAddr,
     pub dst: std::net::SocketAddr,
     pub transport: Transport,
+    /// TCP sequence number, and acknowledgement number (sent when the ACK flag is).
+    pub seq: u32,
+    pub ack: u32,
     pub ttl: u8,
     pub vlan: Option<u16>,
     /// IPv6 extension headers (next-header type, body after the first two bytes), in order.
@@ -318,6 +329,8 @@ impl Frame {
             src,
             dst,
             transport,
+            seq: DEFAULT_ISN,
+            ack: DEFAULT_ISN.wrapping_add(1),
             ttl: 64,
             vlan: None,
             extensions: Vec::new(),
@@ -346,9 +359,9 @@ impl Frame {
                 let mut h = vec![0u8; 20];
                 h[0..2].copy_from_slice(&sp);
                 h[2..4].copy_from_slice(&dp);
-                h[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+                h[4..8].copy_from_slice(&self.seq.to_be_bytes());
                 if flags & TCP_ACK != 0 {
-                    h[8..12].copy_from_slice(&0x2000_0001u32.to_be_bytes());
+                    h[8..12].copy_from_slice(&self.ack.to_be_bytes());
                 }
                 h[12] = 5 << 4;
                 h[13] = flags;

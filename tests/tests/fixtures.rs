@@ -10,7 +10,7 @@ use harness::packet::{
     internet_checksum, lab_network, verify_frame, Fragment, Frame, PacketLab, Seen, Transport,
     CLIENT_MAC, ETH_LEN, FIRST_FRAGMENT_BYTES, LAB_BACKEND, LAB_BACKEND6, LAB_BACKEND_MAC,
     LAB_CLIENT, LAB_CLIENT6, LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_SNAT6, LAB_VIP,
-    LAB_VIP6, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX,
+    LAB_VIP6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX,
 };
 use lb_common::{Counter, VlanPort};
 
@@ -303,7 +303,12 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
         // 1,600 bytes of IP on a 1,500-byte path (lb cannot send "fragmentation needed").
         let big_sender = at(LAB_CLIENT, 40999);
         let syn = tcp(big_sender, at(LAB_VIP, 443), TCP_SYN);
-        lab.expect("SYN", &syn.bytes(), XDP_TX, Counter::Tx)?;
+        let server_side = translated(lab, "SYN", &syn)?;
+        translated(
+            lab,
+            "SYN-ACK",
+            &tcp(server_side.dst, server_side.src, TCP_SYN | TCP_ACK),
+        )?;
         let data = Frame {
             payload: vec![0; 1560],
             ..tcp(big_sender, at(LAB_VIP, 443), TCP_ACK)
@@ -841,6 +846,167 @@ fn icmp_errors_about_a_flow_are_translated() -> Result<()> {
                 Counter::PassIcmp,
             )?;
         }
+        Ok(())
+    })
+}
+
+/// One packet of the TCP trust table: what it is, where it comes from, and what lb must do.
+struct Case {
+    what: &'static str,
+    frame: Vec<u8>,
+    /// Arrives on the lab's other interface (`t1`) instead of `t0`.
+    other_side: bool,
+    action: u32,
+    counter: Counter,
+}
+
+/// Runs every case and reports all the failures at once, each by name.
+fn run_table(lab: &mut PacketLab, cases: Vec<Case>) -> Result<()> {
+    let home = lab.ingress;
+    let other = lb::dataplane::ifindex("t1")?;
+    let mut failures = Vec::new();
+    for case in cases {
+        lab.ingress = if case.other_side { other } else { home };
+        if let Err(e) = lab.expect(case.what, &case.frame, case.action, case.counter) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    lab.ingress = home;
+    ensure!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    Ok(())
+}
+
+fn with_seq(frame: Frame, seq: u32, ack: u32) -> Frame {
+    Frame { seq, ack, ..frame }
+}
+
+/// A sender who never sees the traffic cannot confirm a flow, close one, or speak for the
+/// other side; lengths that disagree with the frame are dropped (issue: data plane).
+#[test]
+fn blind_spoofers_confirm_close_and_cross_nothing() -> Result<()> {
+    in_lab(|lab| {
+        let vip = at(LAB_VIP, 443);
+        let backend = at(LAB_BACKEND, 4443);
+        // A half-open flow whose SYN-ACK has been seen, and an established one.
+        let half = at(LAB_CLIENT, 43000);
+        let syn = translated(lab, "SYN (half-open)", &tcp(half, vip, TCP_SYN))?;
+        let half_server = syn.src;
+        translated(lab, "SYN-ACK (half-open)", &tcp(backend, half_server, TCP_SYN | TCP_ACK))?;
+        let live = at(LAB_CLIENT, 43001);
+        let syn = translated(lab, "SYN (live)", &tcp(live, vip, TCP_SYN))?;
+        let live_server = syn.src;
+        translated(lab, "SYN-ACK (live)", &tcp(backend, live_server, TCP_SYN | TCP_ACK))?;
+        translated(lab, "handshake ACK (live)", &tcp(live, vip, TCP_ACK))?;
+        let isn = harness::packet::DEFAULT_ISN;
+        let blind = 0x7654_3210;
+        let unacked = at(LAB_CLIENT, 43002);
+        translated(lab, "SYN (no SYN-ACK yet)", &tcp(unacked, vip, TCP_SYN))?;
+
+        let mut cases = vec![
+            Case {
+                what: "bare ACK before any SYN-ACK",
+                frame: tcp(unacked, vip, TCP_ACK).bytes(),
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropTcpBadAck,
+            },
+            Case {
+                what: "ACK that does not acknowledge the SYN-ACK",
+                frame: with_seq(tcp(half, vip, TCP_ACK), isn + 1, blind).bytes(),
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropTcpBadAck,
+            },
+            Case {
+                what: "SYN-ACK that does not acknowledge the SYN",
+                frame: with_seq(tcp(backend, half_server, TCP_SYN | TCP_ACK), isn, blind).bytes(),
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropTcpBadAck,
+            },
+            Case {
+                what: "blind RST on a live flow",
+                frame: with_seq(tcp(live, vip, TCP_RST), blind, 0).bytes(),
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropTcpOutOfWindow,
+            },
+            Case {
+                what: "blind FIN on a live flow",
+                frame: with_seq(tcp(live, vip, TCP_FIN | TCP_ACK), blind, isn + 1).bytes(),
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropTcpOutOfWindow,
+            },
+            Case {
+                what: "blind server RST on a live flow",
+                frame: with_seq(tcp(backend, live_server, TCP_RST), blind, 0).bytes(),
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropTcpOutOfWindow,
+            },
+            Case {
+                what: "server's packet arriving from the client side",
+                frame: tcp(backend, live_server, TCP_RST | TCP_ACK).bytes(),
+                other_side: true,
+                action: XDP_DROP,
+                counter: Counter::DropWrongSide,
+            },
+            Case {
+                what: "client's packet arriving from the server side",
+                frame: tcp(live, vip, TCP_ACK).bytes(),
+                other_side: true,
+                action: XDP_DROP,
+                counter: Counter::DropWrongSide,
+            },
+            Case {
+                what: "in-window RST from the client",
+                frame: with_seq(tcp(live, vip, TCP_RST), isn + 1, 0).bytes(),
+                other_side: false,
+                action: XDP_TX,
+                counter: Counter::Tx,
+            },
+        ];
+        // Lengths that disagree with the headers or the frame, on every way in.
+        let good = tcp(at(LAB_CLIENT, 43003), vip, TCP_SYN).bytes();
+        let ip = ETH_LEN;
+        let mut short_total = good.clone();
+        short_total[ip + 2..ip + 4].copy_from_slice(&19u16.to_be_bytes());
+        let mut long_total = good.clone();
+        long_total[ip + 2..ip + 4].copy_from_slice(&((good.len() - ip + 1) as u16).to_be_bytes());
+        let mut small_offset = good.clone();
+        small_offset[ip + 20 + 12] = 4 << 4;
+        let mut large_offset = good.clone();
+        large_offset[ip + 20 + 12] = 15 << 4;
+        let good6 = tcp(at(LAB_CLIENT6, 43003), at(LAB_VIP6, 443), TCP_SYN).bytes();
+        let mut long_payload6 = good6.clone();
+        long_payload6[ip + 4..ip + 6].copy_from_slice(&((good6.len() - ip - 40 + 1) as u16).to_be_bytes());
+        let good_udp = udp(at(LAB_CLIENT, 43004), at(LAB_VIP, 3478)).bytes();
+        let mut long_udp = good_udp.clone();
+        long_udp[ip + 20 + 4..ip + 20 + 6].copy_from_slice(&((good_udp.len() - ip - 20 + 1) as u16).to_be_bytes());
+        for (what, bytes) in [
+            ("IPv4 total length shorter than its header", short_total),
+            ("IPv4 total length beyond the frame", long_total),
+            ("TCP data offset below 5", small_offset),
+            ("TCP data offset beyond the segment", large_offset),
+            ("IPv6 payload length beyond the frame", long_payload6),
+            ("UDP length beyond the datagram", long_udp),
+        ] {
+            cases.push(Case {
+                what,
+                frame: bytes,
+                other_side: false,
+                action: XDP_DROP,
+                counter: Counter::DropMalformed,
+            });
+        }
+        run_table(lab, cases)?;
+        // The rejected packets changed nothing: the half-open flow confirms with the right
+        // ACK, and the live flow (closed only by the in-window RST) was never touched by
+        // the blind ones.
+        let confirmed = counter(lab, Counter::FlowsConfirmed)?;
+        translated(lab, "the real handshake ACK", &tcp(half, vip, TCP_ACK))?;
+        ensure!(counter(lab, Counter::FlowsConfirmed)? == confirmed + 1, "the real ACK did not confirm");
         Ok(())
     })
 }

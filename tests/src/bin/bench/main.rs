@@ -61,6 +61,12 @@ fn main() -> Result<()> {
             3,
         )
     };
+    if std::env::args().any(|a| a == "--packet-cost-only") {
+        // A development aid: section 1 alone, printed, nothing written.
+        let packet_cost = packet_cost::run(&cost_plan).context("per-packet cost")?;
+        println!("{}", report::packet_cost_table(&packet_cost));
+        return Ok(());
+    }
     eprintln!("1/3 per-packet cost (BPF_PROG_TEST_RUN)");
     let packet_cost = packet_cost::run(&cost_plan).context("per-packet cost")?;
     eprintln!("2/3 end to end through veth");
