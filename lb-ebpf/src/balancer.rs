@@ -15,11 +15,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash, maglev_index, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
-    Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP,
+    hash, maglev_index, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey, Service,
+    ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP, CLAIM_SLOT,
     FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
-    FLOW_F_SYNACK_SEEN, FLOW_F_TOUCH_AFFINITY, MAGLEV_SIZE, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, SNAT_V6_BASE, CLAIM_SLOT, NEW_FLOW_SLOT, OPEN_FLOW_SLOT,
+    FLOW_F_SYNACK_SEEN, FLOW_F_TOUCH_AFFINITY, MAGLEV_SIZE, NEW_FLOW_SLOT, NO_BACKEND,
+    OPEN_FLOW_SLOT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SNAT_V6_BASE,
 };
 
 use crate::{
@@ -28,8 +28,8 @@ use crate::{
     forward::{next_hop, send, NO_NEXT_HOP},
     fragments, icmp,
     maps::{
-        entry_slot, key_slot, EntrySlot, KeySlot, AFFINITY, BACKENDS, FLOWS, HALF_OPEN, MAGLEV,
-        plan_slot, NewFlowPlan, PROGRAMS, SERVICES, SETTINGS, SNAT_ADDRS,
+        entry_slot, key_slot, plan_slot, EntrySlot, KeySlot, NewFlowPlan, AFFINITY, BACKENDS,
+        FLOWS, HALF_OPEN, MAGLEV, PROGRAMS, SERVICES, SETTINGS, SNAT_ADDRS,
     },
     nat::rewrite,
     parse::{is_ours, parse, Packet, Part},
@@ -221,6 +221,18 @@ fn learn_server_isn(pkt: &Packet, entry: &mut FlowEntry) -> bool {
     true
 }
 
+/// Does a half-open client entry still hold its SNAT port? The LRU may have evicted the
+/// return entry that claims it; then a retried SYN starts the flow afresh.
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn still_claimed(pkt: &Packet, entry: &FlowEntry) -> bool {
+    let Some(return_key) = key_slot(KeySlot::Derived) else {
+        return false;
+    };
+    *return_key = other_direction(pkt.key.proto, pkt.key.family, entry);
+    entry.flags & FLOW_F_REVERSE == 0 && HALF_OPEN.get_ptr(return_key).is_some()
+}
+
 /// The key of the opposite direction of a flow, from one direction's entry: the entry's
 /// rewritten tuple, seen from the other side.
 #[inline(always)]
@@ -239,7 +251,13 @@ fn other_direction(proto: u8, family: u8, entry: &FlowEntry) -> FlowKey {
 /// Carries a packet of a known flow: its state (closing, sequence, last seen), the counts,
 /// the rewrite, the next hop; with `confirm`, the flow moves to `LB_FLOWS` on the way.
 #[inline(always)]
-fn carry(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64, confirm: bool) -> Verdict {
+fn carry(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    entry: &mut FlowEntry,
+    now: u64,
+    confirm: bool,
+) -> Verdict {
     if pkt.closes() && entry.flags & FLOW_F_CLOSING == 0 {
         if let Some(settings) = SETTINGS.get(0) {
             entry.timeout_s = settings.closing_timeout_s;
@@ -292,9 +310,9 @@ pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) 
 }
 
 /// Copies both directions of a flow from `LB_HALF_OPEN` to `LB_FLOWS` with the service's
-/// idle timeout (`entry` is the direction the confirming packet belongs to). The
-/// half-open entries stay until they expire: `LB_FLOWS` is looked up first, and the
-/// return entry keeps the SNAT port claimed meanwhile (see `claim_snat_port`). If
+/// idle timeout (`entry` is the direction the confirming packet belongs to). The return
+/// direction's half-open entry stays until it expires: `LB_FLOWS` is looked up first, and
+/// it keeps the SNAT port claimed meanwhile (see `claim_snat_port`). If
 /// `LB_FLOWS` is full, the flow stays half-open, is counted, and ends at the handshake
 /// timeout.
 // Out of line: its own stack frame (see "Stack" in the README).
@@ -337,6 +355,14 @@ fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
         stats::count(Counter::FlowTableFull);
         return;
     }
+    // The client direction's half-open entry goes: a SYN reusing the tuple once the
+    // connection has closed must open a new flow, not resume this handshake.
+    let client_key = if entry.flags & FLOW_F_REVERSE == 0 {
+        key
+    } else {
+        other_key
+    };
+    let _ = HALF_OPEN.remove(client_key);
     entry.timeout_s = entry.idle_timeout_s;
     stats::count(Counter::FlowsConfirmed);
 }
@@ -394,13 +420,23 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         if let Some(entry) = FLOWS.get_ptr_mut(pkt.key) {
             // SAFETY: map value pointer from a successful lookup.
             let entry = unsafe { &mut *entry };
-            if entry.flags & FLOW_F_CLOSING == 0 && is_fresh(entry.last_seen_ns, entry.timeout_s, now) {
+            if entry.flags & FLOW_F_CLOSING == 0
+                && is_fresh(entry.last_seen_ns, entry.timeout_s, now)
+            {
                 // A SYN on a live connection's tuple belongs to that connection.
                 return established(ctx, pkt, entry, now);
             }
             // The client reuses the tuple of a closed connection: the new one must not
             // find the old entry. The old return entry expires alone.
             let _ = FLOWS.remove(pkt.key);
+        }
+        if let Some(entry) = HALF_OPEN.get_ptr_mut(pkt.key) {
+            // SAFETY: map value pointer from a successful lookup.
+            let entry = unsafe { &mut *entry };
+            if is_fresh(entry.last_seen_ns, entry.timeout_s, now) && still_claimed(pkt, entry) {
+                // A retransmitted SYN: same server, same SNAT port, as the first.
+                return established(ctx, pkt, entry, now);
+            }
         }
     }
     let (backend_id, affinity_hit) = match choose_backend(pkt.key, service, now) {
@@ -521,7 +557,11 @@ fn open_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     } else {
         Counter::AffinityMisses
     });
-    stats::record(plan.service_id, backend_id, Traffic::NewFlow { affinity_hit });
+    stats::record(
+        plan.service_id,
+        backend_id,
+        Traffic::NewFlow { affinity_hit },
+    );
     count(pkt, forward);
     fragments::track_first(pkt, forward, now);
     if !rewrite(ctx, pkt, forward) {

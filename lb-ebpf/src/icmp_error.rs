@@ -120,7 +120,15 @@ fn reply_key_v6(ctx: &XdpContext, offset: usize, key: &mut FlowKey) -> Option<us
     }
     let src = v6_words(ip.src_addr);
     let dst = v6_words(ip.dst_addr);
-    reply_key(ctx, offset + IPV6_HEADER, key, src, dst, ip.next_hdr, FAMILY_V6)
+    reply_key(
+        ctx,
+        offset + IPV6_HEADER,
+        key,
+        src,
+        dst,
+        ip.next_hdr,
+        FAMILY_V6,
+    )
 }
 
 #[inline(always)]

@@ -8,13 +8,12 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, FlowEntry, FlowKey, FragmentKey, Service,
     ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, MAGLEV_ENTRIES, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_COUNTERS, MAX_SERVICE_PORTS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
-    MAX_SERVICES, MAX_SNAT_ADDRS, PROGRAM_SLOTS,
+    MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
+    MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS, PROGRAM_SLOTS,
 };
 
 #[map(name = "LB_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, Service> =
-    HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
 
 #[map(name = "LB_VIPS")]
 pub static VIPS: HashMap<AddrKey, VipInfo> =
@@ -41,7 +40,7 @@ pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(MAX_FL
 /// server's SYN-ACK; UDP: the server's first reply), both directions. LRU and short-lived:
 /// spoofed SYNs only ever churn this table, and their SNAT ports come back after the
 /// handshake timeout. Confirming copies a flow to `LB_FLOWS`, which is looked up first, and
-/// leaves these entries to expire (two deletes saved per connection).
+/// leaves the return entry to expire (one delete saved per connection).
 #[map(name = "LB_HALF_OPEN")]
 pub static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(MAX_HALF_OPEN, BPF_F_NO_COMMON_LRU);

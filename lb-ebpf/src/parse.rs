@@ -5,8 +5,8 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    v4_words, v6_words, AddrKey, Counter, FlowKey, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTO_UDP,
+    v4_words, v6_words, AddrKey, Counter, FlowKey, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use network_types::{
     eth::EthHdr,
@@ -144,7 +144,8 @@ impl Packet {
     #[inline(always)]
     pub fn tcp_seq_end(&self) -> u32 {
         // Arithmetic, not branches: fewer paths for the verifier.
-        let flags = u32::from((self.tcp_flags & TCP_SYN) >> 1) + u32::from(self.tcp_flags & TCP_FIN);
+        let flags =
+            u32::from((self.tcp_flags & TCP_SYN) >> 1) + u32::from(self.tcp_flags & TCP_FIN);
         self.tcp_seq
             .wrapping_add(self.tcp_payload_len)
             .wrapping_add(flags)
@@ -351,7 +352,17 @@ fn parse_v6(
     if offset > l3_offset + usize::from(ip_len) {
         return Err(malformed(key));
     }
-    parse_l4(ctx, eth, tagged, L3::V6(ip), l3_offset, offset, key, ip_len, part)
+    parse_l4(
+        ctx,
+        eth,
+        tagged,
+        L3::V6(ip),
+        l3_offset,
+        offset,
+        key,
+        ip_len,
+        part,
+    )
 }
 
 /// Bytes of the frame from `offset` on.
@@ -423,7 +434,9 @@ fn parse_l4(
             if key.proto != expected {
                 return Err(Verdict::pass(Counter::PassNotService));
             }
-            if !later_fragment && (ptr_at::<[u8; ICMP_HEADER]>(ctx, l4_offset).is_none() || l4_len < ICMP_HEADER) {
+            if !later_fragment
+                && (ptr_at::<[u8; ICMP_HEADER]>(ctx, l4_offset).is_none() || l4_len < ICMP_HEADER)
+            {
                 return Err(malformed(key));
             }
         }

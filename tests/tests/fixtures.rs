@@ -872,7 +872,12 @@ fn run_table(lab: &mut PacketLab, cases: Vec<Case>) -> Result<()> {
         }
     }
     lab.ingress = home;
-    ensure!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    ensure!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     Ok(())
 }
 
@@ -891,11 +896,19 @@ fn blind_spoofers_confirm_close_and_cross_nothing() -> Result<()> {
         let half = at(LAB_CLIENT, 43000);
         let syn = translated(lab, "SYN (half-open)", &tcp(half, vip, TCP_SYN))?;
         let half_server = syn.src;
-        translated(lab, "SYN-ACK (half-open)", &tcp(backend, half_server, TCP_SYN | TCP_ACK))?;
+        translated(
+            lab,
+            "SYN-ACK (half-open)",
+            &tcp(backend, half_server, TCP_SYN | TCP_ACK),
+        )?;
         let live = at(LAB_CLIENT, 43001);
         let syn = translated(lab, "SYN (live)", &tcp(live, vip, TCP_SYN))?;
         let live_server = syn.src;
-        translated(lab, "SYN-ACK (live)", &tcp(backend, live_server, TCP_SYN | TCP_ACK))?;
+        translated(
+            lab,
+            "SYN-ACK (live)",
+            &tcp(backend, live_server, TCP_SYN | TCP_ACK),
+        )?;
         translated(lab, "handshake ACK (live)", &tcp(live, vip, TCP_ACK))?;
         let isn = harness::packet::DEFAULT_ISN;
         let blind = 0x7654_3210;
@@ -980,10 +993,12 @@ fn blind_spoofers_confirm_close_and_cross_nothing() -> Result<()> {
         large_offset[ip + 20 + 12] = 15 << 4;
         let good6 = tcp(at(LAB_CLIENT6, 43003), at(LAB_VIP6, 443), TCP_SYN).bytes();
         let mut long_payload6 = good6.clone();
-        long_payload6[ip + 4..ip + 6].copy_from_slice(&((good6.len() - ip - 40 + 1) as u16).to_be_bytes());
+        long_payload6[ip + 4..ip + 6]
+            .copy_from_slice(&((good6.len() - ip - 40 + 1) as u16).to_be_bytes());
         let good_udp = udp(at(LAB_CLIENT, 43004), at(LAB_VIP, 3478)).bytes();
         let mut long_udp = good_udp.clone();
-        long_udp[ip + 20 + 4..ip + 20 + 6].copy_from_slice(&((good_udp.len() - ip - 20 + 1) as u16).to_be_bytes());
+        long_udp[ip + 20 + 4..ip + 20 + 6]
+            .copy_from_slice(&((good_udp.len() - ip - 20 + 1) as u16).to_be_bytes());
         for (what, bytes) in [
             ("IPv4 total length shorter than its header", short_total),
             ("IPv4 total length beyond the frame", long_total),
@@ -1006,7 +1021,10 @@ fn blind_spoofers_confirm_close_and_cross_nothing() -> Result<()> {
         // the blind ones.
         let confirmed = counter(lab, Counter::FlowsConfirmed)?;
         translated(lab, "the real handshake ACK", &tcp(half, vip, TCP_ACK))?;
-        ensure!(counter(lab, Counter::FlowsConfirmed)? == confirmed + 1, "the real ACK did not confirm");
+        ensure!(
+            counter(lab, Counter::FlowsConfirmed)? == confirmed + 1,
+            "the real ACK did not confirm"
+        );
         Ok(())
     })
 }

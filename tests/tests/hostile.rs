@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{ensure, Result};
 use harness::packet::{
     lab_network, verify_frame, Fragment, Frame, PacketLab, Transport, LAB_BACKEND, LAB_BACKEND6,
-    LAB_CLIENT, LAB_CLIENT6, LAB_CONFIG, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_FIN, TCP_SYN, XDP_ABORTED,
-    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    LAB_CLIENT, LAB_CLIENT6, LAB_CONFIG, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
 };
 use lb_common::Counter;
 
@@ -293,6 +293,139 @@ fn syn_flood_from_spoofed_sources_does_not_evict_established_flows() -> Result<(
             moved(Counter::NewFlows),
             moved(Counter::DropSnatExhausted)
         );
+        Ok(())
+    })?
+}
+
+/// Spoofed handshakes, blind RSTs and a server-side RST sweep from the client side, against
+/// the real program: 2,000 spoofed SYN + bare-ACK pairs confirm nothing and leave the flow
+/// table as it was; 20 real connections opened afterwards confirm; one blind RST each
+/// closes none of them; RSTs from the servers' address and port swept over the SNAT ports
+/// but arriving on the clients' interface reach no one.
+#[test]
+fn blind_spoofers_confirm_and_kill_nothing() -> Result<()> {
+    const SPOOFED: u32 = 2_000;
+    const REAL: u16 = 20;
+    let ns = lab_network()?;
+    ns.run(|| -> Result<()> {
+        let mut lab = PacketLab::new(LAB_CONFIG)?;
+        let vip = SocketAddr::new(LAB_VIP.into(), 443);
+        let backend = SocketAddr::new(LAB_BACKEND.into(), 4443);
+        let before = lab.dp.counters()?;
+        let mut output = Vec::new();
+        let mut rng = Rng(0xb11d);
+        for _ in 0..SPOOFED {
+            let spoofed = SocketAddr::new(
+                IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes()),
+                1024 + rng.below(60000) as u16,
+            );
+            let syn = Frame::new(spoofed, vip, Transport::Tcp { flags: TCP_SYN });
+            lab.run_fast(&syn.bytes(), &mut output)?;
+            let ack = Frame {
+                seq: harness::packet::DEFAULT_ISN + 1,
+                ack: rng.next() as u32,
+                ..Frame::new(spoofed, vip, Transport::Tcp { flags: TCP_ACK })
+            };
+            let action = lab.run_fast(&ack.bytes(), &mut output)?;
+            ensure!(action == XDP_DROP, "spoofed ACK: action {action}");
+        }
+        let after = lab.dp.counters()?;
+        let moved = |c: Counter| after[c as usize].1 - before[c as usize].1;
+        ensure!(
+            moved(Counter::FlowsConfirmed) == 0,
+            "spoofed handshakes confirmed flows"
+        );
+        ensure!(
+            moved(Counter::DropTcpBadAck) == u64::from(SPOOFED),
+            "spoofed ACKs not all counted"
+        );
+        ensure!(
+            lab.dp.flows().count() == 0,
+            "spoofed handshakes reached the flow table"
+        );
+
+        let client = |i: u16| SocketAddr::new(LAB_CLIENT.into(), 30000 + i);
+        let mut server_sides = Vec::new();
+        for i in 0..REAL {
+            let out = lab.expect(
+                "real SYN",
+                &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_SYN }).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            )?;
+            let seen = verify_frame(&out.output)?;
+            let syn_ack = Frame::new(
+                seen.dst,
+                seen.src,
+                Transport::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            );
+            lab.expect("SYN-ACK", &syn_ack.bytes(), XDP_TX, Counter::Tx)?;
+            let ack = Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK });
+            lab.expect("ACK", &ack.bytes(), XDP_TX, Counter::Tx)?;
+            server_sides.push(seen.src);
+        }
+        ensure!(
+            lab.dp.flows().count() == 2 * usize::from(REAL),
+            "real connections not confirmed"
+        );
+
+        for i in 0..REAL {
+            let rst = Frame {
+                seq: rng.next() as u32 | 0x8000_0000,
+                ..Frame::new(client(i), vip, Transport::Tcp { flags: TCP_RST })
+            };
+            lab.expect(
+                "blind RST",
+                &rst.bytes(),
+                XDP_DROP,
+                Counter::DropTcpOutOfWindow,
+            )?;
+        }
+        // The sweep: every SNAT port, from the server, on the clients' interface.
+        let home = lab.ingress;
+        lab.ingress = lb::dataplane::ifindex("t1")?;
+        let swept = lab.dp.counters()?;
+        for port in 1024..=65535u16 {
+            let rst = Frame::new(
+                backend,
+                SocketAddr::new(server_sides[0].ip(), port),
+                Transport::Tcp {
+                    flags: TCP_RST | TCP_ACK,
+                },
+            );
+            let action = lab.run_fast(&rst.bytes(), &mut output)?;
+            ensure!(
+                action != XDP_TX && action != XDP_REDIRECT,
+                "a swept RST was forwarded"
+            );
+        }
+        lab.ingress = home;
+        let wrong_side = lab.dp.counters()?[Counter::DropWrongSide as usize].1
+            - swept[Counter::DropWrongSide as usize].1;
+        // The live flows' ports, and those of the spoofed half-open ones, were all hit.
+        ensure!(
+            wrong_side >= u64::from(REAL),
+            "only {wrong_side} swept RSTs were refused as wrong-side"
+        );
+        let closing = lab
+            .dp
+            .flows()
+            .filter(|(_, e)| e.flags & lb_common::FLOW_F_CLOSING != 0)
+            .count();
+        ensure!(closing == 0, "{closing} flow entries moved to closing");
+        for (i, server_side) in server_sides.iter().enumerate() {
+            let data = Frame {
+                payload: b"still here".to_vec(),
+                ..Frame::new(client(i as u16), vip, Transport::Tcp { flags: TCP_ACK })
+            };
+            let out = lab.expect("data afterwards", &data.bytes(), XDP_TX, Counter::Tx)?;
+            ensure!(
+                verify_frame(&out.output)?.src == *server_side,
+                "client {i} moved"
+            );
+        }
         Ok(())
     })?
 }

@@ -78,6 +78,9 @@ fn malformed_and_foreign_frames_are_classified() -> Result<()> {
 
         let mut udp = syn.clone();
         udp[ETH_LEN + 9] = 17;
+        // The TCP header read as UDP: its length field must still fit the datagram.
+        let udp_len = (udp.len() - ip_header_end) as u16;
+        udp[ip_header_end + 4..ip_header_end + 6].copy_from_slice(&udp_len.to_be_bytes());
         h.expect(
             "UDP to a port with only a TCP service",
             &udp,

@@ -161,7 +161,11 @@ impl Lb {
         let mut out = vec![0u8; 256];
         let r = run_once(self.program()?, frame, self.ingress, &mut out)?;
         if r.return_value != XDP_TX {
-            anyhow::bail!("{what}: action {}; counters {:?}", r.return_value, self.verdicts()?);
+            anyhow::bail!(
+                "{what}: action {}; counters {:?}",
+                r.return_value,
+                self.verdicts()?
+            );
         }
         Ok(())
     }
@@ -294,8 +298,9 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
         for i in 0..plan.calls {
             lb.half_open(handshake_client(i))?;
         }
-        let handshake_acks: Vec<Vec<u8>> =
-            (0..plan.calls).map(|i| ack(handshake_client(i), vip())).collect();
+        let handshake_acks: Vec<Vec<u8>> = (0..plan.calls)
+            .map(|i| ack(handshake_client(i), vip()))
+            .collect();
 
         let pass = baselines.program("xdp_pass")?;
         let swap = baselines.program("xdp_mac_swap")?;

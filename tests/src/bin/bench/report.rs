@@ -208,13 +208,20 @@ pub fn markdown(r: &Results) -> String {
 pub fn packet_cost_table(c: &crate::packet_cost::PacketCost) -> String {
     let mut out = String::new();
     let pass = c.paths.first().map_or(0.0, |p| p.per_call.median);
-    let _ = writeln!(out, "| path | ns per call | net ns | ÷ xdp_pass | target | met |");
+    let _ = writeln!(
+        out,
+        "| path | ns per call | net ns | ÷ xdp_pass | target | met |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
     for p in &c.paths {
         let (target, met) = match p.target {
             Some(t) => (
                 format!("≤ {t}×"),
-                if p.per_call.median <= t * pass { "yes" } else { "no" },
+                if p.per_call.median <= t * pass {
+                    "yes"
+                } else {
+                    "no"
+                },
             ),
             None => (String::new(), ""),
         };
@@ -233,7 +240,10 @@ pub fn packet_cost_table(c: &crate::packet_cost::PacketCost) -> String {
          connections (2N flow entries) and N affinities, each call on a connection picked at random, so \
          lookups miss the CPU caches as real traffic would. Target: at most 2x the smallest table's cost.\n"
     );
-    let _ = writeln!(out, "| live connections | ns per call | net ns | ÷ smallest |");
+    let _ = writeln!(
+        out,
+        "| live connections | ns per call | net ns | ÷ smallest |"
+    );
     let _ = writeln!(out, "|---:|---:|---:|---:|");
     for s in &c.scale {
         let _ = writeln!(
