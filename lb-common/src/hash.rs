@@ -48,6 +48,16 @@ pub fn flow_hash(src_be: &[u32; 4], dst_be: &[u32; 4], src_port_be: u16, dst_por
     ))
 }
 
+/// The `LB_ADDR_FILTER` slot of an address (words as in a flow key).
+#[inline(always)]
+pub fn address_slot(addr_be: &[u32; 4]) -> u32 {
+    let h = addr_be[0]
+        ^ addr_be[1].rotate_left(8)
+        ^ addr_be[2].rotate_left(16)
+        ^ addr_be[3].rotate_left(24);
+    finish(h) % crate::ADDR_FILTER_SLOTS
+}
+
 /// SNAT (address, port) pairs tried per new flow before it is refused: with independent
 /// draws, a flow is refused only if all of them are taken, probability `fill^16`.
 pub const SNAT_ATTEMPTS: u32 = 16;
@@ -111,6 +121,14 @@ mod tests {
         for b in buckets {
             assert!((307..=375).contains(&b), "{buckets:?}");
         }
+    }
+
+    #[test]
+    fn nearby_addresses_take_different_filter_slots() {
+        let slots: std::collections::HashSet<u32> = (1..=64u32)
+            .map(|i| address_slot(&[u32::from_be_bytes([10, 100, 0, i as u8]).to_be(), 0, 0, 0]))
+            .collect();
+        assert!(slots.len() >= 62, "{} distinct slots", slots.len());
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
 pub const MAP_ROUTE_GENERATION: &str = "LB_ROUTE_GEN";
+pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 /// The program `lb_xdp` tail-calls for packets that may open a flow.
@@ -65,6 +66,9 @@ pub const MAX_SNAT_PER_FAMILY: u32 = 64;
 pub const SNAT_V6_BASE: u32 = MAX_SNAT_PER_FAMILY;
 pub const MAX_SNAT_ADDRS: u32 = 2 * MAX_SNAT_PER_FAMILY;
 pub const MAX_INTERFACES: u32 = 64;
+/// Slots of `LB_ADDR_FILTER`: how many of lb's addresses hash to each
+/// (`hash::address_slot`). A packet whose destination's slot is 0 is no one's of lb's.
+pub const ADDR_FILTER_SLOTS: u32 = 4096;
 /// Slots in `LB_COUNTERS`: room for counters added later without a layout change.
 pub const MAX_COUNTERS: u32 = 64;
 pub const MAX_FLOWS: u32 = 1 << 20;

@@ -1,6 +1,8 @@
 //! Sending a rewritten packet on: the kernel's FIB picks the egress interface and MACs (a
 //! VLAN egress device resolved to its lower interface), cached per flow as a `NextHop`; the
 //! tag is then set, added or removed.
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action::XDP_PASS, BPF_FIB_LKUP_RET_FRAG_NEEDED,
@@ -18,6 +20,7 @@ use crate::{
     maps::{fib_params, ROUTE_GENERATION, TX_PORTS, VLANS},
     parse::{ptr_at, Packet, L3, VLAN_TAG_LEN},
     verdict::Verdict,
+    wire,
 };
 
 const AF_INET: u8 = 2;
@@ -151,7 +154,7 @@ fn lookup(
 #[inline(never)]
 pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
     let vid = (hop.vid != NEXT_HOP_UNTAGGED).then_some(hop.vid);
-    if !set_link_header(ctx, pkt.tagged, vid, hop.dmac, hop.smac) {
+    if !set_link_header(ctx, pkt.tagged, vid, &hop.dmac, &hop.smac) {
         return Verdict::drop(Counter::DropInternal);
     }
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
@@ -172,8 +175,8 @@ fn set_link_header(
     ctx: &XdpContext,
     tagged: bool,
     vid: Option<u16>,
-    dmac: [u8; 6],
-    smac: [u8; 6],
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
 ) -> bool {
     match (tagged, vid) {
         (true, Some(vid)) => {
@@ -233,8 +236,8 @@ fn set_link_header(
     };
     // SAFETY: bounds-checked just above.
     unsafe {
-        (*eth).dst_addr = dmac;
-        (*eth).src_addr = smac;
+        wire::store_mac(addr_of_mut!((*eth).dst_addr), dmac);
+        wire::store_mac(addr_of_mut!((*eth).src_addr), smac);
     }
     true
 }

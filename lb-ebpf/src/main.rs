@@ -16,6 +16,7 @@ mod parse;
 mod stats;
 mod tcp;
 mod verdict;
+mod wire;
 
 use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::xdp, programs::XdpContext};
 use lb_common::Counter;

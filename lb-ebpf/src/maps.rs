@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, FlowEntry, FlowKey, FragmentKey, Service,
-    ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, MAGLEV_ENTRIES, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
-    MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS, PROGRAM_SLOTS,
+    ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS, MAGLEV_ENTRIES,
+    MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN,
+    MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS, PROGRAM_SLOTS,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -18,6 +18,12 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MA
 #[map(name = "LB_VIPS")]
 pub static VIPS: HashMap<AddrKey, VipInfo> =
     HashMap::with_max_entries(MAX_SERVICES + MAX_SNAT_ADDRS, 0);
+
+/// How many of lb's addresses hash to each slot (`lb_common::hash::address_slot`),
+/// written by the daemon with `LB_VIPS`: traffic for any other address leaves after one
+/// array read, before the transport header is parsed.
+#[map(name = "LB_ADDR_FILTER")]
+pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SLOTS, 0);
 
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

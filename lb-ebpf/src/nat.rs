@@ -1,9 +1,12 @@
 //! Full-NAT rewrite of an IPv4 or IPv6 packet with incremental checksum updates (RFC 1624).
-use aya_ebpf::programs::XdpContext;
-use lb_common::{csum, FlowEntry, PROTO_TCP, PROTO_UDP};
+use core::ptr::{addr_of, addr_of_mut};
 
-use crate::parse::{
-    Packet, Part, L3, TCP_CHECK_OFFSET, TCP_MIN_HEADER, UDP_CHECK_OFFSET, UDP_HEADER,
+use aya_ebpf::programs::XdpContext;
+use lb_common::{csum, FlowEntry, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    parse::{Packet, Part, L3, TCP_CHECK_OFFSET, TCP_MIN_HEADER, UDP_CHECK_OFFSET, UDP_HEADER},
+    wire,
 };
 
 /// A UDP checksum that computes to zero is sent as all ones; zero means "none" (RFC 768).
@@ -39,23 +42,23 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> bool {
             let ip = unsafe { &mut *ip };
             let new_src = entry.new_src_be[0];
             let new_dst = entry.new_dst_be[0];
-            let mut check = u16::from_ne_bytes(ip.check);
+            let mut check = wire::load16(addr_of!(ip.check));
             check = csum::replace_u32(check, old.src_be[0], new_src);
             check = csum::replace_u32(check, old.dst_be[0], new_dst);
             // TTL shares a 16-bit checksum word with the protocol byte.
             let old_ttl_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
             ip.ttl -= 1;
             check = csum::replace_u16(check, old_ttl_word, u16::from_ne_bytes([ip.ttl, ip.proto]));
-            ip.src_addr = new_src.to_ne_bytes();
-            ip.dst_addr = new_dst.to_ne_bytes();
-            ip.check = check.to_ne_bytes();
+            wire::store32(addr_of_mut!(ip.src_addr), new_src);
+            wire::store32(addr_of_mut!(ip.dst_addr), new_dst);
+            wire::store16(addr_of_mut!(ip.check), check);
         }
         L3::V6(ip) => {
             // SAFETY: as above. IPv6 has no header checksum.
             let ip = unsafe { &mut *ip };
             ip.hop_limit -= 1;
-            ip.src_addr = lb_common::v6_bytes(entry.new_src_be);
-            ip.dst_addr = lb_common::v6_bytes(entry.new_dst_be);
+            store_address(addr_of_mut!(ip.src_addr), &entry.new_src_be);
+            store_address(addr_of_mut!(ip.dst_addr), &entry.new_dst_be);
         }
     }
     if matches!(pkt.part, Part::LaterFragment { .. }) {
@@ -88,20 +91,33 @@ fn rewrite_transport<const N: usize>(
 ) -> bool {
     let old = &pkt.key;
     // Ports are the first two words of both headers; the checksum is within the fixed part.
-    let check = u16::from_ne_bytes([header[check_offset], header[check_offset + 1]]);
+    let check_at = header[check_offset..].as_mut_ptr();
+    let check = wire::load16(check_at);
     if !has_no_checksum(old.proto, check) {
         let mut sum = check;
-        // IPv4 addresses only use word 0; the others are 0 -> 0, which changes nothing.
-        for word in 0..4 {
-            sum = csum::replace_u32(sum, old.src_be[word], entry.new_src_be[word]);
-            sum = csum::replace_u32(sum, old.dst_be[word], entry.new_dst_be[word]);
+        sum = csum::replace_u32(sum, old.src_be[0], entry.new_src_be[0]);
+        sum = csum::replace_u32(sum, old.dst_be[0], entry.new_dst_be[0]);
+        if old.family == FAMILY_V6 {
+            for word in 1..4 {
+                sum = csum::replace_u32(sum, old.src_be[word], entry.new_src_be[word]);
+                sum = csum::replace_u32(sum, old.dst_be[word], entry.new_dst_be[word]);
+            }
         }
         sum = csum::replace_u16(sum, old.src_port_be, entry.new_src_port_be);
         sum = csum::replace_u16(sum, old.dst_port_be, entry.new_dst_port_be);
-        let sum = as_sent(old.proto, sum);
-        header[check_offset..check_offset + 2].copy_from_slice(&sum.to_ne_bytes());
+        wire::store16(check_at, as_sent(old.proto, sum));
     }
-    header[0..2].copy_from_slice(&entry.new_src_port_be.to_ne_bytes());
-    header[2..4].copy_from_slice(&entry.new_dst_port_be.to_ne_bytes());
+    wire::store16(header.as_mut_ptr(), entry.new_src_port_be);
+    wire::store16(header[2..].as_mut_ptr(), entry.new_dst_port_be);
     true
+}
+
+/// Writes an IPv6 address (four words, `v6_words`) into the packet, one store each.
+#[inline(always)]
+fn store_address(field: *mut [u8; 16], words: &[u32; 4]) {
+    let to = field.cast::<u32>();
+    for (i, word) in words.iter().enumerate() {
+        // SAFETY: within the 16 bytes of the address.
+        wire::store32(unsafe { to.add(i) }, *word);
+    }
 }

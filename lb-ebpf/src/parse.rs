@@ -1,11 +1,11 @@
 //! Header parsing: Ethernet, one 802.1Q tag, IPv4 or IPv6 (skipping the common extension
 //! headers), then TCP, UDP or ICMP. Every access goes through `ptr_at`, which proves to the
 //! verifier (and to the reader) that the bytes exist before they are touched.
-use core::mem::MaybeUninit;
+use core::{mem::MaybeUninit, ptr::addr_of};
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    v4_words, v6_words, AddrKey, Counter, FlowKey, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP,
+    hash, v4_words, AddrKey, Counter, FlowKey, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use network_types::{
@@ -15,8 +15,9 @@ use network_types::{
 
 use crate::{
     copy,
-    maps::{key_slot, KeySlot, VIPS},
+    maps::{key_slot, KeySlot, ADDR_FILTER, VIPS},
     verdict::Verdict,
+    wire,
 };
 
 // EtherTypes as they sit in the frame (network order), compared with raw loads.
@@ -232,8 +233,8 @@ fn parse_v4(
     if ip_ref.version() != 4 || header_len < IPV4_MIN_HEADER {
         return Err(Verdict::pass(Counter::PassMalformed));
     }
-    let frags = u16::from_be_bytes(ip_ref.frags);
-    let id = u32::from(u16::from_be_bytes(ip_ref.id));
+    let frags = u16::from_be(wire::load16(addr_of!(ip_ref.frags)));
+    let id = u32::from(u16::from_be(wire::load16(addr_of!(ip_ref.id))));
     let part = if frags & (IPV4_MF | IPV4_OFFSET_MASK) == 0 {
         Part::Whole
     } else if frags & IPV4_OFFSET_MASK == 0 {
@@ -243,15 +244,18 @@ fn parse_v4(
     };
     let key = key_slot(KeySlot::Packet).ok_or(Verdict::drop(Counter::DropInternal))?;
     *key = FlowKey {
-        src_be: v4_words(u32::from_ne_bytes(ip_ref.src_addr)),
-        dst_be: v4_words(u32::from_ne_bytes(ip_ref.dst_addr)),
+        src_be: v4_words(wire::load32(addr_of!(ip_ref.src_addr))),
+        dst_be: v4_words(wire::load32(addr_of!(ip_ref.dst_addr))),
         src_port_be: 0,
         dst_port_be: 0,
         proto: ip_ref.proto,
         family: FAMILY_V4,
         _pad: 0,
     };
-    let ip_len = u16::from_be_bytes(ip_ref.tot_len);
+    if !maybe_ours(&key.dst_be) {
+        return Err(Verdict::pass(Counter::PassNotService));
+    }
+    let ip_len = u16::from_be(wire::load16(addr_of!(ip_ref.tot_len)));
     // The total length is a claim: the headers must fit in it, and it in the frame.
     if usize::from(ip_len) < header_len || usize::from(ip_len) > frame_after(ctx, l3_offset) {
         return Err(malformed(key));
@@ -284,15 +288,19 @@ fn parse_v6(
     }
     let key = key_slot(KeySlot::Packet).ok_or(Verdict::drop(Counter::DropInternal))?;
     *key = FlowKey {
-        src_be: v6_words(ip_ref.src_addr),
-        dst_be: v6_words(ip_ref.dst_addr),
+        src_be: address_words(addr_of!(ip_ref.src_addr)),
+        dst_be: address_words(addr_of!(ip_ref.dst_addr)),
         src_port_be: 0,
         dst_port_be: 0,
         proto: ip_ref.next_hdr,
         family: FAMILY_V6,
         _pad: 0,
     };
-    let ip_len = u16::from_be_bytes(ip_ref.payload_len).saturating_add(IPV6_HEADER as u16);
+    if !maybe_ours(&key.dst_be) {
+        return Err(Verdict::pass(Counter::PassNotService));
+    }
+    let ip_len =
+        u16::from_be(wire::load16(addr_of!(ip_ref.payload_len))).saturating_add(IPV6_HEADER as u16);
     if usize::from(ip_len) > frame_after(ctx, l3_offset) {
         return Err(malformed(key));
     }
@@ -365,6 +373,21 @@ fn parse_v6(
     )
 }
 
+/// An IPv6 address in the packet as four words (`v6_words`), one load each.
+#[inline(always)]
+pub fn address_words(address: *const [u8; 16]) -> [u32; 4] {
+    let words = address.cast::<u32>();
+    // SAFETY: within the 16 bytes of the address.
+    unsafe {
+        [
+            wire::load32(words),
+            wire::load32(words.add(1)),
+            wire::load32(words.add(2)),
+            wire::load32(words.add(3)),
+        ]
+    }
+}
+
 /// Bytes of the frame from `offset` on.
 #[inline(always)]
 fn frame_after(ctx: &XdpContext, offset: usize) -> usize {
@@ -397,16 +420,17 @@ fn parse_l4(
                 };
                 // SAFETY: bounds-checked just above.
                 let tcp_ref = unsafe { &*tcp };
-                key.src_port_be = u16::from_ne_bytes([tcp_ref[0], tcp_ref[1]]);
-                key.dst_port_be = u16::from_ne_bytes([tcp_ref[2], tcp_ref[3]]);
+                let at = |offset: usize| tcp_ref[offset..].as_ptr();
+                key.src_port_be = wire::load16(at(0));
+                key.dst_port_be = wire::load16(at(2));
                 tcp_flags = tcp_ref[TCP_FLAGS_OFFSET];
                 let header_len = usize::from(tcp_ref[TCP_DATA_OFFSET] >> 4) * 4;
                 if header_len < TCP_MIN_HEADER || header_len > l4_len {
                     return Err(malformed(key));
                 }
                 tcp_payload_len = (l4_len - header_len) as u32;
-                tcp_seq = u32::from_be_bytes([tcp_ref[4], tcp_ref[5], tcp_ref[6], tcp_ref[7]]);
-                tcp_ack = u32::from_be_bytes([tcp_ref[8], tcp_ref[9], tcp_ref[10], tcp_ref[11]]);
+                tcp_seq = u32::from_be(wire::load32(at(4)));
+                tcp_ack = u32::from_be(wire::load32(at(8)));
             }
         }
         PROTO_UDP => {
@@ -416,10 +440,11 @@ fn parse_l4(
                 };
                 // SAFETY: bounds-checked just above.
                 let udp_ref = unsafe { &*udp };
-                key.src_port_be = u16::from_ne_bytes([udp_ref[0], udp_ref[1]]);
-                key.dst_port_be = u16::from_ne_bytes([udp_ref[2], udp_ref[3]]);
+                let at = |offset: usize| udp_ref[offset..].as_ptr();
+                key.src_port_be = wire::load16(at(0));
+                key.dst_port_be = wire::load16(at(2));
                 // A first fragment's UDP length counts the whole datagram.
-                let udp_len = usize::from(u16::from_be_bytes([udp_ref[4], udp_ref[5]]));
+                let udp_len = usize::from(u16::from_be(wire::load16(at(4))));
                 if udp_len < UDP_HEADER || (part == Part::Whole && udp_len > l4_len) {
                     return Err(malformed(key));
                 }
@@ -475,6 +500,15 @@ fn unsupported_extension(key: &FlowKey) -> Verdict {
     } else {
         Verdict::pass(Counter::PassNotService)
     }
+}
+
+/// Could the destination be one of lb's addresses? No means certainly not (see
+/// `LB_ADDR_FILTER`); yes is confirmed by `is_ours` where it matters.
+#[inline(always)]
+fn maybe_ours(dst_be: &[u32; 4]) -> bool {
+    ADDR_FILTER
+        .get(hash::address_slot(dst_be))
+        .is_some_and(|count| *count != 0)
 }
 
 /// What lb knows of the packet's destination address (`LB_VIPS`), if anything.

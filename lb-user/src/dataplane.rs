@@ -17,12 +17,13 @@ use aya::{
 };
 use lb_common::{
     maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
-    Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, CLAIM_PROGRAM_NAME, CLAIM_SLOT,
-    FAMILY_V6, LAYOUT_VERSION, MAGLEV_SIZE, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS,
-    MAP_COUNTERS, MAP_FLOWS, MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS,
-    MAP_ROUTE_GENERATION, MAP_SERVICES, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS,
-    MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT,
-    OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
+    Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
+    CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, LAYOUT_VERSION, MAGLEV_SIZE, MAP_ADDR_FILTER,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS, MAP_FRAGMENTS,
+    MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION, MAP_SERVICES, MAP_SERVICE_STATS,
+    MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
+    NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME,
+    SNAT_V6_BASE,
 };
 use tracing::{info, warn};
 
@@ -45,8 +46,9 @@ pub struct Capacity {
     pub max_affinities: u32,
 }
 
-const ALL_MAPS: [&str; 17] = [
+const ALL_MAPS: [&str; 18] = [
     MAP_PROGRAMS,
+    MAP_ADDR_FILTER,
     MAP_ROUTE_GENERATION,
     MAP_SERVICES,
     MAP_VIPS,
@@ -110,6 +112,9 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, AddrKey, VipInfo>,
+    address_filter_map: Array<MapData, u32>,
+    /// What `LB_ADDR_FILTER` holds.
+    address_filter: Vec<u32>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
@@ -124,6 +129,15 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+/// How many of `addresses` hash to each `LB_ADDR_FILTER` slot.
+fn address_filter(addresses: &[IpAddr]) -> Vec<u32> {
+    let mut counts = vec![0; ADDR_FILTER_SLOTS as usize];
+    for addr in addresses {
+        counts[lb_common::hash::address_slot(&addr_words(*addr)) as usize] += 1;
+    }
+    counts
 }
 
 /// An address as the data plane stores it: the bytes as they appear in a packet, IPv4 in
@@ -304,9 +318,12 @@ impl Dataplane {
         // Whatever a previous daemon cached may have changed while none was watching.
         let mut route_generation = RouteGeneration::new(take(&mut ebpf, MAP_ROUTE_GENERATION)?);
         route_generation.bump()?;
-        Ok(Self {
+        let mut dataplane = Self {
             logger: Some(logger),
             route_generation: Some(route_generation),
+            address_filter_map: take(&mut ebpf, MAP_ADDR_FILTER)?,
+            // Unknown (a pinned filter may be anything): every slot is written below.
+            address_filter: vec![u32::MAX; ADDR_FILTER_SLOTS as usize],
             services: take(&mut ebpf, MAP_SERVICES)?,
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
@@ -324,7 +341,10 @@ impl Dataplane {
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             ebpf,
             pin_dir,
-        })
+        };
+        let addresses = dataplane.addresses();
+        dataplane.write_address_filter(&addresses)?;
+        Ok(dataplane)
     }
 
     /// The routing generation, for the daemon's rtnetlink watcher (once).
@@ -503,8 +523,14 @@ impl Dataplane {
         self.services.remove(key).context("remove service")
     }
 
-    /// Records an address lb answers for (a VIP, a SNAT address, or both).
+    /// Records an address lb answers for (a VIP, a SNAT address, or both). The filter
+    /// is written first, so no packet for the address is passed over meanwhile.
     pub fn set_address(&mut self, addr: IpAddr, info: VipInfo) -> Result<()> {
+        let mut addresses = self.addresses();
+        if !addresses.contains(&addr) {
+            addresses.push(addr);
+            self.write_address_filter(&addresses)?;
+        }
         self.vips
             .insert(vip_key(addr), info, 0)
             .context("write LB_VIPS")
@@ -513,7 +539,27 @@ impl Dataplane {
     pub fn remove_address(&mut self, addr: IpAddr) -> Result<()> {
         self.vips
             .remove(&vip_key(addr))
-            .context("remove from LB_VIPS")
+            .context("remove from LB_VIPS")?;
+        let addresses = self.addresses();
+        self.write_address_filter(&addresses)
+    }
+
+    /// Brings `LB_ADDR_FILTER` in line with `addresses`, writing the slots that change.
+    fn write_address_filter(&mut self, addresses: &[IpAddr]) -> Result<()> {
+        let counts = address_filter(addresses);
+        for (slot, (&want, have)) in counts
+            .iter()
+            .zip(self.address_filter.iter_mut())
+            .enumerate()
+        {
+            if want != *have {
+                self.address_filter_map
+                    .set(slot as u32, want, 0)
+                    .context("write LB_ADDR_FILTER")?;
+                *have = want;
+            }
+        }
+        Ok(())
     }
 
     /// The addresses in `LB_VIPS` (adopted from a previous daemon, or written by this one).

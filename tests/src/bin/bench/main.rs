@@ -61,9 +61,19 @@ fn main() -> Result<()> {
             3,
         )
     };
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--spin") {
+        let path = args.get(at + 1).map_or("established", String::as_str);
+        return packet_cost::spin(path, 10);
+    }
     if std::env::args().any(|a| a == "--packet-cost-only") {
-        // A development aid: section 1 alone, printed, nothing written.
-        let packet_cost = packet_cost::run(&cost_plan).context("per-packet cost")?;
+        // A development aid: section 1 alone (without the table sizes unless --scale),
+        // printed, nothing written.
+        let mut plan = cost_plan;
+        if !std::env::args().any(|a| a == "--scale") {
+            plan.scale_flows.clear();
+        }
+        let packet_cost = packet_cost::run(&plan).context("per-packet cost")?;
         println!("{}", report::packet_cost_table(&packet_cost));
         return Ok(());
     }

@@ -93,9 +93,10 @@ pub fn markdown(r: &Results) -> String {
         out,
         "Each figure is the kernel-measured duration of single `BPF_PROG_TEST_RUN` calls with repeat = 1 \
          (a rewriting program cannot be timed with repeat > 1: it would run again on its own output). \
-         Per round: the median over {} calls, each on a fresh copy of its input; the table shows the median \
-         of {} rounds and their range. *Net* subtracts `xdp_pass`'s per-call cost of the same round (the fixed \
-         cost of a call). New-flow paths use a new \
+         Per round: the median over {} calls, each on a fresh copy of its input, in blocks of 500 calls \
+         alternating with blocks of `xdp_pass` calls on the same frames; the table shows the median of {} rounds and their range. \
+         *Net* subtracts the median of those `xdp_pass` calls (the fixed cost of a call), and *÷ xdp_pass* \
+         divides by it. New-flow paths use a new \
          connection per call (a new source port from a client with an affinity, or a new client address); \
          the handshake-completing ACK a new half-open flow per call whose SYN-ACK lb has seen. *÷ xdp_pass* \
          is the figure to compare across machines (they differ by 2-3x in absolute terms); the targets \
@@ -207,13 +208,13 @@ pub fn markdown(r: &Results) -> String {
 /// Section 1's tables: per path, and the established path by table size.
 pub fn packet_cost_table(c: &crate::packet_cost::PacketCost) -> String {
     let mut out = String::new();
-    let pass = c.paths.first().map_or(0.0, |p| p.per_call.median);
     let _ = writeln!(
         out,
         "| path | ns per call | net ns | ÷ xdp_pass | target | met |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
     for p in &c.paths {
+        let pass = p.pass_alongside.median;
         let (target, met) = match p.target {
             Some(t) => (
                 format!("≤ {t}×"),
