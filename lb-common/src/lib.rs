@@ -35,6 +35,7 @@ pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
 pub const MAP_ROUTE_GENERATION: &str = "LB_ROUTE_GEN";
 pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
+pub const MAP_EVENTS: &str = "LB_EVENTS";
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 /// The program `lb_xdp` tail-calls for packets that may open a flow.
@@ -266,6 +267,21 @@ pub struct FlowEntry {
     pub next_hop: NextHop,
 }
 
+/// `LB_EVENTS` record: a direction of a confirmed flow started closing (its first believable
+/// FIN or RST), so the daemon removes the flow once `closing_timeout_s` has passed, without
+/// walking the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseEvent {
+    /// The direction's key, as in `LB_FLOWS`.
+    pub key: FlowKey,
+    /// `bpf_ktime_get_coarse_ns` when it started closing.
+    pub at_ns: u64,
+}
+
+/// `LB_EVENTS` size: room for this many close events between two reads by the daemon.
+pub const CLOSE_EVENTS: u32 = 1 << 16;
+
 /// `(client address [, port], service)` -> backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -394,6 +410,9 @@ pub enum Counter {
     /// ICMP errors (unreachable, fragmentation needed / packet too big, time exceeded,
     /// parameter problem) quoting a tracked flow, translated and sent to the other side.
     IcmpErrorsTranslated,
+    /// Close events the daemon could not be told of (`LB_EVENTS` full): those flows leave
+    /// the table at the next garbage collection instead.
+    CloseEventsLost,
     /// Addressed to a VIP or SNAT address, but a header is truncated or a length field
     /// (IPv4 total length, IPv6 payload length, TCP data offset, UDP length) disagrees with
     /// the headers or the frame.
@@ -424,7 +443,7 @@ pub enum Counter {
     /// A FIN or RST whose sequence number is too far from the sender's (a blind spoofer's):
     /// the flow keeps its state.
     DropTcpOutOfWindow,
-    /// The tail call to `lb_new_flow` failed (program array slot empty).
+    /// A tail call to the next program failed (its slot in `LB_PROGRAMS` is empty).
     DropTailCall,
     /// A per-CPU scratch slot was missing or the frame could not be resized: cannot happen in a loaded program, counted so that it would be seen if it did.
     DropInternal,
@@ -452,6 +471,7 @@ impl Counter {
         Counter::EchoReplies,
         Counter::FragmentsTracked,
         Counter::IcmpErrorsTranslated,
+        Counter::CloseEventsLost,
         Counter::DropMalformed,
         Counter::DropIpv6Extension,
         Counter::DropFragmentUnknown,
@@ -491,6 +511,7 @@ impl Counter {
             Counter::EchoReplies => "echo_replies",
             Counter::FragmentsTracked => "fragments_tracked",
             Counter::IcmpErrorsTranslated => "icmp_errors_translated",
+            Counter::CloseEventsLost => "close_events_lost",
             Counter::DropMalformed => "drop_malformed",
             Counter::DropIpv6Extension => "drop_ipv6_extension",
             Counter::DropFragmentUnknown => "drop_fragment_unknown",
@@ -522,6 +543,7 @@ impl Counter {
                 | Counter::EchoReplies
                 | Counter::FragmentsTracked
                 | Counter::IcmpErrorsTranslated
+                | Counter::CloseEventsLost
         )
     }
 }
@@ -547,6 +569,7 @@ const _: () = assert!(size_of::<Settings>() == 28);
 const _: () = assert!(size_of::<VlanPort>() == 8);
 const _: () = assert!(size_of::<FragmentKey>() == 40);
 const _: () = assert!(size_of::<TrafficStats>() == 56);
+const _: () = assert!(size_of::<CloseEvent>() == 48);
 const _: () = assert!(MAGLEV_ENTRIES <= u32::MAX / 2);
 const _: () = assert!(Counter::COUNT <= MAX_COUNTERS);
 
@@ -568,6 +591,7 @@ mod pod {
     unsafe impl aya::Pod for VlanPort {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for CloseEvent {}
 }
 
 /// Word 0 of an address: an IPv4 address in network byte order, as read raw from a packet.

@@ -15,9 +15,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash, maglev_index, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey, Service,
-    ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP, CLAIM_SLOT,
-    FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
+    hash, maglev_index, AffinityEntry, AffinityKey, Backend, CloseEvent, Counter, FlowEntry,
+    FlowKey, Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP,
+    CLAIM_SLOT, FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
     FLOW_F_SYNACK_SEEN, FLOW_F_TOUCH_AFFINITY, MAGLEV_SIZE, NEW_FLOW_SLOT, NO_BACKEND,
     OPEN_FLOW_SLOT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SNAT_V6_BASE,
 };
@@ -29,7 +29,7 @@ use crate::{
     fragments, icmp,
     maps::{
         entry_slot, key_slot, plan_slot, EntrySlot, KeySlot, NewFlowPlan, AFFINITY, BACKENDS,
-        FLOWS, HALF_OPEN, MAGLEV, PROGRAMS, SERVICES, SETTINGS, SNAT_ADDRS,
+        EVENTS, FLOWS, HALF_OPEN, MAGLEV, PROGRAMS, SERVICES, SETTINGS, SNAT_ADDRS,
     },
     nat::rewrite,
     parse::{is_ours, parse, Packet, Part},
@@ -259,10 +259,7 @@ fn carry(
     confirm: bool,
 ) -> Verdict {
     if pkt.closes() && entry.flags & FLOW_F_CLOSING == 0 {
-        if let Some(settings) = SETTINGS.get(0) {
-            entry.timeout_s = settings.closing_timeout_s;
-        }
-        entry.flags |= FLOW_F_CLOSING;
+        start_closing(pkt, entry, now);
     }
     tcp::track(pkt, entry);
     if now.saturating_sub(entry.last_seen_ns) > REFRESH_INTERVAL_NS {
@@ -283,6 +280,45 @@ fn carry(
     match hop {
         Ok(()) => send(ctx, pkt, &entry.next_hop),
         Err(verdict) => verdict,
+    }
+}
+
+/// A direction's first believable FIN or RST: it now lives `closing_timeout_s`, and the
+/// daemon hears of it (`LB_EVENTS`) to remove the flow when that has passed, rather than at
+/// its next walk of the table. An RST ends the other direction too.
+// Out of line: its own stack frame (see "Stack" in the README).
+#[inline(never)]
+fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
+    let Some(settings) = SETTINGS.get(0) else {
+        return;
+    };
+    entry.timeout_s = settings.closing_timeout_s;
+    entry.flags |= FLOW_F_CLOSING;
+    if pkt.resets() {
+        if let Some(other_key) = key_slot(KeySlot::Derived) {
+            *other_key = other_direction(pkt.key.proto, pkt.key.family, entry);
+            if let Some(other) = FLOWS.get_ptr_mut(other_key) {
+                // SAFETY: map value pointer from a successful lookup.
+                let other = unsafe { &mut *other };
+                other.timeout_s = settings.closing_timeout_s;
+                other.flags |= FLOW_F_CLOSING;
+            }
+        }
+    }
+    let event = CloseEvent {
+        key: FlowKey {
+            src_be: copy::words(&pkt.key.src_be),
+            dst_be: copy::words(&pkt.key.dst_be),
+            src_port_be: pkt.key.src_port_be,
+            dst_port_be: pkt.key.dst_port_be,
+            proto: pkt.key.proto,
+            family: pkt.key.family,
+            _pad: 0,
+        },
+        at_ns: now,
+    };
+    if EVENTS.output::<CloseEvent>(&event, 0).is_err() {
+        stats::count(Counter::CloseEventsLost);
     }
 }
 

@@ -3,13 +3,14 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    AddrKey, AffinityEntry, AffinityKey, Backend, FlowEntry, FlowKey, FragmentKey, Service,
-    ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS, MAGLEV_ENTRIES,
-    MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN,
-    MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS, PROGRAM_SLOTS,
+    AddrKey, AffinityEntry, AffinityKey, Backend, CloseEvent, FlowEntry, FlowKey, FragmentKey,
+    Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
+    CLOSE_EVENTS, MAGLEV_ENTRIES, MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS,
+    MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS,
+    PROGRAM_SLOTS,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -83,6 +84,12 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// Interfaces lb is attached to, by ifindex: redirect targets.
 #[map(name = "LB_TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+/// Close events for the daemon (`CloseEvent`).
+#[map(name = "LB_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(CLOSE_EVENTS * CLOSE_EVENT_RECORD, 0);
+/// A record's size in the ring: the event and the ring's 8-byte header.
+const CLOSE_EVENT_RECORD: u32 = core::mem::size_of::<CloseEvent>() as u32 + 8;
 
 #[map(name = "LB_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTERS, 0);

@@ -130,6 +130,11 @@ impl Packet {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
     }
 
+    #[inline(always)]
+    pub fn resets(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
+    }
+
     /// A SYN-ACK: the server's answer to a SYN.
     #[inline(always)]
     pub fn answers_syn(&self) -> bool {

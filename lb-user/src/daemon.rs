@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::{
     announce::Announcer,
     api::{Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
+    closing::CloseQueue,
     config::Config,
     dataplane::{Capacity, Dataplane, DataplaneLogger},
     health::{Checker, Report},
@@ -33,6 +34,10 @@ use crate::{
 
 /// How often drain deadlines, alarm counters and the announced routes are checked.
 const HOUSEKEEPING_TICK: Duration = Duration::from_secs(1);
+/// How often closed flows whose closing timeout has passed are removed.
+const CLOSING_TICK: Duration = Duration::from_millis(250);
+/// Close events read from the ring but not yet queued.
+const CLOSE_EVENTS_IN_FLIGHT: usize = 4096;
 
 pub struct State {
     config_path: PathBuf,
@@ -256,6 +261,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(generation) = state.dataplane.take_route_generation() {
         crate::next_hops::watch(generation)?;
     }
+    let (close_tx, mut close_events) = mpsc::channel(CLOSE_EVENTS_IN_FLIGHT);
+    if let Some(ring) = state.dataplane.take_close_events() {
+        crate::closing::watch(ring, close_tx)?;
+    }
+    let closing_timeout = state.pool.config().daemon.closing_timeout;
+    let mut closing = CloseQueue::default();
+    let mut closing_tick = tokio::time::interval(CLOSING_TICK);
     let socket_path = PathBuf::from(&state.pool.config().daemon.control_socket);
     let listener = bind_control_socket(&socket_path)?;
     info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");
@@ -323,6 +335,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             }
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
+            Some(event) = close_events.recv() => closing.push(&event, closing_timeout),
+            _ = closing_tick.tick() => {
+                let due = closing.take_due(crate::dataplane::monotonic_ns());
+                if !due.is_empty() {
+                    let mut s = state.lock().await;
+                    if let Err(e) = s.dataplane.remove_closed(&due, crate::dataplane::monotonic_ns()) {
+                        error!(error = %format!("{e:#}"), "removing closed flows");
+                    }
+                }
+            }
             _ = gc_tick.tick() => {
                 let mut s = state.lock().await;
                 let s = &mut *s;

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -18,12 +18,12 @@ use aya::{
 use lb_common::{
     maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
     Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
-    CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, LAYOUT_VERSION, MAGLEV_SIZE, MAP_ADDR_FILTER,
-    MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_FLOWS, MAP_FRAGMENTS,
-    MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION, MAP_SERVICES, MAP_SERVICE_STATS,
-    MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
-    NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME,
-    SNAT_V6_BASE,
+    CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, FLOW_F_CLOSING, LAYOUT_VERSION, MAGLEV_SIZE,
+    MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_EVENTS,
+    MAP_FLOWS, MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
+    MAP_SERVICES, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS,
+    MAP_VLANS, MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, OPEN_FLOW_PROGRAM_NAME,
+    OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
 };
 use tracing::{info, warn};
 
@@ -107,6 +107,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     logger: Option<DataplaneLogger>,
     route_generation: Option<RouteGeneration>,
+    /// `LB_EVENTS`, until the daemon takes it. Not pinned: a restarted daemon reads its
+    /// own, and what closed meanwhile waits for garbage collection.
+    close_events: Option<RingBuf<MapData>>,
     /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
     /// throw-away instance (packet tests).
     pin_dir: Option<PathBuf>,
@@ -321,6 +324,7 @@ impl Dataplane {
         let mut dataplane = Self {
             logger: Some(logger),
             route_generation: Some(route_generation),
+            close_events: Some(take(&mut ebpf, MAP_EVENTS)?),
             address_filter_map: take(&mut ebpf, MAP_ADDR_FILTER)?,
             // Unknown (a pinned filter may be anything): every slot is written below.
             address_filter: vec![u32::MAX; ADDR_FILTER_SLOTS as usize],
@@ -345,6 +349,50 @@ impl Dataplane {
         let addresses = dataplane.addresses();
         dataplane.write_address_filter(&addresses)?;
         Ok(dataplane)
+    }
+
+    /// The close events, for the daemon (once).
+    pub fn take_close_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.close_events.take()
+    }
+
+    /// Removes the flows of `keys` (directions that started closing) whose entry has
+    /// expired by `now_ns`, with their other direction if that is closing or expired too;
+    /// returns how many entries went. A flow refreshed meanwhile, or a new one on the same
+    /// tuple, stays.
+    pub fn remove_closed(&mut self, keys: &[FlowKey], now_ns: u64) -> Result<usize> {
+        let expired = |e: &FlowEntry| {
+            now_ns.saturating_sub(e.last_seen_ns) > u64::from(e.timeout_s) * 1_000_000_000
+        };
+        let mut removed = 0;
+        for key in keys {
+            let Ok(entry) = self.flows.get(key, 0) else {
+                continue;
+            };
+            if entry.flags & FLOW_F_CLOSING == 0 || !expired(&entry) {
+                continue;
+            }
+            let other_key = FlowKey {
+                src_be: entry.new_dst_be,
+                dst_be: entry.new_src_be,
+                src_port_be: entry.new_dst_port_be,
+                dst_port_be: entry.new_src_port_be,
+                proto: key.proto,
+                family: key.family,
+                _pad: 0,
+            };
+            if self.flows.remove(key).is_ok() {
+                removed += 1;
+            }
+            if let Ok(other) = self.flows.get(&other_key, 0) {
+                if (other.flags & FLOW_F_CLOSING != 0 || expired(&other))
+                    && self.flows.remove(&other_key).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// The routing generation, for the daemon's rtnetlink watcher (once).

@@ -419,3 +419,51 @@ fn snat_exhaustion_refuses_new_flows_and_keeps_existing_ones() -> Result<()> {
     }
     ensure_no_drops(&f.daemon.status()?, &["drop_snat_exhausted"])
 }
+
+/// Closed connections leave the flow table within the closing timeout, though the daemon's
+/// walk of the table (garbage collection) does not run in the meantime: the data plane
+/// reports each close and the daemon removes the flow when its timeout has passed.
+#[test]
+fn closed_connections_leave_the_flow_table_within_the_closing_timeout() -> Result<()> {
+    const CLOSING_TIMEOUT_S: u64 = 2;
+    const CONNECTIONS: usize = 60;
+    let f = Fixture::start_with(
+        &Spec {
+            clients: 10,
+            ..Spec::default()
+        },
+        ServiceSpec::default(),
+        &format!("closing_timeout = {CLOSING_TIMEOUT_S}\ngc_interval = 3600"),
+    )?;
+    let pinned = lb::dataplane::versioned_pin_dir(&f.daemon.pin_dir)?.join(lb_common::MAP_FLOWS);
+    let entries = || -> Result<usize> {
+        let map = aya::maps::MapData::from_pin(&pinned).context("open the pinned flow table")?;
+        let flows: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::FlowEntry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?;
+        Ok(flows.keys().count())
+    };
+    let collected_before = f.daemon.status()?.tables.collected_flows;
+    for i in 0..CONNECTIONS {
+        f.ask(f.topology.client_addresses[i % 10])?;
+    }
+    let closed = Instant::now();
+    ensure!(
+        entries()? > 0,
+        "no flow entries while the connections close"
+    );
+    until(
+        Duration::from_secs(CLOSING_TIMEOUT_S + 4),
+        Duration::from_millis(100),
+        "closed flows removed",
+        || Ok(entries()? == 0),
+    )?;
+    println!(
+        "flow table empty {:?} after the last close",
+        closed.elapsed()
+    );
+    ensure!(
+        f.daemon.status()?.tables.collected_flows == collected_before,
+        "garbage collection removed them, not the close events"
+    );
+    Ok(())
+}

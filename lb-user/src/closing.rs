@@ -1,0 +1,137 @@
+//! Closed connections leave the flow table within `closing_timeout`: the data plane tells
+//! the daemon of every direction that starts closing (a `CloseEvent` in `LB_EVENTS`), and
+//! the daemon removes the flow once the timeout has passed, instead of at its next walk of
+//! the whole table. At high connection rates that walk came too late: the table filled with
+//! flows that were over.
+use std::collections::VecDeque;
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use lb_common::{CloseEvent, FlowKey};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tracing::error;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// Close events held at most: beyond that, flows wait for the next garbage collection.
+pub const MAX_QUEUED: usize = 1 << 20;
+/// Margin past the closing timeout, for the coarse clock the data plane stamps with.
+const MARGIN_NS: u64 = NS_PER_SEC;
+
+/// Flows that started closing, in the order they did, each with the time it may go.
+#[derive(Default)]
+pub struct CloseQueue {
+    due: VecDeque<(u64, FlowKey)>,
+    /// Events that found the queue full.
+    pub dropped: u64,
+}
+
+impl CloseQueue {
+    pub fn push(&mut self, event: &CloseEvent, closing_timeout_s: u32) {
+        if self.due.len() >= MAX_QUEUED {
+            self.dropped += 1;
+            return;
+        }
+        let deadline = event.at_ns + u64::from(closing_timeout_s) * NS_PER_SEC + MARGIN_NS;
+        self.due.push_back((deadline, event.key));
+    }
+
+    /// The flows whose closing timeout has passed by `now_ns`, oldest first.
+    pub fn take_due(&mut self, now_ns: u64) -> Vec<FlowKey> {
+        let mut keys = Vec::new();
+        while let Some(&(deadline, key)) = self.due.front() {
+            if deadline > now_ns {
+                break;
+            }
+            self.due.pop_front();
+            keys.push(key);
+        }
+        keys
+    }
+
+    pub fn len(&self) -> usize {
+        self.due.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.due.is_empty()
+    }
+}
+
+/// Reads `LB_EVENTS` for as long as the daemon runs and hands each event on.
+pub fn watch(ring: RingBuf<MapData>, events: mpsc::Sender<CloseEvent>) -> Result<()> {
+    // SAFETY: `AsyncFd` owns the ring and its fd, and closes it only when dropped.
+    let mut ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("watch LB_EVENTS: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let mut ready = match ring.readable_mut().await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    error!(error = %e, "LB_EVENTS; closed flows now wait for garbage collection");
+                    return;
+                }
+            };
+            let ring = ready.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let Some(event) = parse(&item) else {
+                    continue;
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            ready.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+fn parse(bytes: &[u8]) -> Option<CloseEvent> {
+    (bytes.len() >= size_of::<CloseEvent>())
+        // SAFETY: CloseEvent is plain old data of that size; the read is unaligned-safe.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CloseEvent>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(at_s: u64, port: u16) -> CloseEvent {
+        CloseEvent {
+            key: FlowKey {
+                src_port_be: port,
+                ..FlowKey::default()
+            },
+            at_ns: at_s * NS_PER_SEC,
+        }
+    }
+
+    #[test]
+    fn flows_come_due_after_the_closing_timeout_in_order() {
+        let mut queue = CloseQueue::default();
+        queue.push(&event(100, 1), 10);
+        queue.push(&event(103, 2), 10);
+        assert!(queue.take_due(110 * NS_PER_SEC).is_empty());
+        let due = queue.take_due(111 * NS_PER_SEC);
+        assert_eq!(due.iter().map(|k| k.src_port_be).collect::<Vec<_>>(), [1]);
+        assert_eq!(queue.take_due(200 * NS_PER_SEC).len(), 1);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_counts_what_it_drops() {
+        let mut queue = CloseQueue::default();
+        for i in 0..MAX_QUEUED + 3 {
+            queue.push(&event(1, i as u16), 1);
+        }
+        assert_eq!(queue.len(), MAX_QUEUED);
+        assert_eq!(queue.dropped, 3);
+    }
+
+    #[test]
+    fn short_records_are_ignored() {
+        assert!(parse(&[0u8; 8]).is_none());
+        let whole = [0u8; size_of::<CloseEvent>()];
+        assert_eq!(parse(&whole), Some(CloseEvent::default()));
+    }
+}
