@@ -38,6 +38,9 @@ use crate::{
     verdict::Verdict,
 };
 
+/// `bpf_ringbuf_output` flag: do not wake the consumer.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
 /// `last_seen` is written at most this often per entry: timeouts are in seconds, and a map
 /// write per packet would cost cache-line bouncing between CPUs.
 const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
@@ -317,7 +320,12 @@ fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
         },
         at_ns: now,
     };
-    if EVENTS.output::<CloseEvent>(&event, 0).is_err() {
+    // No wakeup: the daemon drains the ring on a timer, so a busy balancer does not wake
+    // it twice per connection.
+    if EVENTS
+        .output::<CloseEvent>(&event, BPF_RB_NO_WAKEUP)
+        .is_err()
+    {
         stats::count(Counter::CloseEventsLost);
     }
 }

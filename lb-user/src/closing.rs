@@ -5,11 +5,8 @@
 //! flows that were over.
 use std::collections::VecDeque;
 
-use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use lb_common::{CloseEvent, FlowKey};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
-use tracing::error;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// Close events held at most: beyond that, flows wait for the next garbage collection.
@@ -57,33 +54,15 @@ impl CloseQueue {
     }
 }
 
-/// Reads `LB_EVENTS` for as long as the daemon runs and hands each event on.
-pub fn watch(ring: RingBuf<MapData>, events: mpsc::Sender<CloseEvent>) -> Result<()> {
-    // SAFETY: `AsyncFd` owns the ring and its fd, and closes it only when dropped.
-    let mut ring =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("watch LB_EVENTS: {e}"))?;
-    tokio::spawn(async move {
-        loop {
-            let mut ready = match ring.readable_mut().await {
-                Ok(ready) => ready,
-                Err(e) => {
-                    error!(error = %e, "LB_EVENTS; closed flows now wait for garbage collection");
-                    return;
-                }
-            };
-            let ring = ready.get_inner_mut();
-            while let Some(item) = ring.next() {
-                let Some(event) = parse(&item) else {
-                    continue;
-                };
-                if events.send(event).await.is_err() {
-                    return;
-                }
-            }
-            ready.clear_ready();
+/// Moves every event waiting in `LB_EVENTS` into `queue`. The data plane does not wake the
+/// daemon per event (a busy balancer closes thousands of connections a second): the daemon
+/// drains the ring on its closing tick.
+pub fn drain(ring: &mut RingBuf<MapData>, queue: &mut CloseQueue, closing_timeout_s: u32) {
+    while let Some(item) = ring.next() {
+        if let Some(event) = parse(&item) {
+            queue.push(&event, closing_timeout_s);
         }
-    });
-    Ok(())
+    }
 }
 
 fn parse(bytes: &[u8]) -> Option<CloseEvent> {

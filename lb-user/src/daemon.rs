@@ -36,8 +36,6 @@ use crate::{
 const HOUSEKEEPING_TICK: Duration = Duration::from_secs(1);
 /// How often closed flows whose closing timeout has passed are removed.
 const CLOSING_TICK: Duration = Duration::from_millis(250);
-/// Close events read from the ring but not yet queued.
-const CLOSE_EVENTS_IN_FLIGHT: usize = 4096;
 
 pub struct State {
     config_path: PathBuf,
@@ -261,10 +259,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(generation) = state.dataplane.take_route_generation() {
         crate::next_hops::watch(generation)?;
     }
-    let (close_tx, mut close_events) = mpsc::channel(CLOSE_EVENTS_IN_FLIGHT);
-    if let Some(ring) = state.dataplane.take_close_events() {
-        crate::closing::watch(ring, close_tx)?;
-    }
+    let mut close_events = state.dataplane.take_close_events();
     let closing_timeout = state.pool.config().daemon.closing_timeout;
     let mut closing = CloseQueue::default();
     let mut closing_tick = tokio::time::interval(CLOSING_TICK);
@@ -335,8 +330,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             }
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
-            Some(event) = close_events.recv() => closing.push(&event, closing_timeout),
             _ = closing_tick.tick() => {
+                if let Some(ring) = &mut close_events {
+                    crate::closing::drain(ring, &mut closing, closing_timeout);
+                }
                 let due = closing.take_due(crate::dataplane::monotonic_ns());
                 if !due.is_empty() {
                     let mut s = state.lock().await;

@@ -89,16 +89,31 @@ pub struct PeerProgram {
 }
 
 pub fn attach_peer_program(ns: &Netns, dev: &str) -> Result<PeerProgram> {
+    attach_baseline(ns, "xdp_pass", &[dev.to_string()])
+}
+
+/// One of the reference programs (`lb-ebpf/src/baseline.rs`) attached to `devs`, which
+/// are also its redirect targets (`xdp_forward`'s); detached on drop.
+pub fn attach_baseline(ns: &Netns, name: &str, devs: &[String]) -> Result<PeerProgram> {
     let ebpf = ns.run(|| -> Result<Ebpf> {
         let mut ebpf = Ebpf::load(lb::dataplane::BASELINE_OBJECT)?;
         let program: &mut Xdp = ebpf
-            .program_mut("xdp_pass")
-            .context("xdp_pass missing")?
+            .program_mut(name)
+            .with_context(|| format!("{name} missing"))?
             .try_into()?;
         program.load()?;
-        program
-            .attach(dev, XdpMode::Driver)
-            .with_context(|| format!("attach xdp_pass to {dev}"))?;
+        for dev in devs {
+            program
+                .attach(dev, XdpMode::Driver)
+                .with_context(|| format!("attach {name} to {dev}"))?;
+        }
+        if let Some(map) = ebpf.map_mut("BASE_TX_PORTS") {
+            let mut ports = aya::maps::DevMapHash::try_from(map)?;
+            for dev in devs {
+                let ifindex = lb::dataplane::ifindex(dev)?;
+                ports.insert(ifindex, ifindex, None, 0)?;
+            }
+        }
         Ok(ebpf)
     })??;
     Ok(PeerProgram {

@@ -92,6 +92,14 @@ fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, seq: u32, ack: u32) -> Frame
     }
 }
 
+/// A pause every few packets, so that the veth queues between the namespaces (1,000
+/// packets) never overflow on a busy machine: every spoofed packet must reach lb.
+fn pace(sent: u64) {
+    if sent % 64 == 63 {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
 fn counter(f: &Fixture, name: &str) -> Result<u64> {
     Ok(f.daemon.status()?.counters.get(name).copied().unwrap_or(0))
 }
@@ -135,6 +143,7 @@ fn blind_spoofers_break_no_real_connection() -> Result<()> {
             isn.wrapping_add(1),
             rng.next() as u32,
         ))?;
+        pace(i);
     }
     harness::wait::until(
         Duration::from_secs(10),
@@ -178,6 +187,7 @@ fn blind_spoofers_break_no_real_connection() -> Result<()> {
             for port in 1024..=65535u16 {
                 let to = SocketAddr::V4(SocketAddrV4::new(*snat_address, port));
                 spoofer.send(&tcp(from, to, TCP_RST | TCP_ACK, rng.next() as u32, 0))?;
+                pace(u64::from(port));
             }
         }
     }

@@ -68,8 +68,9 @@ const DEBIAN_RUST_PACKAGES: &[&str] = &[
 /// to resolve its Documentation= line, BIRD for the scale-out test's BGP.
 const TEST_PACKAGES: &[&str] = &["systemd", "man-db", "bird2"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// What the benchmarks compare lb with and serve from, plus the plot's font.
+/// What the benchmarks compare lb with, load and serve from, plus the plot's font.
 const BENCH_PACKAGES: &[&str] = &[
+    "wrk",
     "nginx",
     "nftables",
     "conntrack",

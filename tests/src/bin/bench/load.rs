@@ -1,24 +1,14 @@
-//! The load client: many client addresses, a fixed number of concurrent workers, HTTP/1.1
-//! requests to a small nginx response. Either one request per connection (the client
-//! closes first, as browsers and wrk do) or a stream of requests on kept-alive connections.
-use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+//! The load client: `wrk` (Debian's), HTTP/1.1 requests to a small nginx response, either
+//! one request per connection (`Connection: close`) or back to back on kept-alive
+//! connections. Several instances run side by side, one per group of servers. wrk reaches
+//! plain routing's rate through the harness where the tokio client this replaced did not.
+use std::{net::SocketAddrV4, process::Command, time::Duration};
 
-use anyhow::{bail, Context, Result};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
-};
+use anyhow::{bail, ensure, Context, Result};
+use harness::netns::Netns;
 
-const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: lync.example\r\n\r\n";
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// wrk's threads per instance: two instances or more share the machine's two cores.
+const THREADS: usize = 2;
 
 #[derive(Clone, Copy)]
 pub enum Mode {
@@ -30,156 +20,98 @@ pub enum Mode {
 
 pub struct Load {
     pub target: SocketAddrV4,
-    pub sources: Vec<Ipv4Addr>,
-    pub concurrency: usize,
+    pub connections: usize,
     pub duration: Duration,
     pub mode: Mode,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Outcome {
     /// Completed requests (= connections in `NewConnections` mode).
     pub completed: u64,
+    /// Socket errors and non-2xx responses.
     pub errors: u64,
     pub elapsed: Duration,
 }
 
-/// Runs `load` from the calling thread's network namespace (the runtime's threads are
-/// created from it and inherit it).
-pub fn run(load: &Load) -> Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(drive(load))
-}
-
-async fn drive(load: &Load) -> Result<Outcome> {
-    let completed = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + load.duration;
-    let mut workers = Vec::new();
-    for w in 0..load.concurrency {
-        let (completed, errors) = (completed.clone(), errors.clone());
-        let sources: Vec<Ipv4Addr> = load
-            .sources
-            .iter()
-            .copied()
-            .skip(w)
-            .step_by(load.concurrency)
-            .collect();
-        let sources = if sources.is_empty() {
-            vec![load.sources[w % load.sources.len()]]
-        } else {
-            sources
-        };
-        let (target, mode) = (load.target, load.mode);
-        workers.push(tokio::spawn(async move {
-            let mut turn = 0usize;
-            while Instant::now() < deadline {
-                let source = sources[turn % sources.len()];
-                turn += 1;
-                let result = match mode {
-                    Mode::NewConnections => one_connection(source, target).await.map(|()| 1),
-                    Mode::KeepAlive => kept_alive(source, target, deadline).await,
-                };
-                match result {
-                    Ok(n) => completed.fetch_add(n, Ordering::Relaxed),
-                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                };
+/// Runs the loads side by side from `ns`.
+pub fn run_all(ns: &Netns, loads: &[Load]) -> Result<Vec<Outcome>> {
+    let children = loads
+        .iter()
+        .map(|load| {
+            let mut wrk = Command::new("ip");
+            wrk.args(["netns", "exec", ns.name(), "wrk", "--latency"])
+                .arg(format!("-t{}", THREADS.min(load.connections)))
+                .arg(format!("-c{}", load.connections))
+                .arg(format!("-d{}s", load.duration.as_secs().max(1)))
+                .args(["--timeout", "5s"]);
+            if matches!(load.mode, Mode::NewConnections) {
+                wrk.args(["-H", "Connection: close"]);
             }
-        }));
-    }
-    for worker in workers {
-        worker.await?;
-    }
-    Ok(Outcome {
-        completed: completed.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed: start.elapsed(),
-    })
+            wrk.arg(format!("http://{}/", load.target))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("run wrk (cargo xtask bench installs it)")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().context("wait for wrk")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success(),
+                "wrk failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            parse(&text)
+        })
+        .collect()
 }
 
-async fn connect(source: Ipv4Addr, target: SocketAddrV4) -> Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    // Pick the source port at connect time, per destination: a few client addresses can
-    // then open far more than 28k connections to one VIP.
-    let on: libc::c_int = 1;
-    // SAFETY: valid socket fd and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("IP_BIND_ADDRESS_NO_PORT");
-    }
-    socket.bind(SocketAddr::from((source, 0)))?;
-    let stream = tokio::time::timeout(IO_TIMEOUT, socket.connect(target.into())).await??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-async fn one_connection(source: Ipv4Addr, target: SocketAddrV4) -> Result<()> {
-    let mut stream = connect(source, target).await?;
-    let mut buf = [0u8; 1024];
-    exchange(&mut stream, &mut buf).await
-}
-
-async fn kept_alive(source: Ipv4Addr, target: SocketAddrV4, deadline: Instant) -> Result<u64> {
-    let mut stream = connect(source, target).await?;
-    let mut buf = [0u8; 1024];
-    let mut done = 0;
-    while Instant::now() < deadline {
-        exchange(&mut stream, &mut buf).await?;
-        done += 1;
-    }
-    Ok(done)
-}
-
-/// One request and its complete response (headers plus Content-Length bytes of body).
-async fn exchange(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
-    tokio::time::timeout(IO_TIMEOUT, async {
-        stream.write_all(REQUEST).await?;
-        let mut have = 0;
-        loop {
-            let n = stream.read(&mut buf[have..]).await?;
-            if n == 0 {
-                bail!("server closed the connection mid-response");
+/// wrk's summary: "N requests in Xs, ...", "Socket errors: connect a, read b, write c,
+/// timeout d", "Non-2xx or 3xx responses: e".
+fn parse(report: &str) -> Result<Outcome> {
+    let mut outcome = None;
+    let mut errors = 0;
+    for line in report.lines().map(str::trim) {
+        if let Some((count, rest)) = line.split_once(" requests in ") {
+            let seconds = rest.split(',').next().unwrap_or_default();
+            outcome = Some((count.trim().parse::<u64>()?, duration(seconds)?));
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            for part in rest.split(',') {
+                let n = part.split_whitespace().last().unwrap_or("0");
+                errors += n.parse::<u64>().with_context(|| format!("in {line:?}"))?;
             }
-            have += n;
-            if let Some(total) = response_length(&buf[..have]) {
-                if have >= total {
-                    return Ok(());
-                }
-            }
-            if have == buf.len() {
-                bail!("response larger than {} bytes", buf.len());
-            }
+        } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += n.trim().parse::<u64>()?;
         }
+    }
+    let Some((completed, elapsed)) = outcome else {
+        bail!("no request count in wrk's report: {report}");
+    };
+    Ok(Outcome {
+        completed,
+        errors,
+        elapsed,
     })
-    .await?
 }
 
-/// Length of the whole response once its headers are in, from Content-Length.
-fn response_length(data: &[u8]) -> Option<usize> {
-    let header_end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let headers = std::str::from_utf8(&data[..header_end]).ok()?;
-    let length = headers
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Content-Length: ")
-                .or_else(|| l.strip_prefix("content-length: "))
-        })?
-        .trim()
-        .parse::<usize>()
-        .ok()?;
-    Some(header_end + length)
+/// "8.00s", "1.00m" or "500.00ms" as wrk prints them.
+fn duration(text: &str) -> Result<Duration> {
+    let text = text.trim();
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, 60.0)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        bail!("unknown duration {text:?}");
+    };
+    Ok(Duration::from_secs_f64(number.parse::<f64>()? * scale))
 }
 
 #[cfg(test)]
@@ -187,12 +119,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn response_length_needs_headers_and_reads_content_length() {
+    fn reads_wrk_reports() {
+        let report = "Running 8s test @ http://10.100.0.1:443/\n  2 threads and 48 connections\n\
+                      Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+                      Latency     1.02ms  300.00us  10.00ms   90.00%\n\
+                      160000 requests in 8.00s, 20.00MB read\n\
+                      Socket errors: connect 1, read 2, write 0, timeout 3\n\
+                      Non-2xx or 3xx responses: 4\n\
+                      Requests/sec:  20000.00\nTransfer/sec:      2.50MB\n";
         assert_eq!(
-            response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"),
-            None
+            parse(report).unwrap(),
+            Outcome {
+                completed: 160_000,
+                errors: 10,
+                elapsed: Duration::from_secs(8),
+            }
         );
-        let full = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\n\r\nok\n";
-        assert_eq!(response_length(full), Some(full.len()));
+        assert!(parse("garbage").is_err());
+        assert_eq!(duration("1.00m").unwrap(), Duration::from_secs(60));
+        assert_eq!(duration("500.00ms").unwrap(), Duration::from_millis(500));
     }
 }

@@ -454,7 +454,7 @@ fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<Scale
 }
 
 /// A development aid for profiling (`lb-bench --spin PATH`, under `perf record -a`): runs
-/// one path's calls for `seconds`. PATH is `established`, `handshake` or `foreign`.
+/// one path's calls for `seconds`. PATH is `established`, `handshake`, `maglev` or `foreign`.
 pub fn spin(path: &str, seconds: u64) -> Result<()> {
     let ns = harness::packet::lab_network()?;
     let path = path.to_string();
@@ -473,6 +473,9 @@ pub fn spin(path: &str, seconds: u64) -> Result<()> {
                     let c = SocketAddrV4::new(client_address(i), 40000);
                     lb.half_open(c)?;
                     ack(c, vip())
+                }
+                "maglev" => {
+                    TcpFrame::syn(SocketAddrV4::new(client_address(i), 40000), vip()).bytes()
                 }
                 other => anyhow::bail!("no path {other}"),
             };

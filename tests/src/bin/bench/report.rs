@@ -108,15 +108,17 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(out, "\n## 2. End to end through veth\n");
     let _ = writeln!(
         out,
-        "One topology (client namespace with {} addresses → balancer namespace → bridge → 3 server namespaces \
-         running nginx 1.22, one worker each, answering `GET /` with 3 bytes). Each balancer is set up in turn \
-         on the same namespaces and the sequence is repeated {} times; every run lasts {:.0} s with {} concurrent \
-         client workers (a Rust tokio client in this repository, `tests/src/bin/bench/load.rs`). *New connections*: \
-         one request per connection, the client closes first. *Kept-alive*: requests back to back on {} open \
-         connections. *CPU*: busy time of the whole machine (user + system + softirq: clients, servers and \
+        "One topology (client namespace → balancer namespace → bridge → 3 server namespaces running nginx \
+         1.22, one worker each, answering `GET /` with 3 bytes). Each balancer is set up in turn on the same \
+         namespaces and the sequence is repeated {} times; every run lasts {:.0} s with {} connections from \
+         three `wrk` instances (Debian's, 2 threads each) from the client namespace's one address, as the \
+         reverse proxy in front of the external web VIP sends them; so lb uses `source-port` affinity, nftables \
+         hashes address and port, HAProxy goes round robin. With plain routing and the XDP-only rows each wrk \
+         goes to its own server. *New connections*: one request per connection (`Connection: close`). \
+         *Kept-alive*: requests back to back on {} open connections. *CPU*: busy time of the whole machine (user + system + softirq: clients, servers and \
          balancer together) per new connection, so differences between rows are what the balancer costs. \
          Median of rounds, range in brackets.\n",
-        v.client_addresses, v.rounds, v.seconds_per_run, v.concurrency, v.concurrency
+        v.rounds, v.seconds_per_run, v.concurrency, v.concurrency
     );
     let _ = writeln!(out, "| balancer | new connections/s | kept-alive requests/s | machine CPU µs per connection | errors |");
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
@@ -132,12 +134,13 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let fig = |b: Balancer| v.figures.iter().find(|f| f.balancer == b);
-    if let (Some(lb), Some(nft), Some(ha), Some(route), Some(route_xdp)) = (
+    if let (Some(lb), Some(nft), Some(ha), Some(route), Some(route_xdp), Some(floor)) = (
         fig(Balancer::Lb),
         fig(Balancer::Nftables),
         fig(Balancer::Haproxy),
         fig(Balancer::Routing),
         fig(Balancer::RoutingXdpPass),
+        fig(Balancer::XdpForward),
     ) {
         let _ = writeln!(
             out,
@@ -149,6 +152,7 @@ pub fn markdown(r: &Results) -> String {
             ("lb / HAProxy", ha),
             ("lb / plain routing", route),
             ("lb / routing with xdp_pass", route_xdp),
+            ("lb / XDP forwarding only (target ≥ 0.95×)", floor),
         ] {
             let _ = writeln!(
                 out,

@@ -2,7 +2,8 @@
 //! five ways of reaching the servers set up one after the other and repeated in alternation:
 //! plain routing to the servers (no balancing, the ceiling), the same with `xdp_pass` on the
 //! balancer's interfaces (the cost of any XDP program on veth), lb, nftables DNAT with
-//! `jhash ip saddr` plus SNAT, and HAProxy `balance source`.
+//! `jhash ip saddr . tcp sport` plus SNAT, and HAProxy `balance roundrobin`. The load is
+//! wrk from one address, as a reverse proxy in front of the external web VIP would send it.
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
@@ -15,7 +16,7 @@ use harness::{
     daemon::Daemon,
     fixture::ServiceSpec,
     netns::Netns,
-    topology::{attach_peer_program, PeerProgram, Spec, Topology, VIP},
+    topology::{attach_baseline, attach_peer_program, PeerProgram, Spec, Topology, VIP},
 };
 use serde::Serialize;
 
@@ -34,15 +35,19 @@ pub enum Balancer {
     /// Plain routing with `xdp_pass` on the balancer's interfaces: what putting any XDP
     /// program on these veths costs, before it does any work.
     RoutingXdpPass,
+    /// An XDP program that routes the same direct traffic itself (route lookup, MACs, TTL,
+    /// redirect; no NAT, no tables): the floor of any XDP balancer on veth.
+    XdpForward,
     Lb,
     Nftables,
     Haproxy,
 }
 
 impl Balancer {
-    pub const ALL: [Balancer; 5] = [
+    pub const ALL: [Balancer; 6] = [
         Balancer::Routing,
         Balancer::RoutingXdpPass,
+        Balancer::XdpForward,
         Balancer::Lb,
         Balancer::Nftables,
         Balancer::Haproxy,
@@ -52,9 +57,10 @@ impl Balancer {
         match self {
             Balancer::Routing => "kernel routing, no balancing",
             Balancer::RoutingXdpPass => "kernel routing, xdp_pass on the balancer's interfaces",
+            Balancer::XdpForward => "XDP forwarding only (route lookup + redirect, no NAT)",
             Balancer::Lb => "lb (XDP, driver mode)",
-            Balancer::Nftables => "nftables DNAT jhash ip saddr + SNAT",
-            Balancer::Haproxy => "HAProxy 2.6 tcp, balance source",
+            Balancer::Nftables => "nftables DNAT jhash ip saddr . tcp sport + SNAT",
+            Balancer::Haproxy => "HAProxy 2.6 tcp, balance roundrobin",
         }
     }
 }
@@ -63,7 +69,6 @@ pub struct Plan {
     pub rounds: usize,
     pub duration: Duration,
     pub concurrency: usize,
-    pub clients: usize,
 }
 
 #[derive(Serialize, Clone)]
@@ -83,7 +88,6 @@ pub struct Veth {
     pub rounds: usize,
     pub seconds_per_run: f64,
     pub concurrency: usize,
-    pub client_addresses: usize,
     pub figures: Vec<Figures>,
 }
 
@@ -161,7 +165,7 @@ fn start_nginx(topology: &Topology, dir: &std::path::Path) -> Result<Vec<Process
 /// Whatever keeps one balancer in place; dropping it removes that balancer.
 enum Active {
     Routing,
-    /// Dropping the programs detaches them.
+    /// A reference XDP program on the balancer's interfaces; dropping detaches it.
     XdpPass {
         _programs: Vec<PeerProgram>,
     },
@@ -188,7 +192,7 @@ fn nft_ruleset(topology: &Topology) -> String {
     format!(
         "table ip lbbench {{\n\
            chain pre {{ type nat hook prerouting priority dstnat;\n\
-             ip daddr {VIP} tcp dport {SERVICE_PORT} dnat ip to jhash ip saddr mod {n} map {{ {map} }}\n\
+             ip daddr {VIP} tcp dport {SERVICE_PORT} dnat ip to jhash ip saddr . tcp sport mod {n} map {{ {map} }}\n\
            }}\n\
            chain post {{ type nat hook postrouting priority srcnat;\n\
              oifname \"back\" ip daddr 10.2.0.0/24 ct status dnat snat ip to {first}-{last}\n\
@@ -208,14 +212,20 @@ fn haproxy_config(topology: &Topology, dir: &std::path::Path) -> String {
         "global\n  maxconn 9000\n  nbthread 2\n  pidfile {}\n\
          defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
          frontend web\n  bind {VIP}:{SERVICE_PORT}\n  default_backend fe\n\
-         backend fe\n  balance source\n  hash-type consistent\n{servers}",
+         backend fe\n  balance roundrobin\n{servers}",
         dir.join("haproxy.pid").display()
     )
 }
 
+/// The external web VIP's setting (`lync-web-external`): every connection comes from one
+/// address, the reverse proxy's (here wrk's), so affinity is by address and port.
 fn lb_services(topology: &Topology) -> String {
     let backends: Vec<Ipv4Addr> = topology.backends.iter().map(|b| b.address).collect();
-    ServiceSpec::default().toml(&backends)
+    ServiceSpec {
+        affinity: "source-port".into(),
+        ..ServiceSpec::default()
+    }
+    .toml(&backends)
 }
 
 fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> Result<Active> {
@@ -228,6 +238,13 @@ fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> R
                 .iter()
                 .map(|i| attach_peer_program(lb_ns, i))
                 .collect::<Result<_>>()?,
+        },
+        Balancer::XdpForward => Active::XdpPass {
+            _programs: vec![attach_baseline(
+                lb_ns,
+                "xdp_forward",
+                &topology.lb_interfaces,
+            )?],
         },
         Balancer::Lb => {
             let extra = "max_flows = 4194304\nmax_affinities = 1048576\n";
@@ -297,7 +314,7 @@ fn jiffy_us() -> f64 {
 /// Where clients connect for `balancer`: the VIP, or with plain routing one server each.
 fn target(balancer: Balancer, topology: &Topology, worker: usize) -> SocketAddrV4 {
     match balancer {
-        Balancer::Routing | Balancer::RoutingXdpPass => SocketAddrV4::new(
+        Balancer::Routing | Balancer::RoutingXdpPass | Balancer::XdpForward => SocketAddrV4::new(
             topology.backends[worker % topology.backends.len()].address,
             SERVER_PORT,
         ),
@@ -313,30 +330,19 @@ struct Run {
 }
 
 fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> {
-    // With plain routing each server gets its own group of workers and client addresses;
-    // a balancer gets them all.
-    let groups = if matches!(balancer, Balancer::Routing | Balancer::RoutingXdpPass) {
-        topology.backends.len()
-    } else {
-        1
-    };
+    // One wrk per server: with plain routing each goes to its own server, through a
+    // balancer all go to the VIP.
+    let groups = topology.backends.len();
     let loads: Vec<Load> = (0..groups)
         .map(|i| Load {
             target: target(balancer, topology, i),
-            sources: topology
-                .client_addresses
-                .iter()
-                .copied()
-                .skip(i)
-                .step_by(groups)
-                .collect(),
-            concurrency: plan.concurrency / groups,
+            connections: plan.concurrency / groups,
             duration: plan.duration,
             mode: Mode::NewConnections,
         })
         .collect();
     let cpu_before = busy_jiffies()?;
-    let outcomes = run_loads(&topology.client, &loads)?;
+    let outcomes = load::run_all(&topology.client, &loads)?;
     let cpu = (busy_jiffies()? - cpu_before) as f64 * jiffy_us();
     let connections: u64 = outcomes.iter().map(|o| o.completed).sum();
     let elapsed = outcomes
@@ -352,7 +358,7 @@ fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> 
             ..l
         })
         .collect();
-    let outcomes = run_loads(&topology.client, &kept)?;
+    let outcomes = load::run_all(&topology.client, &kept)?;
     let requests: u64 = outcomes.iter().map(|o| o.completed).sum();
     let kept_elapsed = outcomes
         .iter()
@@ -367,25 +373,9 @@ fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> 
     })
 }
 
-/// Runs the loads side by side from the client namespace.
-fn run_loads(client: &Netns, loads: &[Load]) -> Result<Vec<load::Outcome>> {
-    client.run(|| {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = loads
-                .iter()
-                .map(|l| s.spawn(move || load::run(l)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("load thread"))
-                .collect::<Result<Vec<_>>>()
-        })
-    })?
-}
-
 pub fn run(plan: &Plan) -> Result<Veth> {
     let topology = Topology::build(&Spec {
-        clients: plan.clients,
+        clients: 0,
         snat_addresses: 8,
         ..Spec::default()
     })?;
@@ -448,7 +438,6 @@ fn run_in(plan: &Plan, topology: &Topology, dir: &std::path::Path) -> Result<Vet
         rounds: plan.rounds,
         seconds_per_run: plan.duration.as_secs_f64(),
         concurrency: plan.concurrency,
-        client_addresses: plan.clients,
         figures,
     })
 }
