@@ -28,6 +28,7 @@ use lb_common::{
 use tracing::{info, warn};
 
 use crate::{
+    batch,
     config::{family, XdpModeConfig},
     next_hops::RouteGeneration,
 };
@@ -203,29 +204,30 @@ pub struct Removal {
     pub kept: usize,
 }
 
-/// Deletes every entry of `map` that `remove` selects, in one walk. An entry already gone
-/// (LRU eviction, a racing delete) is fine.
+/// Deletes every entry of `map` that `remove` selects, in one batched walk. An entry
+/// already gone (LRU eviction, a racing delete) is fine.
 fn remove_where<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     remove: impl Fn(&K, &V) -> bool,
-) -> Removal {
-    let mut kept = 0;
-    let doomed: Vec<K> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter_map(|(k, v)| {
-            let go = remove(&k, &v);
-            kept += usize::from(!go);
-            go.then_some(k)
-        })
+) -> Result<Removal> {
+    let entries = batch::read_all(map)?;
+    let total = entries.len();
+    let doomed: Vec<K> = entries
+        .into_iter()
+        .filter(|(k, v)| remove(k, v))
+        .map(|(k, _)| k)
         .collect();
-    for key in &doomed {
-        let _ = map.remove(key);
-    }
-    Removal {
-        removed: doomed.len(),
-        kept,
-    }
+    let kept = total - doomed.len();
+    let removed = batch::delete(map, &doomed)?;
+    Ok(Removal { removed, kept })
+}
+
+/// Every entry of `map` (batched), or none with a warning if the kernel refuses.
+fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Vec<(K, V)> {
+    batch::read_all(map).unwrap_or_else(|e| {
+        warn!(map = name, error = %format!("{e:#}"), "reading a table");
+        Vec::new()
+    })
 }
 
 /// `<pin_dir>/v<LAYOUT_VERSION>`, refusing to start next to pins of another layout: reading
@@ -647,17 +649,17 @@ impl Dataplane {
 
     /// Affinity entries (expired ones included: the caller knows the timeouts).
     pub fn affinities(&self) -> impl Iterator<Item = (AffinityKey, AffinityEntry)> + '_ {
-        self.affinity.iter().filter_map(Result::ok)
+        entries(&self.affinity, MAP_AFFINITY).into_iter()
     }
 
     /// Confirmed flow entries, both directions.
     pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
-        self.flows.iter().filter_map(Result::ok)
+        entries(&self.flows, MAP_FLOWS).into_iter()
     }
 
     /// Half-open flow entries (not yet confirmed), both directions.
     pub fn half_open(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
-        self.half_open.iter().filter_map(Result::ok)
+        entries(&self.half_open, MAP_HALF_OPEN).into_iter()
     }
 
     /// Removes every affinity entry matching `remove`, in one walk of the table.
@@ -665,7 +667,7 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool,
     ) -> Result<Removal> {
-        Ok(remove_where(&mut self.affinity, remove))
+        remove_where(&mut self.affinity, remove).context("LB_AFFINITY")
     }
 
     /// Removes every confirmed flow entry (both directions) matching `remove`, in one walk
@@ -674,7 +676,7 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<Removal> {
-        Ok(remove_where(&mut self.flows, remove))
+        remove_where(&mut self.flows, remove).context("LB_FLOWS")
     }
 
     /// Removes every half-open entry matching `remove` (the LRU bounds them anyway; this is
@@ -683,7 +685,7 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<Removal> {
-        Ok(remove_where(&mut self.half_open, remove))
+        remove_where(&mut self.half_open, remove).context("LB_HALF_OPEN")
     }
 
     /// Services currently in the data plane (for adopting a running one).

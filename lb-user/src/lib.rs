@@ -2,6 +2,7 @@
 //! data plane (`Dataplane`) and speak the same control protocol (`api`).
 pub mod announce;
 pub mod api;
+pub mod batch;
 pub mod checks;
 pub mod closing;
 pub mod config;
