@@ -11,27 +11,12 @@ use harness::packet::{
     LAB_CLIENT, LAB_CLIENT6, LAB_CONFIG, LAB_VIP, LAB_VIP6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
 };
+use harness::rng::Rng;
 use lb_common::Counter;
 
 /// Every this many packets, one is run alone with a full counter comparison.
 const SAMPLE_EVERY: u64 = 997;
 
-/// xorshift64*: fast, reproducible (the seed is printed on failure).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Valid frames of every kind lb handles, for the mutator to start from.
 fn seeds() -> Vec<Vec<u8>> {
     let at = |ip: IpAddr, port| SocketAddr::new(ip, port);
     let mut frames = Vec::new();
@@ -131,6 +116,22 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     frame
 }
 
+/// A real handshake from `client` (SYN, the server's SYN-ACK, the client's ACK); returns
+/// the flow's SNAT address and port.
+fn handshake(lab: &PacketLab, client: SocketAddr, vip: SocketAddr) -> Result<SocketAddr> {
+    let tcp = |src, dst, flags| Frame::new(src, dst, Transport::Tcp { flags }).bytes();
+    let out = lab.expect("real SYN", &tcp(client, vip, TCP_SYN), XDP_TX, Counter::Tx)?;
+    let seen = verify_frame(&out.output)?;
+    lab.expect(
+        "SYN-ACK",
+        &tcp(seen.dst, seen.src, TCP_SYN | TCP_ACK),
+        XDP_TX,
+        Counter::Tx,
+    )?;
+    lab.expect("ACK", &tcp(client, vip, TCP_ACK), XDP_TX, Counter::Tx)?;
+    Ok(seen.src)
+}
+
 fn verdict_sum(counters: &[(Counter, u64)]) -> u64 {
     counters
         .iter()
@@ -153,7 +154,7 @@ fn a_million_random_and_mutated_frames_are_all_accounted_for() -> Result<()> {
     ns.run(|| -> Result<()> {
         let lab = PacketLab::new(LAB_CONFIG)?;
         let seeds = seeds();
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let before = lab.dp.counters()?;
         let mut output = Vec::new();
         let (mut rewritten, mut sampled) = (0u64, 0u64);
@@ -211,28 +212,7 @@ fn syn_flood_from_spoofed_sources_does_not_evict_established_flows() -> Result<(
         let client = |i: u16| SocketAddr::new(LAB_CLIENT.into(), 30000 + i);
         let mut snat = Vec::new();
         for i in 0..REAL_CLIENTS {
-            let out = lab.expect(
-                "real SYN",
-                &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_SYN }).bytes(),
-                XDP_TX,
-                Counter::Tx,
-            )?;
-            let seen = verify_frame(&out.output)?;
-            let syn_ack = Frame::new(
-                seen.dst,
-                seen.src,
-                Transport::Tcp {
-                    flags: TCP_SYN | TCP_ACK,
-                },
-            );
-            lab.expect("SYN-ACK", &syn_ack.bytes(), XDP_TX, Counter::Tx)?;
-            lab.expect(
-                "ACK",
-                &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK }).bytes(),
-                XDP_TX,
-                Counter::Tx,
-            )?;
-            snat.push(seen.src);
+            snat.push(handshake(&lab, client(i), vip)?);
         }
         let established = lab.dp.flows().count();
         ensure!(
@@ -242,7 +222,7 @@ fn syn_flood_from_spoofed_sources_does_not_evict_established_flows() -> Result<(
 
         let before = lab.dp.counters()?;
         let mut output = Vec::new();
-        let mut rng = Rng(0xf100d);
+        let mut rng = Rng::new(0xf100d);
         for _ in 0..FLOOD {
             let spoofed =
                 IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes());
@@ -313,7 +293,7 @@ fn blind_spoofers_confirm_and_kill_nothing() -> Result<()> {
         let backend = SocketAddr::new(LAB_BACKEND.into(), 4443);
         let before = lab.dp.counters()?;
         let mut output = Vec::new();
-        let mut rng = Rng(0xb11d);
+        let mut rng = Rng::new(0xb11d);
         for _ in 0..SPOOFED {
             let spoofed = SocketAddr::new(
                 IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes()),
@@ -347,24 +327,7 @@ fn blind_spoofers_confirm_and_kill_nothing() -> Result<()> {
         let client = |i: u16| SocketAddr::new(LAB_CLIENT.into(), 30000 + i);
         let mut server_sides = Vec::new();
         for i in 0..REAL {
-            let out = lab.expect(
-                "real SYN",
-                &Frame::new(client(i), vip, Transport::Tcp { flags: TCP_SYN }).bytes(),
-                XDP_TX,
-                Counter::Tx,
-            )?;
-            let seen = verify_frame(&out.output)?;
-            let syn_ack = Frame::new(
-                seen.dst,
-                seen.src,
-                Transport::Tcp {
-                    flags: TCP_SYN | TCP_ACK,
-                },
-            );
-            lab.expect("SYN-ACK", &syn_ack.bytes(), XDP_TX, Counter::Tx)?;
-            let ack = Frame::new(client(i), vip, Transport::Tcp { flags: TCP_ACK });
-            lab.expect("ACK", &ack.bytes(), XDP_TX, Counter::Tx)?;
-            server_sides.push(seen.src);
+            server_sides.push(handshake(&lab, client(i), vip)?);
         }
         ensure!(
             lab.dp.flows().count() == 2 * usize::from(REAL),

@@ -14,6 +14,7 @@ use harness::{
     fixture::{Fixture, ServiceSpec},
     netns::Netns,
     packet::{Frame, Transport, ETH_LEN, TCP_ACK, TCP_RST, TCP_SYN},
+    rng::Rng,
     topology::Spec,
 };
 
@@ -72,18 +73,6 @@ impl Spoofer {
     }
 }
 
-/// xorshift64*, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, seq: u32, ack: u32) -> Frame {
     Frame {
         seq,
@@ -118,7 +107,7 @@ fn blind_spoofers_break_no_real_connection() -> Result<()> {
     )?;
     let vip = SocketAddr::V4(f.vip());
     let spoofer = Spoofer::open(&f.topology.client)?;
-    let mut rng = Rng(0x5b00f);
+    let mut rng = Rng::new(0x5b00f);
 
     // 2,000 spoofed handshakes: a SYN, then a bare ACK with a guessed acknowledgement.
     let confirmed = counter(&f, "flows_confirmed")?;

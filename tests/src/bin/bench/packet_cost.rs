@@ -249,38 +249,33 @@ fn time_alongside_pass(
     );
     for block in frames.chunks(BLOCK) {
         for frame in block {
-            pass_ns.push(
-                run_once(pass, frame, ingress, &mut out)?
-                    .duration
-                    .as_nanos() as f64,
-            );
+            pass_ns.push(call_ns(pass, frame, ingress, XDP_PASS, &mut out)?);
         }
         for frame in block {
-            let r = run_once(program, frame, ingress, &mut out)?;
-            ensure!(
-                r.return_value == action,
-                "action {} instead of {action}",
-                r.return_value
-            );
-            ns.push(r.duration.as_nanos() as f64);
+            ns.push(call_ns(program, frame, ingress, action, &mut out)?);
         }
     }
     Ok((median(&mut pass_ns), median(&mut ns)))
 }
 
+/// The kernel-measured ns of one call on `frame`, checking the action.
+fn call_ns(program: &Xdp, frame: &[u8], ingress: u32, action: u32, out: &mut [u8]) -> Result<f64> {
+    let r = run_once(program, frame, ingress, out)?;
+    ensure!(
+        r.return_value == action,
+        "action {} instead of {action}",
+        r.return_value
+    );
+    Ok(r.duration.as_nanos() as f64)
+}
+
 /// Median kernel-measured ns of one call each over `frames`, checking the action.
 fn time_calls(program: &Xdp, frames: &[Vec<u8>], ingress: u32, action: u32) -> Result<f64> {
     let mut out = vec![0u8; 256];
-    let mut ns = Vec::with_capacity(frames.len());
-    for frame in frames {
-        let r = run_once(program, frame, ingress, &mut out)?;
-        ensure!(
-            r.return_value == action,
-            "action {} instead of {action}",
-            r.return_value
-        );
-        ns.push(r.duration.as_nanos() as f64);
-    }
+    let mut ns = frames
+        .iter()
+        .map(|frame| call_ns(program, frame, ingress, action, &mut out))
+        .collect::<Result<Vec<_>>>()?;
     Ok(median(&mut ns))
 }
 
@@ -426,11 +421,11 @@ fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<Scale
     for i in 0..flows {
         lb.open(SocketAddrV4::new(client_address(i), 40000))?;
     }
-    let mut rng = crate::stats::Rng::new(flows as u64);
+    let mut rng = harness::rng::Rng::new(flows as u64);
     let frames: Vec<Vec<u8>> = (0..plan.calls)
         .map(|_| {
             ack(
-                SocketAddrV4::new(client_address(rng.below(flows)), 40000),
+                SocketAddrV4::new(client_address(rng.below(flows as u64) as usize), 40000),
                 vip(),
             )
         })

@@ -35,22 +35,6 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// xorshift64*: reproducible choices without a dependency.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,15 +45,5 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&mut []).is_nan());
-    }
-
-    #[test]
-    fn rng_stays_in_range_and_spreads() {
-        let mut rng = Rng::new(7);
-        let mut seen = [0usize; 10];
-        for _ in 0..10_000 {
-            seen[rng.below(10)] += 1;
-        }
-        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
     }
 }
