@@ -146,7 +146,7 @@ fn on_its_side(ctx: &XdpContext, entry: &FlowEntry) -> bool {
 }
 
 /// A packet of a confirmed flow.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn established(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) -> Verdict {
     if !on_its_side(ctx, entry) {
@@ -160,7 +160,7 @@ fn established(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) 
 
 /// A packet of a half-open flow: the handshake's rules (see `tcp`) decide whether it goes
 /// through, and whether it confirms the flow.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn half_open(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) -> Verdict {
     if !on_its_side(ctx, entry) {
@@ -199,7 +199,7 @@ fn half_open(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) ->
 /// return direction's tracking, and the client direction learns which ACK confirms it.
 /// False if the client direction's entry is gone or belongs to a later attempt (a SYN the
 /// client retried, which took another SNAT port): that SYN-ACK answers nothing live.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn learn_server_isn(pkt: &Packet, entry: &mut FlowEntry) -> bool {
     let Some(client_key) = key_slot(KeySlot::Derived) else {
@@ -226,7 +226,7 @@ fn learn_server_isn(pkt: &Packet, entry: &mut FlowEntry) -> bool {
 
 /// Does a half-open client entry still hold its SNAT port? The LRU may have evicted the
 /// return entry that claims it; then a retried SYN starts the flow afresh.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn still_claimed(pkt: &Packet, entry: &FlowEntry) -> bool {
     let Some(return_key) = key_slot(KeySlot::Derived) else {
@@ -289,7 +289,7 @@ fn carry(
 /// A direction's first believable FIN or RST: it now lives `closing_timeout_s`, and the
 /// daemon hears of it (`LB_EVENTS`) to remove the flow when that has passed, rather than at
 /// its next walk of the table. An RST ends the other direction too.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
     let Some(settings) = SETTINGS.get(0) else {
@@ -359,7 +359,7 @@ pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) 
 /// it keeps the SNAT port claimed meanwhile (see `claim_snat_port`). If
 /// `LB_FLOWS` is full, the flow stays half-open, is counted, and ends at the handshake
 /// timeout.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
     let (Some(other_key), Some(this), Some(that)) = (
@@ -632,7 +632,7 @@ fn open_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
 }
 
 /// Ties a new flow's return entry to the interface lb sends to the server on.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn bind_server_side(reverse_key: &FlowKey, ifindex: u32) {
     if let Some(reverse) = HALF_OPEN.get_ptr_mut(reverse_key) {
@@ -643,7 +643,7 @@ fn bind_server_side(reverse_key: &FlowKey, ifindex: u32) {
 
 /// The backend for a new connection: the client's fresh affinity if its backend may still
 /// take it, else the service's live Maglev table. Records or refreshes the affinity.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, bool)> {
     if service.affinity_mode == AFFINITY_NONE {
@@ -704,7 +704,7 @@ fn maglev_pick(service: &Service, hash: u32) -> Option<u32> {
 /// check of `LB_FLOWS` before the insert cannot miss a flow being confirmed meanwhile.
 ///
 /// Returns the claimed return-path key (`KeySlot::Derived`).
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn claim_snat_port(
     flow: &FlowKey,

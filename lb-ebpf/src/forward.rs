@@ -48,7 +48,7 @@ pub const NO_NEXT_HOP: NextHop = NextHop {
 };
 
 /// Routes the (already rewritten) packet of no cached flow: a route lookup, then send.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let mut hop = NO_NEXT_HOP;

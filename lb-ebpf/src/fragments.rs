@@ -36,7 +36,7 @@ pub fn track_first(pkt: &Packet, entry: &FlowEntry, now: u64) {
     }
 }
 
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn remember(pkt: &Packet, id: u32, entry: &FlowEntry, now: u64) {
     let (Some(settings), Some(remembered)) = (SETTINGS.get(0), entry_slot(EntrySlot::Fragment))
@@ -53,7 +53,7 @@ fn remember(pkt: &Packet, id: u32, entry: &FlowEntry, now: u64) {
         stats::count(Counter::FragmentsTracked);
     }
 }
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 pub fn forward_later(ctx: &XdpContext, pkt: &Packet, id: u32, now: u64) -> Verdict {
     let Some(entry) = FRAGMENTS.get_ptr(&key(pkt, id)) else {

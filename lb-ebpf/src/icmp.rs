@@ -17,7 +17,7 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 /// TTL / hop limit of the replies lb originates.
 const REPLY_HOP_LIMIT: u8 = 64;
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // A fragmented message is the kernel's: a reply or a translation needs all of it.

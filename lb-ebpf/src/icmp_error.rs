@@ -52,7 +52,7 @@ pub fn is_error(family: u8, kind: u8) -> bool {
 
 /// Translates a whole (unfragmented) ICMP error and forwards it, or leaves it to the
 /// kernel if it quotes no tracked flow.
-// Out of line: its own stack frame (see "Stack" in the README).
+// Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 pub fn translate(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let Some(key) = key_slot(KeySlot::Derived) else {
@@ -163,7 +163,7 @@ fn reply_key(
 /// what lb does to such replies: the quote becomes the original packet, i.e. the swap of
 /// the translated reply. Every change also goes into the ICMP checksum, which covers the
 /// quote (and for ICMPv6 the outer addresses through the pseudo-header). Three steps, each
-/// out of line with its own small stack frame (see "Stack" in the README).
+/// out of line with its own small stack frame (see "Stack" in README.md).
 #[inline(always)]
 fn rewrite(
     ctx: &XdpContext,

@@ -39,7 +39,7 @@ pub fn new_flow(ctx: &XdpContext, client: &FlowKey, claimed: &FlowKey, affinity_
     }
 }
 
-// Out of line, one record each: their own small stack frames (see "Stack" in the README).
+// Out of line, one record each: their own small stack frames (see "Stack" in README.md).
 #[inline(never)]
 fn new_flow_v4(ctx: &XdpContext, client: &FlowKey, claimed: &FlowKey, how: &str) {
     info!(

@@ -179,7 +179,7 @@ impl Packet {
 /// Parses a frame into `out` and returns true, or says in `refused` what to do with a frame
 /// that is not ours (pass untouched, or a counted drop for malformed VIP traffic).
 ///
-/// Out of line, with its own stack frame (see "Stack" in the README). Results go through
+/// Out of line, with its own stack frame (see "Stack" in README.md). Results go through
 /// pointers and the return value is a plain bool: a returned `Result<Packet, _>` comes
 /// back as a pointer into the caller's stack, or is read back as register-sized pieces of
 /// spilled pointers, both of which the verifier refuses.
