@@ -101,16 +101,16 @@ fn seeds() -> Vec<Vec<u8>> {
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     if rng.below(10) == 0 {
         let len = 14 + rng.below(120) as usize;
-        return (0..len).map(|_| rng.next() as u8).collect();
+        return (0..len).map(|_| rng.next_u64() as u8).collect();
     }
     let mut frame = seeds[rng.below(seeds.len() as u64) as usize].clone();
     for _ in 0..1 + rng.below(4) {
         let i = rng.below(frame.len() as u64) as usize;
         match rng.below(4) {
-            0 => frame[i] = rng.next() as u8,
+            0 => frame[i] = rng.next_u64() as u8,
             1 => frame[i] ^= 1 << rng.below(8),
             2 => frame.truncate(i.max(14)),
-            _ => frame.extend((0..rng.below(16)).map(|_| rng.next() as u8)),
+            _ => frame.extend((0..rng.below(16)).map(|_| rng.next_u64() as u8)),
         }
     }
     frame
@@ -225,7 +225,7 @@ fn syn_flood_from_spoofed_sources_does_not_evict_established_flows() -> Result<(
         let mut rng = Rng::new(0xf100d);
         for _ in 0..FLOOD {
             let spoofed =
-                IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes());
+                IpAddr::from((rng.next_u64() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes());
             let syn = Frame::new(
                 SocketAddr::new(spoofed, 1024 + rng.below(60000) as u16),
                 vip,
@@ -296,14 +296,14 @@ fn blind_spoofers_confirm_and_kill_nothing() -> Result<()> {
         let mut rng = Rng::new(0xb11d);
         for _ in 0..SPOOFED {
             let spoofed = SocketAddr::new(
-                IpAddr::from((rng.next() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes()),
+                IpAddr::from((rng.next_u64() as u32 & 0x00ff_ffff | 0x0b00_0000).to_be_bytes()),
                 1024 + rng.below(60000) as u16,
             );
             let syn = Frame::new(spoofed, vip, Transport::Tcp { flags: TCP_SYN });
             lab.run_fast(&syn.bytes(), &mut output)?;
             let ack = Frame {
                 seq: harness::packet::DEFAULT_ISN + 1,
-                ack: rng.next() as u32,
+                ack: rng.next_u64() as u32,
                 ..Frame::new(spoofed, vip, Transport::Tcp { flags: TCP_ACK })
             };
             let action = lab.run_fast(&ack.bytes(), &mut output)?;
@@ -336,7 +336,7 @@ fn blind_spoofers_confirm_and_kill_nothing() -> Result<()> {
 
         for i in 0..REAL {
             let rst = Frame {
-                seq: rng.next() as u32 | 0x8000_0000,
+                seq: rng.next_u64() as u32 | 0x8000_0000,
                 ..Frame::new(client(i), vip, Transport::Tcp { flags: TCP_RST })
             };
             lab.expect(

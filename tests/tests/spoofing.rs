@@ -121,16 +121,16 @@ fn blind_spoofers_break_no_real_connection() -> Result<()> {
                 200 + (i / 250) as u8,
                 (i % 250) as u8 + 1,
             )),
-            1024 + (rng.next() % 60_000) as u16,
+            1024 + (rng.next_u64() % 60_000) as u16,
         );
-        let isn = rng.next() as u32;
+        let isn = rng.next_u64() as u32;
         spoofer.send(&tcp(source, vip, TCP_SYN, isn, 0))?;
         spoofer.send(&tcp(
             source,
             vip,
             TCP_ACK,
             isn.wrapping_add(1),
-            rng.next() as u32,
+            rng.next_u64() as u32,
         ))?;
         pace(i);
     }
@@ -165,7 +165,7 @@ fn blind_spoofers_break_no_real_connection() -> Result<()> {
     // One blind RST per connection: its addresses and ports, a guessed sequence number.
     let out_of_window = counter(&f, "drop_tcp_out_of_window")?;
     for c in &connections {
-        spoofer.send(&tcp(c.local, vip, TCP_RST, rng.next() as u32, 0))?;
+        spoofer.send(&tcp(c.local, vip, TCP_RST, rng.next_u64() as u32, 0))?;
     }
     // RSTs from every server's address and port to every SNAT port, sent into the
     // clients' side.
@@ -175,7 +175,7 @@ fn blind_spoofers_break_no_real_connection() -> Result<()> {
         for snat_address in &f.topology.snat_addresses {
             for port in 1024..=65535u16 {
                 let to = SocketAddr::V4(SocketAddrV4::new(*snat_address, port));
-                spoofer.send(&tcp(from, to, TCP_RST | TCP_ACK, rng.next() as u32, 0))?;
+                spoofer.send(&tcp(from, to, TCP_RST | TCP_ACK, rng.next_u64() as u32, 0))?;
                 pace(u64::from(port));
             }
         }
