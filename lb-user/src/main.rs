@@ -1,5 +1,5 @@
 //! `lb`: the daemon and its command-line client.
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -201,6 +201,13 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon { .. }) {
+        // A command whose reader went away (`lb status | head -1`) ends quietly, as other
+        // Unix tools do, instead of panicking on the failed write. The daemon keeps Rust's
+        // default (SIGPIPE ignored): a control client hanging up is an error to handle.
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -263,6 +270,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Top { interval } => {
             if !(0.1..=60.0).contains(&interval) {
                 bail!("--interval: 0.1 to 60 seconds, got {interval}");
+            }
+            if !std::io::stdout().is_terminal() {
+                bail!("lb top draws on a terminal and stdout is not one; in scripts use `lb status` (or `lb status --json`)");
             }
             top::run(&cli.socket, std::time::Duration::from_secs_f64(interval))
         }
