@@ -548,6 +548,17 @@ impl Counter {
     }
 }
 
+/// Entries are stamped in nanoseconds (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC);
+/// timeouts are configured in seconds.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Has an entry last seen at `last_seen_ns` been idle for at most `timeout_ns` by `now`?
+/// The one rule for the data plane's lookups and the daemon's collection alike.
+#[inline(always)]
+pub const fn is_fresh(last_seen_ns: u64, timeout_ns: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen_ns) <= timeout_ns
+}
+
 /// Index of a service's live Maglev slot `slot` in `LB_MAGLEV`.
 #[inline(always)]
 pub const fn maglev_index(service_id: u32, half: u32, slot: u32) -> u32 {

@@ -96,8 +96,8 @@ pub fn process(ctx: &XdpContext) -> Verdict {
 /// The packet path of `lb_new_flow`: a SYN, or a packet that missed both flow tables, so it
 /// opens a flow or is refused. Opening a flow takes two more programs, reached by tail
 /// call, so the verifier checks each once, from a clean state, rather than once per way of
-/// reaching it; each parses again. `lb_new_flow` chooses the backend, `lb_open_flow`
-/// claims the SNAT port and records the flow.
+/// reaching it. `lb_new_flow` chooses the backend, `lb_claim_snat` claims the SNAT port
+/// (without parsing), `lb_open_flow` parses again and records the flow.
 pub fn process_new_flow(ctx: &XdpContext) -> Verdict {
     let mut pkt = MaybeUninit::uninit();
     let mut refused = Verdict::pass(Counter::PassMalformed);
@@ -440,9 +440,9 @@ fn affinity_key(flow: &FlowKey, service_id: u32, with_port: bool) -> AffinityKey
     }
 }
 
-#[inline(always)]
 /// Chooses the backend of a new flow and leaves the choice in the plan slot for
-/// `lb_open_flow` (`Verdict::none()`), or refuses the packet.
+/// `lb_claim_snat` (`Verdict::none()`), or refuses the packet.
+#[inline(always)]
 fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     let service_key = ServiceKey {
         vip_be: copy::words(&pkt.key.dst_be),

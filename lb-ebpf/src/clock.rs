@@ -3,7 +3,7 @@
 //! instead of the clock source (tens of ns on a VM's paravirtual clock).
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 
-pub const NS_PER_SEC: u64 = 1_000_000_000;
+pub use lb_common::NS_PER_SEC;
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -11,8 +11,9 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Has an entry last seen at `last_seen_ns` been idle for at most `timeout_s`?
+/// Has an entry last seen at `last_seen_ns` been idle for at most `timeout_s`
+/// (`lb_common::is_fresh`, with the timeout in seconds as map values hold it)?
 #[inline(always)]
 pub fn is_fresh(last_seen_ns: u64, timeout_s: u32, now: u64) -> bool {
-    now.saturating_sub(last_seen_ns) <= u64::from(timeout_s) * NS_PER_SEC
+    lb_common::is_fresh(last_seen_ns, u64::from(timeout_s) * NS_PER_SEC, now)
 }

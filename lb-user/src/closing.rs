@@ -6,9 +6,8 @@
 use std::collections::VecDeque;
 
 use aya::maps::{MapData, RingBuf};
-use lb_common::{CloseEvent, FlowKey};
+use lb_common::{CloseEvent, FlowKey, NS_PER_SEC};
 
-const NS_PER_SEC: u64 = 1_000_000_000;
 /// Close events held at most: beyond that, flows wait for the next garbage collection.
 pub const MAX_QUEUED: usize = 1 << 20;
 /// Margin past the closing timeout, for the coarse clock the data plane stamps with.

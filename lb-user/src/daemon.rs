@@ -334,10 +334,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 if let Some(ring) = &mut close_events {
                     crate::closing::drain(ring, &mut closing, closing_timeout);
                 }
-                let due = closing.take_due(crate::dataplane::monotonic_ns());
+                let now = crate::dataplane::monotonic_ns();
+                let due = closing.take_due(now);
                 if !due.is_empty() {
                     let mut s = state.lock().await;
-                    if let Err(e) = s.dataplane.remove_closed(&due, crate::dataplane::monotonic_ns()) {
+                    if let Err(e) = s.dataplane.remove_closed(&due, now) {
                         error!(error = %format!("{e:#}"), "removing closed flows");
                     }
                 }

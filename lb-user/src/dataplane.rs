@@ -16,14 +16,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry, FlowKey,
-    Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
+    is_fresh, maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry,
+    FlowKey, Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
     CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, FLOW_F_CLOSING, LAYOUT_VERSION, MAGLEV_SIZE,
     MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_EVENTS,
     MAP_FLOWS, MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
     MAP_SERVICES, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS,
-    MAP_VLANS, MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, OPEN_FLOW_PROGRAM_NAME,
-    OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
+    MAP_VLANS, MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC,
+    OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
 };
 use tracing::{info, warn};
 
@@ -328,8 +328,8 @@ impl Dataplane {
             route_generation: Some(route_generation),
             close_events: Some(take(&mut ebpf, MAP_EVENTS)?),
             address_filter_map: take(&mut ebpf, MAP_ADDR_FILTER)?,
-            // Unknown (a pinned filter may be anything): every slot is written below.
-            address_filter: vec![u32::MAX; ADDR_FILTER_SLOTS as usize],
+            // Filled from LB_VIPS below.
+            address_filter: Vec::new(),
             services: take(&mut ebpf, MAP_SERVICES)?,
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
@@ -348,8 +348,7 @@ impl Dataplane {
             ebpf,
             pin_dir,
         };
-        let addresses = dataplane.addresses();
-        dataplane.write_address_filter(&addresses)?;
+        dataplane.write_address_filter()?;
         Ok(dataplane)
     }
 
@@ -363,9 +362,8 @@ impl Dataplane {
     /// returns how many entries went. A flow refreshed meanwhile, or a new one on the same
     /// tuple, stays.
     pub fn remove_closed(&mut self, keys: &[FlowKey], now_ns: u64) -> Result<usize> {
-        let expired = |e: &FlowEntry| {
-            now_ns.saturating_sub(e.last_seen_ns) > u64::from(e.timeout_s) * 1_000_000_000
-        };
+        let expired =
+            |e: &FlowEntry| !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now_ns);
         let mut removed = 0;
         for key in keys {
             let Ok(entry) = self.flows.get(key, 0) else {
@@ -573,43 +571,43 @@ impl Dataplane {
         self.services.remove(key).context("remove service")
     }
 
-    /// Records an address lb answers for (a VIP, a SNAT address, or both). The filter
-    /// is written first, so no packet for the address is passed over meanwhile.
+    /// Records an address lb answers for (a VIP, a SNAT address, or both). A new address
+    /// enters the filter first, so no packet for it is passed over meanwhile.
     pub fn set_address(&mut self, addr: IpAddr, info: VipInfo) -> Result<()> {
-        let mut addresses = self.addresses();
-        if !addresses.contains(&addr) {
-            addresses.push(addr);
-            self.write_address_filter(&addresses)?;
+        let key = vip_key(addr);
+        if self.vips.get(&key, 0).is_err() {
+            self.count_in_filter(addr, 1)?;
         }
-        self.vips
-            .insert(vip_key(addr), info, 0)
-            .context("write LB_VIPS")
+        self.vips.insert(key, info, 0).context("write LB_VIPS")
     }
 
     pub fn remove_address(&mut self, addr: IpAddr) -> Result<()> {
         self.vips
             .remove(&vip_key(addr))
             .context("remove from LB_VIPS")?;
-        let addresses = self.addresses();
-        self.write_address_filter(&addresses)
+        self.count_in_filter(addr, -1)
     }
 
-    /// Brings `LB_ADDR_FILTER` in line with `addresses`, writing the slots that change.
-    fn write_address_filter(&mut self, addresses: &[IpAddr]) -> Result<()> {
-        let counts = address_filter(addresses);
-        for (slot, (&want, have)) in counts
-            .iter()
-            .zip(self.address_filter.iter_mut())
-            .enumerate()
-        {
-            if want != *have {
-                self.address_filter_map
-                    .set(slot as u32, want, 0)
-                    .context("write LB_ADDR_FILTER")?;
-                *have = want;
-            }
+    /// Writes every `LB_ADDR_FILTER` slot from the addresses in `LB_VIPS` (at load: a
+    /// pinned filter may hold anything).
+    fn write_address_filter(&mut self) -> Result<()> {
+        self.address_filter = address_filter(&self.addresses());
+        for (slot, &count) in self.address_filter.iter().enumerate() {
+            self.address_filter_map
+                .set(slot as u32, count, 0)
+                .context("write LB_ADDR_FILTER")?;
         }
         Ok(())
+    }
+
+    /// Adds `delta` to the count of `addr`'s filter slot.
+    fn count_in_filter(&mut self, addr: IpAddr, delta: i32) -> Result<()> {
+        let slot = lb_common::hash::address_slot(&addr_words(addr));
+        let count = &mut self.address_filter[slot as usize];
+        *count = count.saturating_add_signed(delta);
+        self.address_filter_map
+            .set(slot, *count, 0)
+            .context("write LB_ADDR_FILTER")
     }
 
     /// The addresses in `LB_VIPS` (adopted from a previous daemon, or written by this one).

@@ -14,10 +14,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use lb_common::{
-    Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, VipInfo, ADDR_F_SNAT,
-    AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
-    BACKEND_F_DRAINING, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
-    SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
+    is_fresh, Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, VipInfo,
+    ADDR_F_SNAT, AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED,
+    BACKEND_F_DOWN, BACKEND_F_DRAINING, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    NS_PER_SEC, SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
 };
 use tracing::{info, warn};
 
@@ -32,7 +32,6 @@ use crate::{
     runtime::{Drain, EffectiveBackend, Overlay},
 };
 
-const NS_PER_SEC: u64 = 1_000_000_000;
 /// Fill level at which a table counts as nearly full.
 const NEARLY_FULL: f64 = 0.9;
 
@@ -113,12 +112,6 @@ fn affinity_mode(a: Affinity) -> u32 {
         Affinity::Source => AFFINITY_SOURCE,
         Affinity::SourcePort => AFFINITY_SOURCE_PORT,
     }
-}
-
-/// Has an entry last seen at `last_seen_ns` outlived `timeout_ns`? (Same rule as the data
-/// plane's `is_fresh`.)
-fn is_fresh(last_seen_ns: u64, timeout_ns: u64, now: u64) -> bool {
-    now.saturating_sub(last_seen_ns) <= timeout_ns
 }
 
 /// A stable identity for Maglev: address and port, independent of config order and node.
