@@ -178,10 +178,10 @@ fn half_open(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) ->
         return carry(ctx, pkt, entry, now, false);
     }
     if reverse {
-        if pkt.answers_syn() {
-            if pkt.tcp_ack != entry.handshake_ack || !learn_server_isn(pkt, entry) {
-                return Verdict::drop(Counter::DropTcpBadAck);
-            }
+        if pkt.answers_syn()
+            && (pkt.tcp_ack != entry.handshake_ack || !learn_server_isn(pkt, entry))
+        {
+            return Verdict::drop(Counter::DropTcpBadAck);
         }
         return carry(ctx, pkt, entry, now, false);
     }

@@ -22,7 +22,7 @@ pub fn words(src: &[u32; 4]) -> [u32; 4] {
 }
 
 const ENTRY_WORDS: usize = size_of::<FlowEntry>() / 8;
-const _: () = assert!(size_of::<FlowEntry>() % 8 == 0 && align_of::<FlowEntry>() == 8);
+const _: () = assert!(size_of::<FlowEntry>().is_multiple_of(8) && align_of::<FlowEntry>() == 8);
 
 /// `*dst = *src` for flow entries, eight bytes at a time.
 #[inline(always)]

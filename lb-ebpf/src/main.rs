@@ -1,6 +1,9 @@
 //! lb's XDP programs. Entry points only; the packet path starts in `balancer::process`.
 #![no_std]
 #![no_main]
+// Map lookups take keys by reference on purpose: a key passed by value is copied to a new
+// stack slot first, and stack is the data plane's scarcest resource (README "Stack").
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod balancer;
 mod clock;

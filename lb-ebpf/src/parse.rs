@@ -399,6 +399,8 @@ fn frame_after(ctx: &XdpContext, offset: usize) -> usize {
     (ctx.data_end() - ctx.data()).saturating_sub(offset)
 }
 
+// Each argument is one thing parsed so far; a struct for them would exist for this call alone.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn parse_l4(
     ctx: &XdpContext,

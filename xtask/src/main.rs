@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 
 mod package;
 
+#[path = "../../lb-user/ebpf_toolchain.rs"]
+mod ebpf_toolchain;
+
 #[derive(Parser)]
 #[command(about = "lb's build and test tasks")]
 struct Cli {
@@ -27,8 +30,9 @@ enum Task {
     /// Build the Debian package (target/lb_<version>_<arch>.deb): binary, systemd unit,
     /// completions, man page, example configs.
     Package,
-    /// Build, then run every test: unit tests, packet tests, the veth harness and the
-    /// package round trip.
+    /// Check formatting and lints (every crate, the eBPF one for its own target), build,
+    /// then run every test: unit tests, packet tests, the veth harness and the package round
+    /// trip.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -61,6 +65,7 @@ const DEBIAN_RUST_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "rust-web-src",
+    "rust-web-clippy",
     "zlib1g-dev",
     "libzstd-dev",
 ];
@@ -96,10 +101,11 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup()?.ensure(TEST_PACKAGES)?;
+            gates()?;
             build()?;
             let deb = package::build()?;
             run(cargo()
-                .args(["test", "--workspace"])
+                .args(["test", "--workspace", "--exclude", "lb-ebpf"])
                 .args(&args)
                 .env("LB_BIN", lb_binary())
                 .env("LB_DEB", deb))
@@ -180,6 +186,32 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `cargo fmt --check` and `cargo clippy -D warnings` on every crate. lb-ebpf is linted
+/// for the BPF target with the toolchain that builds it (it does not build for the host).
+fn gates() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let toolchain = ebpf_toolchain::EbpfToolchain::find().map_err(anyhow::Error::msg)?;
+    let root = workspace();
+    run(toolchain
+        .cargo(
+            "clippy",
+            &root.join("lb-ebpf"),
+            &root.join("target/ebpf-clippy"),
+        )
+        .args(["--", "-D", "warnings"]))
+    .with_context(|| format!("linting lb-ebpf with {}", toolchain.describe))
+}
+
 fn build() -> Result<()> {
     run(cargo().args(["build", "-p", "lb-user", "-p", "lb-tests", "--bins"]))
 }
@@ -188,9 +220,7 @@ fn build() -> Result<()> {
 fn setup() -> Result<Apt> {
     let mut apt = Apt::default();
     apt.ensure(RUNTIME_PACKAGES)?;
-    let nightly = output("rustup", &["+nightly", "component", "list", "--installed"])
-        .is_some_and(|list| list.contains("rust-src"));
-    if nightly {
+    if ebpf_toolchain::nightly_has_rust_src() {
         // The usual aya path (developer machines with internet): rustup nightly + rust-src.
         if output("bpf-linker", &["--version"]).is_none() {
             run(Command::new("cargo").args([
