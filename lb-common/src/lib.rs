@@ -8,7 +8,10 @@
 
 pub mod csum;
 pub mod hash;
+pub mod maps;
 pub mod seq;
+
+pub use maps::*;
 
 use core::mem::size_of;
 
@@ -16,26 +19,6 @@ use core::mem::size_of;
 /// read as if they were ours.
 pub const LAYOUT_VERSION: u32 = 5;
 
-// Map names: used by `#[map(name = ...)]` in lb-ebpf and by the daemon. Kernel limit: 15 chars.
-pub const MAP_SERVICES: &str = "LB_SERVICES";
-pub const MAP_VIPS: &str = "LB_VIPS";
-pub const MAP_BACKENDS: &str = "LB_BACKENDS";
-pub const MAP_MAGLEV: &str = "LB_MAGLEV";
-pub const MAP_FLOWS: &str = "LB_FLOWS";
-pub const MAP_HALF_OPEN: &str = "LB_HALF_OPEN";
-pub const MAP_FRAGMENTS: &str = "LB_FRAGMENTS";
-pub const MAP_VLANS: &str = "LB_VLANS";
-pub const MAP_AFFINITY: &str = "LB_AFFINITY";
-pub const MAP_SNAT_ADDRS: &str = "LB_SNAT_ADDRS";
-pub const MAP_SETTINGS: &str = "LB_SETTINGS";
-pub const MAP_TX_PORTS: &str = "LB_TX_PORTS";
-pub const MAP_COUNTERS: &str = "LB_COUNTERS";
-pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
-pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
-pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
-pub const MAP_ROUTE_GENERATION: &str = "LB_ROUTE_GEN";
-pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
-pub const MAP_EVENTS: &str = "LB_EVENTS";
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 /// The program `lb_xdp` tail-calls for packets that may open a flow.

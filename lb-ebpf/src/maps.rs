@@ -1,4 +1,5 @@
-//! Every map the data plane uses. Names match the `MAP_*` constants in lb-common; the daemon
+//! Every map the data plane uses. Each is listed in lb-common's registry (`lb_common::MAPS`,
+//! checked against this object by a unit test), which says whether it is pinned; the daemon
 //! resizes the big tables at load time (`max_flows`, `max_affinities` in the config).
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,

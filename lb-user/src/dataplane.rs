@@ -16,11 +16,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    is_fresh, maglev_index, AddrKey, AffinityEntry, AffinityKey, Backend, Counter, FlowEntry,
-    FlowKey, Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
-    CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, FLOW_F_CLOSING, LAYOUT_VERSION, MAGLEV_SIZE,
-    MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_EVENTS,
-    MAP_FLOWS, MAP_FRAGMENTS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
+    is_fresh, maglev_index, pinned_maps, AddrKey, AffinityEntry, AffinityKey, Backend, Counter,
+    FlowEntry, FlowKey, Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort,
+    ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, FLOW_F_CLOSING, LAYOUT_VERSION,
+    MAGLEV_SIZE, MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
     MAP_SERVICES, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS,
     MAP_VLANS, MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC,
     OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
@@ -46,27 +46,6 @@ pub struct Capacity {
     pub max_half_open: u32,
     pub max_affinities: u32,
 }
-
-const ALL_MAPS: [&str; 18] = [
-    MAP_PROGRAMS,
-    MAP_ADDR_FILTER,
-    MAP_ROUTE_GENERATION,
-    MAP_SERVICES,
-    MAP_VIPS,
-    MAP_BACKENDS,
-    MAP_MAGLEV,
-    MAP_FLOWS,
-    MAP_HALF_OPEN,
-    MAP_FRAGMENTS,
-    MAP_VLANS,
-    MAP_AFFINITY,
-    MAP_SNAT_ADDRS,
-    MAP_SETTINGS,
-    MAP_TX_PORTS,
-    MAP_COUNTERS,
-    MAP_SERVICE_STATS,
-    MAP_BACKEND_STATS,
-];
 
 /// Forwards the program's aya-log records (see `lb debug`) to the `log` facade.
 pub type DataplaneLogger = aya_log::EbpfLogger<DropNames>;
@@ -108,8 +87,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     logger: Option<DataplaneLogger>,
     route_generation: Option<RouteGeneration>,
-    /// `LB_EVENTS`, until the daemon takes it. Not pinned: a restarted daemon reads its
-    /// own, and what closed meanwhile waits for garbage collection.
+    /// `LB_EVENTS`, until the daemon takes it (not pinned: see `lb_common::MAPS`).
     close_events: Option<RingBuf<MapData>>,
     /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
     /// throw-away instance (packet tests).
@@ -279,10 +257,7 @@ impl Dataplane {
             .map_max_entries(MAP_HALF_OPEN, capacity.max_half_open)
             .map_max_entries(MAP_AFFINITY, capacity.max_affinities);
         let pin_paths: Vec<(&str, PathBuf)> = match &pin_dir {
-            Some(dir) => ALL_MAPS
-                .iter()
-                .map(|name| (*name, dir.join(name)))
-                .collect(),
+            Some(dir) => pinned_maps().map(|name| (name, dir.join(name))).collect(),
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
@@ -725,12 +700,35 @@ pub fn monotonic_ns() -> u64 {
     };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    ts.tv_sec as u64 * NS_PER_SEC + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use lb_common::MAPS;
+
     use super::*;
+
+    /// The registry (`lb_common::MAPS`) names exactly the object's maps: a map it missed
+    /// would be neither pinned nor adopted, and lose its contents on every restart.
+    #[test]
+    fn the_map_registry_names_every_map_of_the_object() {
+        let object = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        let in_object: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            // Sections (.rodata, .bss) the loader makes maps of, not lb's own.
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        let registered: BTreeSet<&str> = MAPS.iter().map(|m| m.name).collect();
+        assert_eq!(registered.len(), MAPS.len(), "a map is registered twice");
+        assert_eq!(in_object, registered);
+        assert!(pinned_maps().all(|name| in_object.contains(name)));
+        assert!(pinned_maps().any(|name| name == MAP_FLOWS));
+    }
 
     #[test]
     fn pins_of_another_layout_are_refused() {
