@@ -78,6 +78,19 @@ pub fn snat_probe(
     (draw % addresses, (draw / addresses) % ports)
 }
 
+/// FNV-1a's 64-bit offset basis: the start of a fresh `fnv1a` hash.
+pub const FNV1A_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a (64-bit) of `bytes`, continuing from `hash`. For the daemon's identities and
+/// digests that must come out equal on every node and build, which std's hasher does not
+/// promise.
+pub fn fnv1a(hash: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .into_iter()
+        .fold(hash, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +148,17 @@ mod tests {
     fn port_changes_the_hash() {
         let a = [0x0a00_0001, 0, 0, 0];
         assert_ne!(client_hash(&a, 1000), client_hash(&a, 1001));
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        assert_eq!(fnv1a(FNV1A_BASIS, []), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(FNV1A_BASIS, *b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(FNV1A_BASIS, *b"foobar"), 0x8594_4171_f739_67e8);
+        // Continuing a hash is hashing the concatenation.
+        assert_eq!(
+            fnv1a(fnv1a(FNV1A_BASIS, *b"foo"), *b"bar"),
+            fnv1a(FNV1A_BASIS, *b"foobar")
+        );
     }
 }

@@ -2,6 +2,7 @@
 use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{bail, Context, Result};
+use lb_common::hash;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -101,24 +102,20 @@ impl MaglevTable {
     /// FNV-1a over the servers of every slot in order: equal on two nodes exactly when their
     /// tables send every client to the same server.
     pub fn digest(&self) -> u64 {
-        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-        for &slot in &self.slots {
+        self.slots.iter().fold(hash::FNV1A_BASIS, |digest, &slot| {
             let server = self
                 .servers
                 .get(usize::from(slot))
                 .map_or("-", String::as_str);
-            for byte in server.bytes().chain([0]) {
-                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        }
-        hash
+            hash::fnv1a(digest, server.bytes().chain([0]))
+        })
     }
 
     /// The server the table picks for a new client at `client` (source affinity: the port
     /// is not hashed), as the data plane does.
     pub fn server_for(&self, client: IpAddr) -> Option<&str> {
         let words = crate::dataplane::addr_words(client);
-        let hash = lb_common::hash::client_hash(&words, 0);
+        let hash = hash::client_hash(&words, 0);
         let slot = *self.slots.get(hash as usize % self.slots.len().max(1))?;
         self.servers.get(usize::from(slot)).map(String::as_str)
     }

@@ -3,7 +3,7 @@
 //! The table depends only on the backends' identities and weights, never on their order or
 //! on time: two daemons with the same config build identical tables, and adding or removing
 //! one backend moves only about 1/N of the slots.
-use lb_common::NO_BACKEND;
+use lb_common::{hash, NO_BACKEND};
 
 /// One candidate for the table: its data-plane id, a stable identity (address and port) and
 /// its relative weight. Weight 0 means "takes no new clients".
@@ -17,12 +17,7 @@ pub struct Member {
 /// FNV-1a over the identity with a seed: stable across Rust versions and platforms, which
 /// `std`'s hasher does not promise.
 fn fnv1a(seed: u64, identity: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ seed;
-    for byte in identity.to_le_bytes() {
-        h ^= u64::from(byte);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    hash::fnv1a(hash::FNV1A_BASIS ^ seed, identity.to_le_bytes())
 }
 
 /// Builds a table of `size` slots (a prime) mapping slot -> backend id. `seed` (the

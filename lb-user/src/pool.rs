@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use lb_common::{
-    is_fresh, Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, VipInfo,
+    hash, is_fresh, Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, VipInfo,
     ADDR_F_SNAT, AFFINITY_NONE, AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED,
     BACKEND_F_DOWN, BACKEND_F_DRAINING, FLOW_F_REVERSE, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
     NS_PER_SEC, SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY,
@@ -119,16 +119,10 @@ fn affinity_mode(a: Affinity) -> u32 {
 fn maglev_identity(address: IpAddr, port: u16) -> u64 {
     match address {
         IpAddr::V4(a) => (u64::from(u32::from(a)) << 16) | u64::from(port),
-        IpAddr::V6(a) => {
-            const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-            const FNV_PRIME: u64 = 0x0100_0000_01b3;
-            a.octets()
-                .iter()
-                .chain(port.to_be_bytes().iter())
-                .fold(FNV_OFFSET, |h, b| {
-                    (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
-                })
-        }
+        IpAddr::V6(a) => hash::fnv1a(
+            hash::FNV1A_BASIS,
+            a.octets().into_iter().chain(port.to_be_bytes()),
+        ),
     }
 }
 
