@@ -1,5 +1,5 @@
 //! `lb config check` warnings: configurations that are valid but fall into the known traps
-//! of balancing a Lync / Skype for Business pool (`../shared/lync-hlb.md`, "Known traps").
+//! of balancing a Lync / Skype for Business pool (docs/lync.md, section 7).
 use crate::config::{Affinity, Config, ServiceConfig};
 
 /// Lync's SIP port: the health monitor Microsoft prescribes for every pool VIP.

@@ -1,5 +1,5 @@
 //! `lb init --preset NAME`: a commented, valid config for one of the Lync / Skype for
-//! Business VIPs, following Microsoft's load balancer requirements (`../shared/lync-hlb.md`).
+//! Business VIPs, following Microsoft's load balancer requirements (docs/lync.md).
 use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};

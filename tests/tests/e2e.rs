@@ -126,7 +126,7 @@ fn tcp_retransmitted_segments(ns: &harness::netns::Netns) -> Result<u64> {
         .unwrap_or_else(|| anyhow::bail!("no RetransSegs in snmp"))
 }
 
-/// Issue test 1: 3 backends, 30 client addresses x 10 connections each. Every client always
+/// 3 backends, 30 client addresses x 10 connections each. Every client always
 /// reaches the same backend, every backend gets clients, none more than twice its fair share.
 #[test]
 fn source_affinity_holds_and_load_spreads() -> Result<()> {
@@ -139,7 +139,7 @@ fn one_armed_source_affinity_holds() -> Result<()> {
     check_affinity_and_balance(Arms::One)
 }
 
-/// Issue test 2: VIP:443 reaches the servers on 4443, and the server sees a SNAT address, not the client.
+/// VIP:443 reaches the servers on 4443, and the server sees a SNAT address, not the client.
 #[test]
 fn port_translation_and_source_nat() -> Result<()> {
     let f = Fixture::start(
@@ -166,7 +166,7 @@ fn port_translation_and_source_nat() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 3: a backend reaching its own VIP (hairpin) gets a working connection.
+/// A backend reaching its own VIP (hairpin) gets a working connection.
 #[test]
 fn backend_reaches_its_own_vip() -> Result<()> {
     let f = Fixture::start(
@@ -191,7 +191,7 @@ fn backend_reaches_its_own_vip() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 4a: with `affinity = "none"` one client's connections spread over the servers.
+/// With `affinity = "none"` one client's connections spread over the servers.
 #[test]
 fn no_affinity_spreads_one_client() -> Result<()> {
     let service = ServiceSpec {
@@ -217,7 +217,7 @@ fn no_affinity_spreads_one_client() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 4b: with `source-port`, one address with different ports may reach different servers,
+/// With `source-port`, one address with different ports may reach different servers,
 /// while the same address and port always reaches the same one.
 #[test]
 fn source_port_affinity_distinguishes_ports() -> Result<()> {
@@ -265,7 +265,7 @@ fn reconnect_same_port(f: &Fixture, client: Ipv4Addr, port: u16) -> Result<Strin
     }
 }
 
-/// Issue test 5: an affinity expires after its (short) timeout and a new choice is made. A
+/// An affinity expires after its (short) timeout and a new choice is made. A
 /// fourth server is added while affinities are fresh: clients that Maglev now maps to it
 /// stay on their old server until their affinity has been idle for the timeout, then move.
 #[test]
@@ -314,7 +314,7 @@ fn affinity_expires_after_timeout() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 6: non-VIP traffic still works with the program attached (ping and TCP to
+/// Non-VIP traffic still works with the program attached (ping and TCP to
 /// lb's own address, from the client side).
 #[test]
 fn non_vip_traffic_passes() -> Result<()> {

@@ -67,7 +67,7 @@ fn wait_for(limit: Duration, what: &str, check: impl FnMut() -> Result<bool>) ->
     until(limit, Duration::from_millis(100), what, check).map(drop)
 }
 
-/// Issue test 1: drain a server while 20 clients hold open connections and keep sending.
+/// Drain a server while 20 clients hold open connections and keep sending.
 /// None of them breaks; new clients never reach it; its clients' affinities hold; undrain
 /// brings it back for new clients.
 #[test]
@@ -133,7 +133,7 @@ fn drain_keeps_connections_and_affinities_and_stops_new_clients() -> Result<()> 
     Ok(())
 }
 
-/// Issue test 2: drain with a 2 s deadline. Afterwards that server has no flows and its
+/// Drain with a 2 s deadline. Afterwards that server has no flows and its
 /// clients get another server when they reconnect.
 #[test]
 fn drain_deadline_cuts_flows_and_affinities() -> Result<()> {
@@ -175,7 +175,7 @@ fn drain_deadline_cuts_flows_and_affinities() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 4: add a server under load. Clients with a live affinity stay where they are,
+/// Add a server under load. Clients with a live affinity stay where they are,
 /// open connections keep working, and new clients reach the new server. Once affinities
 /// are flushed, only the clients that the table now maps to the new server move.
 #[test]
@@ -222,7 +222,7 @@ fn adding_a_server_moves_only_its_share() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 3: stop one server's monitored port (5061), not its service port. It leaves
+/// Stop one server's monitored port (5061), not its service port. It leaves
 /// selection within interval x fall plus a small margin; its clients move; the other
 /// servers' clients do not move at all. When the port is back it returns after `rise`.
 #[test]
@@ -390,7 +390,7 @@ fn affinities(f: &Fixture) -> Result<BTreeSet<(IpAddr, IpAddr)>> {
     Ok(records.into_iter().map(|r| (r.client, r.backend)).collect())
 }
 
-/// Issue test 5: kill -9 the daemon and start it again while long-lived connections are
+/// Kill -9 the daemon and start it again while long-lived connections are
 /// open: they keep working, and affinities, flows and counters are unchanged.
 #[test]
 fn killed_daemon_restarts_without_breaking_sessions() -> Result<()> {
@@ -507,7 +507,7 @@ fn sighup_reloads_the_config() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 6: CLI errors are clear messages with a non-zero exit.
+/// CLI errors are clear messages with a non-zero exit.
 #[test]
 fn cli_errors_are_clear() -> Result<()> {
     let f = Fixture::start(
@@ -559,7 +559,7 @@ fn cli_errors_are_clear() -> Result<()> {
     Ok(())
 }
 
-/// Issue test 7: malformed, oversized and hung control clients do not wedge the daemon.
+/// Malformed, oversized and hung control clients do not wedge the daemon.
 #[test]
 fn hostile_control_clients_do_not_wedge_the_daemon() -> Result<()> {
     let f = Fixture::start(
