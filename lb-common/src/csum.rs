@@ -11,25 +11,8 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// Checksum after one 16-bit word changed from `old` to `new`.
-#[inline(always)]
-pub fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
-    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
-}
-
-/// Checksum after one 32-bit word (two 16-bit words) changed from `old` to `new`.
-#[inline(always)]
-pub fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = u32::from(!check)
-        + u32::from(!(old as u16))
-        + u32::from(!((old >> 16) as u16))
-        + (new & 0xffff)
-        + (new >> 16);
-    !fold(sum)
-}
-
-/// Word changes collected for one checksum, applied at once: for a checksum that covers
-/// many rewritten fields (an ICMP error covers the whole quoted packet).
+/// Word changes collected for one checksum, applied at once. The one idiom for every
+/// checksum the data plane updates, from a TTL to an ICMP error's whole quoted packet.
 #[derive(Clone, Copy, Default)]
 pub struct Delta(u32);
 
@@ -107,7 +90,9 @@ mod tests {
         let old = u32::from_ne_bytes(h[16..20].try_into().unwrap());
         let new = u32::from_ne_bytes([10, 200, 3, 77]);
         h[16..20].copy_from_slice(&new.to_ne_bytes());
-        let incremental = replace_u32(stored_check(&HEADER), old, new);
+        let mut delta = Delta::default();
+        delta.u32(old, new);
+        let incremental = delta.apply(stored_check(&HEADER));
         h[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(incremental, checksum(&h));
     }
@@ -118,7 +103,9 @@ mod tests {
         let old = u16::from_ne_bytes([h[8], h[9]]);
         h[8] -= 1;
         let new = u16::from_ne_bytes([h[8], h[9]]);
-        let incremental = replace_u16(stored_check(&HEADER), old, new);
+        let mut delta = Delta::default();
+        delta.u16(old, new);
+        let incremental = delta.apply(stored_check(&HEADER));
         h[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(incremental, checksum(&h));
     }
@@ -162,7 +149,9 @@ mod tests {
             let old = u32::from_ne_bytes(h[12..16].try_into().unwrap());
             let new = next() as u32;
             h[12..16].copy_from_slice(&new.to_ne_bytes());
-            let incremental = replace_u32(c, old, new);
+            let mut delta = Delta::default();
+            delta.u32(old, new);
+            let incremental = delta.apply(c);
             h[10..12].copy_from_slice(&incremental.to_ne_bytes());
             assert_eq!(checksum(&h), 0, "header {h:02x?}");
         }

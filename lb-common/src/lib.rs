@@ -250,6 +250,25 @@ pub struct FlowEntry {
     pub next_hop: NextHop,
 }
 
+impl FlowEntry {
+    /// The key of the flow's opposite direction, from this direction's entry (whose key is
+    /// `key`): the rewritten tuple, seen from the other side. Word by word, so the BPF
+    /// backend makes no `memmove` call of it.
+    #[inline(always)]
+    pub fn other_direction(&self, key: &FlowKey) -> FlowKey {
+        let (d, s) = (&self.new_dst_be, &self.new_src_be);
+        FlowKey {
+            src_be: [d[0], d[1], d[2], d[3]],
+            dst_be: [s[0], s[1], s[2], s[3]],
+            src_port_be: self.new_dst_port_be,
+            dst_port_be: self.new_src_port_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }
+    }
+}
+
 /// `LB_EVENTS` record: a direction of a confirmed flow started closing (its first believable
 /// FIN or RST), so the daemon removes the flow once `closing_timeout_s` has passed, without
 /// walking the table.

@@ -46,13 +46,33 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
 
 pub fn process(ctx: &XdpContext) -> Verdict {
+    parsed(ctx, |pkt| known_flow(ctx, pkt))
+}
+
+/// Parses the packet and runs `path` on it; a packet `parse` refuses gets its verdict.
+#[inline(always)]
+fn parsed(ctx: &XdpContext, path: impl FnOnce(&Packet) -> Verdict) -> Verdict {
     let mut pkt = MaybeUninit::uninit();
     let mut refused = Verdict::pass(Counter::PassMalformed);
     if !parse(ctx, &mut pkt, &mut refused) {
         return refused;
     }
     // SAFETY: `parse` wrote the packet.
-    let pkt = unsafe { pkt.assume_init_ref() };
+    path(unsafe { pkt.assume_init_ref() })
+}
+
+/// Hands the packet to the program at `slot` of `LB_PROGRAMS`; returns only if that fails.
+#[inline(always)]
+fn tail_call(ctx: &XdpContext, slot: u32) -> Verdict {
+    // SAFETY: the program array holds only programs of this object. On success this does
+    // not return.
+    unsafe { PROGRAMS.tail_call(ctx, slot) };
+    Verdict::drop(Counter::DropTailCall)
+}
+
+/// `lb_xdp`'s path: a packet of a flow in either table, or on to `lb_new_flow`.
+#[inline(always)]
+fn known_flow(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     if pkt.key.proto == PROTO_ICMP || pkt.key.proto == PROTO_ICMPV6 {
         return icmp::handle(ctx, pkt);
     }
@@ -87,10 +107,7 @@ pub fn process(ctx: &XdpContext) -> Verdict {
         }
     }
 
-    // SAFETY: the program array holds only programs of this object. On success this does
-    // not return.
-    unsafe { PROGRAMS.tail_call(ctx, NEW_FLOW_SLOT) };
-    Verdict::drop(Counter::DropTailCall)
+    tail_call(ctx, NEW_FLOW_SLOT)
 }
 
 /// The packet path of `lb_new_flow`: a SYN, or a packet that missed both flow tables, so it
@@ -99,19 +116,13 @@ pub fn process(ctx: &XdpContext) -> Verdict {
 /// reaching it. `lb_new_flow` chooses the backend, `lb_claim_snat` claims the SNAT port
 /// (without parsing), `lb_open_flow` parses again and records the flow.
 pub fn process_new_flow(ctx: &XdpContext) -> Verdict {
-    let mut pkt = MaybeUninit::uninit();
-    let mut refused = Verdict::pass(Counter::PassMalformed);
-    if !parse(ctx, &mut pkt, &mut refused) {
-        return refused;
-    }
-    // SAFETY: `parse` wrote the packet.
-    let verdict = new_flow(ctx, unsafe { pkt.assume_init_ref() }, clock::now());
-    if verdict.is_none() {
-        // SAFETY: as in `process`.
-        unsafe { PROGRAMS.tail_call(ctx, CLAIM_SLOT) };
-        return Verdict::drop(Counter::DropTailCall);
-    }
-    verdict
+    parsed(ctx, |pkt| {
+        let verdict = new_flow(ctx, pkt, clock::now());
+        if verdict.is_none() {
+            return tail_call(ctx, CLAIM_SLOT);
+        }
+        verdict
+    })
 }
 
 /// The path of `lb_claim_snat` (see `process_new_flow`). It does not parse: it works on the
@@ -120,22 +131,14 @@ pub fn process_new_flow(ctx: &XdpContext) -> Verdict {
 pub fn process_claim(ctx: &XdpContext) -> Verdict {
     let verdict = claim_planned(ctx, clock::now());
     if verdict.is_none() {
-        // SAFETY: as in `process`.
-        unsafe { PROGRAMS.tail_call(ctx, OPEN_FLOW_SLOT) };
-        return Verdict::drop(Counter::DropTailCall);
+        return tail_call(ctx, OPEN_FLOW_SLOT);
     }
     verdict
 }
 
 /// The packet path of `lb_open_flow` (see `process_new_flow`).
 pub fn process_open_flow(ctx: &XdpContext) -> Verdict {
-    let mut pkt = MaybeUninit::uninit();
-    let mut refused = Verdict::pass(Counter::PassMalformed);
-    if !parse(ctx, &mut pkt, &mut refused) {
-        return refused;
-    }
-    // SAFETY: `parse` wrote the packet.
-    open_flow(ctx, unsafe { pkt.assume_init_ref() }, clock::now())
+    parsed(ctx, |pkt| open_flow(ctx, pkt, clock::now()))
 }
 
 /// Is the packet on the side of the flow its direction belongs to? A client's packets
@@ -202,10 +205,9 @@ fn half_open(ctx: &XdpContext, pkt: &Packet, entry: &mut FlowEntry, now: u64) ->
 // Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn learn_server_isn(pkt: &Packet, entry: &mut FlowEntry) -> bool {
-    let Some(client_key) = key_slot(KeySlot::Derived) else {
+    let Some(client_key) = other_direction_key(pkt.key, entry) else {
         return false;
     };
-    *client_key = other_direction(pkt.key.proto, pkt.key.family, entry);
     let Some(client) = HALF_OPEN.get_ptr_mut(client_key) else {
         return false;
     };
@@ -229,26 +231,20 @@ fn learn_server_isn(pkt: &Packet, entry: &mut FlowEntry) -> bool {
 // Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn still_claimed(pkt: &Packet, entry: &FlowEntry) -> bool {
-    let Some(return_key) = key_slot(KeySlot::Derived) else {
+    let Some(return_key) = other_direction_key(pkt.key, entry) else {
         return false;
     };
-    *return_key = other_direction(pkt.key.proto, pkt.key.family, entry);
     entry.flags & FLOW_F_REVERSE == 0 && HALF_OPEN.get_ptr(return_key).is_some()
 }
 
-/// The key of the opposite direction of a flow, from one direction's entry: the entry's
-/// rewritten tuple, seen from the other side.
+/// The key of the opposite direction of the flow `key` belongs to, built in
+/// `KeySlot::Derived` from the direction's entry: its rewritten tuple, seen from the other
+/// side.
 #[inline(always)]
-fn other_direction(proto: u8, family: u8, entry: &FlowEntry) -> FlowKey {
-    FlowKey {
-        src_be: copy::words(&entry.new_dst_be),
-        dst_be: copy::words(&entry.new_src_be),
-        src_port_be: entry.new_dst_port_be,
-        dst_port_be: entry.new_src_port_be,
-        proto,
-        family,
-        _pad: 0,
-    }
+fn other_direction_key(key: &FlowKey, entry: &FlowEntry) -> Option<&'static mut FlowKey> {
+    let other = key_slot(KeySlot::Derived)?;
+    *other = entry.other_direction(key);
+    Some(other)
 }
 
 /// Carries a packet of a known flow: its state (closing, sequence, last seen), the counts,
@@ -272,7 +268,7 @@ fn carry(
         }
     }
     fragments::track_first(pkt, entry, now);
-    count(pkt, entry);
+    stats::flow_packet(pkt, entry);
     if !rewrite(ctx, pkt, entry) {
         return Verdict::drop(Counter::DropInternal);
     }
@@ -298,8 +294,7 @@ fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
     entry.timeout_s = settings.closing_timeout_s;
     entry.flags |= FLOW_F_CLOSING;
     if pkt.resets() {
-        if let Some(other_key) = key_slot(KeySlot::Derived) {
-            *other_key = other_direction(pkt.key.proto, pkt.key.family, entry);
+        if let Some(other_key) = other_direction_key(pkt.key, entry) {
             if let Some(other) = FLOWS.get_ptr_mut(other_key) {
                 // SAFETY: map value pointer from a successful lookup.
                 let other = unsafe { &mut *other };
@@ -330,29 +325,6 @@ fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
     }
 }
 
-/// Counts the packet for its flow's service and server.
-#[inline(always)]
-fn count(pkt: &Packet, entry: &FlowEntry) {
-    let bytes = u64::from(pkt.ip_len);
-    let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
-        Traffic::Reverse { bytes }
-    } else {
-        Traffic::Forward { bytes }
-    };
-    stats::record(entry.service_id, entry.backend_id, traffic);
-}
-
-/// Counts, rewrites and sends a packet that follows a flow without being one of its own
-/// (a later IP fragment): no state changes, no cached next hop.
-#[inline(always)]
-pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> Verdict {
-    count(pkt, entry);
-    if !rewrite(ctx, pkt, entry) {
-        return Verdict::drop(Counter::DropInternal);
-    }
-    crate::forward::forward(ctx, pkt)
-}
-
 /// Copies both directions of a flow from `LB_HALF_OPEN` to `LB_FLOWS` with the service's
 /// idle timeout (`entry` is the direction the confirming packet belongs to). The return
 /// direction's half-open entry stays until it expires: `LB_FLOWS` is looked up first, and
@@ -363,13 +335,12 @@ pub fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) 
 #[inline(never)]
 fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
     let (Some(other_key), Some(this), Some(that)) = (
-        key_slot(KeySlot::Derived),
+        other_direction_key(key, entry),
         entry_slot(EntrySlot::Forward),
         entry_slot(EntrySlot::Reverse),
     ) else {
         return;
     };
-    *other_key = other_direction(key.proto, key.family, entry);
     let other_key: &FlowKey = other_key;
     let Some(other) = HALF_OPEN.get_ptr(other_key) else {
         return;
@@ -606,7 +577,7 @@ fn open_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         backend_id,
         Traffic::NewFlow { affinity_hit },
     );
-    count(pkt, forward);
+    stats::flow_packet(pkt, forward);
     fragments::track_first(pkt, forward, now);
     if !rewrite(ctx, pkt, forward) {
         let _ = HALF_OPEN.remove(reverse_key);

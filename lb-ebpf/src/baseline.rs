@@ -96,14 +96,12 @@ pub fn xdp_forward(ctx: XdpContext) -> u32 {
     if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
         return XDP_PASS;
     }
+    // TTL shares a 16-bit checksum word with the protocol byte.
     let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
-    let check = lb_common::csum::replace_u16(
-        u16::from_ne_bytes(ip.check),
-        old,
-        u16::from_ne_bytes([ip.ttl, ip.proto]),
-    );
-    ip.check = check.to_ne_bytes();
+    let mut header = lb_common::csum::Delta::default();
+    header.u16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
+    ip.check = header.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
     eth.dst_addr = params.dmac;
     eth.src_addr = params.smac;
     if params.ifindex == ctx.ingress_ifindex() as u32 {

@@ -7,11 +7,11 @@ use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{Counter, FlowEntry, FragmentKey};
 
 use crate::{
-    balancer::translate_and_forward,
     clock::is_fresh,
-    copy,
+    copy, forward,
     maps::{entry_slot, EntrySlot, FRAGMENTS, SETTINGS},
-    parse::{is_vip, Packet, Part},
+    nat::rewrite,
+    parse::{for_vip, Packet, Part},
     stats,
     verdict::Verdict,
 };
@@ -69,9 +69,15 @@ pub fn forward_later(ctx: &XdpContext, pkt: &Packet, id: u32, now: u64) -> Verdi
 
 #[inline(always)]
 fn unknown(pkt: &Packet) -> Verdict {
-    if is_vip(pkt.key) {
-        Verdict::drop(Counter::DropFragmentUnknown)
-    } else {
-        Verdict::pass(Counter::PassNotService)
+    for_vip(pkt.key, Verdict::drop(Counter::DropFragmentUnknown))
+}
+
+/// Counts, rewrites and sends a later fragment: no flow state changes, no cached next hop.
+#[inline(always)]
+fn translate_and_forward(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> Verdict {
+    stats::flow_packet(pkt, entry);
+    if !rewrite(ctx, pkt, entry) {
+        return Verdict::drop(Counter::DropInternal);
     }
+    forward::forward(ctx, pkt)
 }

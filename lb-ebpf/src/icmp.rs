@@ -2,12 +2,13 @@
 //! requests to a VIP are answered from the VIP (or left to the kernel, by config); every
 //! other ICMP message for a VIP is left to the kernel, counted.
 use aya_ebpf::programs::XdpContext;
-use lb_common::{csum, Counter, FAMILY_V4, SETTINGS_F_ECHO_REPLY};
+use lb_common::{csum::Delta, Counter, FAMILY_V4, SETTINGS_F_ECHO_REPLY};
 
 use crate::{
     icmp_error,
     maps::SETTINGS,
-    parse::{is_vip, Packet, Part, ICMP_CHECK_OFFSET, ICMP_HEADER, L3},
+    nat::set_ttl,
+    parse::{for_vip, is_vip, Packet, Part, ICMP_CHECK_OFFSET, ICMP_HEADER, L3},
     verdict::Verdict,
 };
 
@@ -49,11 +50,7 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 
 #[inline(always)]
 fn not_handled(pkt: &Packet) -> Verdict {
-    if is_vip(pkt.key) {
-        Verdict::pass(Counter::PassIcmp)
-    } else {
-        Verdict::pass(Counter::PassNotService)
-    }
+    for_vip(pkt.key, Verdict::pass(Counter::PassIcmp))
 }
 
 /// Turns the request into its reply in place and sends it back where it came from: swap
@@ -62,22 +59,19 @@ fn not_handled(pkt: &Packet) -> Verdict {
 fn echo_reply(pkt: &Packet, header: &mut [u8; ICMP_HEADER], reply: u8) -> Verdict {
     let old_word = u16::from_ne_bytes([header[0], header[1]]);
     header[0] = reply;
+    let mut change = Delta::default();
+    change.u16(old_word, u16::from_ne_bytes([header[0], header[1]]));
     let check = u16::from_ne_bytes([header[ICMP_CHECK_OFFSET], header[ICMP_CHECK_OFFSET + 1]]);
-    let check = csum::replace_u16(check, old_word, u16::from_ne_bytes([header[0], header[1]]));
+    let check = change.apply(check);
     header[ICMP_CHECK_OFFSET..ICMP_CHECK_OFFSET + 2].copy_from_slice(&check.to_ne_bytes());
     match pkt.l3 {
         L3::V4(ip) => {
             // SAFETY: bounds-checked in `parse`.
             let ip = unsafe { &mut *ip };
             core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
-            let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
-            ip.ttl = REPLY_HOP_LIMIT;
-            let check = csum::replace_u16(
-                u16::from_ne_bytes(ip.check),
-                old_word,
-                u16::from_ne_bytes([ip.ttl, ip.proto]),
-            );
-            ip.check = check.to_ne_bytes();
+            let mut header = Delta::default();
+            set_ttl(ip, REPLY_HOP_LIMIT, &mut header);
+            ip.check = header.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
         }
         L3::V6(ip) => {
             // SAFETY: bounds-checked in `parse`.

@@ -18,7 +18,7 @@ use crate::{
     clock::{self, is_fresh},
     forward::forward,
     maps::{key_slot, KeySlot, FLOWS, HALF_OPEN},
-    nat::{as_sent, has_no_checksum},
+    nat::{as_sent, has_no_checksum, set_ttl},
     parse::{
         ptr_at, Packet, ICMP_CHECK_OFFSET, ICMP_HEADER, IPV4_MIN_HEADER, IPV4_OFFSET_MASK,
         IPV6_HEADER, L3, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
@@ -293,10 +293,7 @@ fn rewrite_outer(
             let mut header = Delta::default();
             header.u32(pkt.key.src_be[0], entry.new_src_be[0]);
             header.u32(pkt.key.dst_be[0], entry.new_dst_be[0]);
-            // TTL shares a 16-bit checksum word with the protocol byte.
-            let old_ttl_word = u16::from_ne_bytes([outer.ttl, outer.proto]);
-            outer.ttl -= 1;
-            header.u16(old_ttl_word, u16::from_ne_bytes([outer.ttl, outer.proto]));
+            set_ttl(outer, outer.ttl - 1, &mut header);
             outer.check = header.apply(u16::from_ne_bytes(outer.check)).to_ne_bytes();
             outer.src_addr = entry.new_src_be[0].to_ne_bytes();
             outer.dst_addr = entry.new_dst_be[0].to_ne_bytes();

@@ -2,7 +2,8 @@
 use core::ptr::{addr_of, addr_of_mut};
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{csum, FlowEntry, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use lb_common::{csum::Delta, FlowEntry, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{
     parse::{Packet, Part, L3, TCP_CHECK_OFFSET, TCP_MIN_HEADER, UDP_CHECK_OFFSET, UDP_HEADER},
@@ -42,13 +43,11 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> bool {
             let ip = unsafe { &mut *ip };
             let new_src = entry.new_src_be[0];
             let new_dst = entry.new_dst_be[0];
-            let mut check = wire::load16(addr_of!(ip.check));
-            check = csum::replace_u32(check, old.src_be[0], new_src);
-            check = csum::replace_u32(check, old.dst_be[0], new_dst);
-            // TTL shares a 16-bit checksum word with the protocol byte.
-            let old_ttl_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
-            ip.ttl -= 1;
-            check = csum::replace_u16(check, old_ttl_word, u16::from_ne_bytes([ip.ttl, ip.proto]));
+            let mut header = Delta::default();
+            header.u32(old.src_be[0], new_src);
+            header.u32(old.dst_be[0], new_dst);
+            set_ttl(ip, ip.ttl - 1, &mut header);
+            let check = header.apply(wire::load16(addr_of!(ip.check)));
             wire::store32(addr_of_mut!(ip.src_addr), new_src);
             wire::store32(addr_of_mut!(ip.dst_addr), new_dst);
             wire::store16(addr_of_mut!(ip.check), check);
@@ -79,6 +78,15 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, entry: &FlowEntry) -> bool {
     }
 }
 
+/// Sets an IPv4 TTL and records the change for the header checksum: the TTL shares a 16-bit
+/// checksum word with the protocol byte.
+#[inline(always)]
+pub fn set_ttl(ip: &mut Ipv4Hdr, ttl: u8, header_check: &mut Delta) {
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.ttl = ttl;
+    header_check.u16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
+}
+
 /// Ports and the transport checksum, which covers the addresses through the pseudo-header.
 /// In a first fragment the checksum covers the whole datagram, so updating it for the
 /// changed fields is still exact.
@@ -94,18 +102,18 @@ fn rewrite_transport<const N: usize>(
     let check_at = header[check_offset..].as_mut_ptr();
     let check = wire::load16(check_at);
     if !has_no_checksum(old.proto, check) {
-        let mut sum = check;
-        sum = csum::replace_u32(sum, old.src_be[0], entry.new_src_be[0]);
-        sum = csum::replace_u32(sum, old.dst_be[0], entry.new_dst_be[0]);
+        let mut delta = Delta::default();
+        delta.u32(old.src_be[0], entry.new_src_be[0]);
+        delta.u32(old.dst_be[0], entry.new_dst_be[0]);
         if old.family == FAMILY_V6 {
             for word in 1..4 {
-                sum = csum::replace_u32(sum, old.src_be[word], entry.new_src_be[word]);
-                sum = csum::replace_u32(sum, old.dst_be[word], entry.new_dst_be[word]);
+                delta.u32(old.src_be[word], entry.new_src_be[word]);
+                delta.u32(old.dst_be[word], entry.new_dst_be[word]);
             }
         }
-        sum = csum::replace_u16(sum, old.src_port_be, entry.new_src_port_be);
-        sum = csum::replace_u16(sum, old.dst_port_be, entry.new_dst_port_be);
-        wire::store16(check_at, as_sent(old.proto, sum));
+        delta.u16(old.src_port_be, entry.new_src_port_be);
+        delta.u16(old.dst_port_be, entry.new_dst_port_be);
+        wire::store16(check_at, as_sent(old.proto, delta.apply(check)));
     }
     wire::store16(header.as_mut_ptr(), entry.new_src_port_be);
     wire::store16(header[2..].as_mut_ptr(), entry.new_dst_port_be);

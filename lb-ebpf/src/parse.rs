@@ -502,8 +502,14 @@ fn malformed(key: &FlowKey) -> Verdict {
 
 #[inline(always)]
 fn unsupported_extension(key: &FlowKey) -> Verdict {
+    for_vip(key, Verdict::drop(Counter::DropIpv6Extension))
+}
+
+/// `verdict` for a packet to a VIP; anyone else's packet is passed on as not lb's business.
+#[inline(always)]
+pub fn for_vip(key: &FlowKey, verdict: Verdict) -> Verdict {
     if is_vip(key) {
-        Verdict::drop(Counter::DropIpv6Extension)
+        verdict
     } else {
         Verdict::pass(Counter::PassNotService)
     }

@@ -1,7 +1,10 @@
 //! Per-CPU counters: no atomics needed, the daemon sums the CPUs.
-use lb_common::{Counter, TrafficStats};
+use lb_common::{Counter, FlowEntry, TrafficStats, FLOW_F_REVERSE};
 
-use crate::maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS};
+use crate::{
+    maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -51,4 +54,16 @@ pub fn record(service_id: u32, backend_id: u32, traffic: Traffic) {
         // SAFETY: per-CPU slot.
         apply(unsafe { &mut *stats }, traffic);
     }
+}
+
+/// Counts a packet for its flow's service and server, in the flow's direction.
+#[inline(always)]
+pub fn flow_packet(pkt: &Packet, entry: &FlowEntry) {
+    let bytes = u64::from(pkt.ip_len);
+    let traffic = if entry.flags & FLOW_F_REVERSE != 0 {
+        Traffic::Reverse { bytes }
+    } else {
+        Traffic::Forward { bytes }
+    };
+    record(entry.service_id, entry.backend_id, traffic);
 }

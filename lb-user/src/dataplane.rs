@@ -347,15 +347,7 @@ impl Dataplane {
             if entry.flags & FLOW_F_CLOSING == 0 || !expired(&entry) {
                 continue;
             }
-            let other_key = FlowKey {
-                src_be: entry.new_dst_be,
-                dst_be: entry.new_src_be,
-                src_port_be: entry.new_dst_port_be,
-                dst_port_be: entry.new_src_port_be,
-                proto: key.proto,
-                family: key.family,
-                _pad: 0,
-            };
+            let other_key = entry.other_direction(key);
             if self.flows.remove(key).is_ok() {
                 removed += 1;
             }
