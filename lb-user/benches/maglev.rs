@@ -2,7 +2,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use lb::maglev::{build, Member};
+use lb::dataplane::maglev::{build, Member};
 use lb_common::MAGLEV_SIZE;
 
 fn pool(n: u32) -> Vec<Member> {

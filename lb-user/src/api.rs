@@ -114,7 +114,7 @@ impl MaglevTable {
     /// The server the table picks for a new client at `client` (source affinity: the port
     /// is not hashed), as the data plane does.
     pub fn server_for(&self, client: IpAddr) -> Option<&str> {
-        let words = crate::dataplane::addr_words(client);
+        let words = crate::addr::addr_words(client);
         let hash = hash::client_hash(&words, 0);
         let slot = *self.slots.get(hash as usize % self.slots.len().max(1))?;
         self.servers.get(usize::from(slot)).map(String::as_str)
@@ -225,12 +225,12 @@ pub struct BackendStatus {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
-    /// up, down, draining (N s left), drained, no-new-clients.
-    pub state: String,
+    /// In JSON, `"state": "up" | "no-new-clients" | "draining" | "drained" | "down"` with
+    /// the state's own fields beside it.
+    #[serde(flatten)]
+    pub state: ServerState,
     /// The last health-check result, if the service is checked.
-    pub health: Option<String>,
-    /// Latency of the last passed check.
-    pub health_latency_ms: Option<f64>,
+    pub last_check: Option<CheckOutcome>,
     /// Client connections not yet expired.
     pub active_flows: u64,
     /// Clients whose affinity points here and has not expired.
@@ -238,19 +238,68 @@ pub struct BackendStatus {
     pub stats: Traffic,
 }
 
-/// A server as shown: "address:port", or the address alone for a multi-port service's
-/// server (`BACKEND_PORT_KEEP`).
-pub fn endpoint(address: IpAddr, port: u16) -> String {
-    if port == lb_common::BACKEND_PORT_KEEP {
-        address.to_string()
-    } else {
-        std::net::SocketAddr::new(address, port).to_string()
+/// Seconds since the Unix epoch: drain deadlines are absolute, so they survive restarts.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Where a server stands in selection for new clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum ServerState {
+    /// Healthy and taking new clients.
+    Up,
+    /// Healthy, weight 0: keeps its clients, gets no new ones.
+    NoNewClients,
+    /// `lb backend drain`: no new clients; its flows and affinities continue until the
+    /// deadline (Unix seconds), if there is one.
+    Draining { deadline_unix: Option<u64> },
+    /// A drain whose deadline passed: its remaining flows and affinities were cut.
+    Drained,
+    /// Failed its health checks; `reason` is the check that took it out.
+    Down { reason: String },
+}
+
+impl ServerState {
+    /// How `lb status` and `lb top` show it, at `now_unix`.
+    pub fn describe(&self, now_unix: u64) -> String {
+        match self {
+            Self::Up => "up".into(),
+            Self::NoNewClients => "no-new-clients".into(),
+            Self::Draining {
+                deadline_unix: Some(deadline),
+            } => format!("draining ({} s left)", deadline.saturating_sub(now_unix)),
+            Self::Draining {
+                deadline_unix: None,
+            } => "draining".into(),
+            Self::Drained => "drained".into(),
+            Self::Down { .. } => "down".into(),
+        }
+    }
+}
+
+/// One health check's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum CheckOutcome {
+    Passed { latency_ms: f64 },
+    Failed { reason: String },
+}
+
+impl std::fmt::Display for CheckOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Passed { latency_ms } => write!(f, "ok in {latency_ms:.1} ms"),
+            Self::Failed { reason } => write!(f, "failed: {reason}"),
+        }
     }
 }
 
 impl BackendStatus {
     pub fn endpoint(&self) -> String {
-        endpoint(self.address, self.port)
+        crate::addr::endpoint(self.address, self.port)
     }
 }
 
@@ -312,6 +361,34 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn server_states_are_a_string_with_their_fields_beside_it_in_json() {
+        let mut backend = sample_report().services[0].backends[0].clone();
+        backend.state = ServerState::Draining {
+            deadline_unix: Some(1_000),
+        };
+        backend.last_check = Some(CheckOutcome::Failed {
+            reason: "refused".into(),
+        });
+        let json = serde_json::to_value(&backend).unwrap();
+        assert_eq!(json["state"], "draining");
+        assert_eq!(json["deadline_unix"], 1_000);
+        assert_eq!(json["last_check"]["result"], "failed");
+        assert_eq!(json["last_check"]["reason"], "refused");
+        let back: BackendStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back.state, backend.state);
+        assert_eq!(back.last_check, backend.last_check);
+        assert_eq!(back.state.describe(980), "draining (20 s left)");
+        let down = ServerState::Down {
+            reason: "timeout".into(),
+        };
+        let json = serde_json::to_value(&down).unwrap();
+        assert_eq!(
+            (json["state"].as_str(), json["reason"].as_str()),
+            (Some("down"), Some("timeout"))
+        );
+    }
+
     /// A report with one service ("web", 10.100.0.1:443 -> 4443, 7 new flows), one server
     /// (10.2.0.11:4443, up, 3 flows, 2 affinities, last check 1.5 ms) and one hot client
     /// (192.0.2.7, 75 %), for the renderers' tests to adjust.
@@ -341,9 +418,8 @@ pub(crate) mod tests {
                     address: "10.2.0.11".parse().unwrap(),
                     port: 4443,
                     weight: 1,
-                    state: "up".into(),
-                    health: Some("ok".into()),
-                    health_latency_ms: Some(1.5),
+                    state: ServerState::Up,
+                    last_check: Some(CheckOutcome::Passed { latency_ms: 1.5 }),
                     active_flows: 3,
                     affinities: 2,
                     stats,

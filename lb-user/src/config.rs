@@ -131,13 +131,6 @@ impl Protocol {
 }
 
 /// The data plane's family code of an address.
-pub fn family(addr: IpAddr) -> u8 {
-    match addr {
-        IpAddr::V4(_) => lb_common::FAMILY_V4,
-        IpAddr::V6(_) => lb_common::FAMILY_V6,
-    }
-}
-
 /// Addresses that can be neither a VIP nor a server.
 fn unusable_address(addr: IpAddr) -> bool {
     addr.is_unspecified()

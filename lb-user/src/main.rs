@@ -5,9 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use lb::{
     api::{self, Request, Response},
-    checks,
+    cli::{checks, preset, status, top},
     config::{Config, DEFAULT_CONTROL_SOCKET},
-    dataplane, preset, status, top,
+    dataplane,
 };
 
 #[derive(Parser)]

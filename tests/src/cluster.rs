@@ -221,7 +221,10 @@ impl Cluster {
         for (k, (ns, site, router_side, node_side)) in node_list.into_iter().enumerate() {
             let bird_fragment = dir.join(format!("node{k}-vips.conf"));
             // Nothing announced until lb says so; the file must exist for BIRD to start.
-            std::fs::write(&bird_fragment, lb::announce::fragment(&Default::default()))?;
+            std::fs::write(
+                &bird_fragment,
+                lb::daemon::announce::fragment(&Default::default()),
+            )?;
             let conf = format!(
                 "router id {node_side};\nprotocol device {{}}\ninclude {:?};\nprotocol bgp uplink {{ local {node_side} as {NODE_AS}; neighbor {router_side} as {ROUTER_AS}; ipv4 {{ import none; export where proto = \"lb_vips4\"; next hop self; }}; }}\n",
                 bird_fragment.display().to_string()

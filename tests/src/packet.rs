@@ -670,7 +670,8 @@ impl PacketLab {
             max_affinities: d.max_affinities,
         };
         let mut dp = lb::dataplane::Dataplane::load(capacity, None)?;
-        lb::pool::Pool::new(config, lb::runtime::Overlay::default(), None).sync(&mut dp)?;
+        lb::daemon::pool::Pool::new(config, lb::daemon::runtime::Overlay::default(), None)
+            .sync(&mut dp)?;
         Ok(Self {
             dp,
             ingress: lb::dataplane::ifindex(LAB_INTERFACE)?,

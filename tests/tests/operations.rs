@@ -16,7 +16,7 @@ use harness::{
     topology::Spec,
     wait::until,
 };
-use lb::api::{AffinityRecord, StatusReport};
+use lb::api::{AffinityRecord, CheckOutcome, ServerState, StatusReport};
 
 const SERVICE: &str = "web-ext";
 
@@ -114,7 +114,11 @@ fn drain_keeps_connections_and_affinities_and_stops_new_clients() -> Result<()> 
     }
     let status = f.daemon.status()?;
     let b = backend_status(&status, victim_addr)?;
-    ensure!(b.state.starts_with("draining"), "state {}", b.state);
+    ensure!(
+        matches!(b.state, ServerState::Draining { .. }),
+        "state {:?}",
+        b.state
+    );
     ensure!(
         b.active_flows > 0,
         "status shows no remaining flows on the draining server"
@@ -159,7 +163,7 @@ fn drain_deadline_cuts_flows_and_affinities() -> Result<()> {
     wait_for(Duration::from_secs(10), "the drain to be cut", || {
         let status = f.daemon.status()?;
         let b = backend_status(&status, victim_addr)?;
-        Ok(b.state == "drained" && b.active_flows == 0 && b.affinities == 0)
+        Ok(b.state == ServerState::Drained && b.active_flows == 0 && b.affinities == 0)
     })?;
     ensure!(
         started.elapsed() >= Duration::from_millis(1500),
@@ -254,7 +258,7 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
             Ok(f.daemon.status()?.services[0]
                 .backends
                 .iter()
-                .all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
+                .all(|b| matches!(b.last_check, Some(CheckOutcome::Passed { .. }))))
         },
     )?;
 
@@ -265,7 +269,11 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
     wait_for(
         Duration::from_secs(10),
         "the server to be marked down",
-        || Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "down"),
+        || {
+            let status = f.daemon.status()?;
+            let state = &backend_status(&status, victim_addr)?.state;
+            Ok(matches!(state, ServerState::Down { .. }))
+        },
     )?;
     let took = stopped.elapsed();
     let limit = Duration::from_secs_f64(INTERVAL * f64::from(FALL) + 1.0);
@@ -298,7 +306,7 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
         )?,
     );
     wait_for(Duration::from_secs(10), "the server to come back", || {
-        Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == "up")
+        Ok(backend_status(&f.daemon.status()?, victim_addr)?.state == ServerState::Up)
     })?;
     Ok(())
 }
@@ -469,18 +477,21 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
         .cli_ok(&["backend", "remove", SERVICE, &all[1].to_string()])?;
     f.daemon.kill_and_restart()?;
     let status = f.daemon.status()?;
-    let listed: BTreeMap<IpAddr, (&str, u32)> = status.services[0]
+    let listed: BTreeMap<IpAddr, (&ServerState, u32)> = status.services[0]
         .backends
         .iter()
-        .map(|b| (b.address, (b.state.as_str(), b.weight)))
+        .map(|b| (b.address, (&b.state, b.weight)))
         .collect();
     let all: Vec<IpAddr> = all.into_iter().map(IpAddr::V4).collect();
     ensure!(
         listed.len() == 3 && !listed.contains_key(&all[1]),
         "{listed:?}"
     );
-    ensure!(listed[&all[0]].0 == "draining", "{listed:?}");
-    ensure!(listed[&all[3]] == ("up", 3), "{listed:?}");
+    ensure!(
+        matches!(listed[&all[0]].0, ServerState::Draining { .. }),
+        "{listed:?}"
+    );
+    ensure!(listed[&all[3]] == (&ServerState::Up, 3), "{listed:?}");
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use harness::{
     topology::{Spec, Topology, VIP},
     wait::until,
 };
-use lb::config::Config;
+use lb::{api::ServerState, config::Config};
 
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 const HEALTH_POLL: Duration = Duration::from_millis(200);
@@ -131,7 +131,7 @@ fn wait_healthy(daemon: &Daemon, expected: usize) -> Result<()> {
             .services
             .iter()
             .flat_map(|s| &s.backends)
-            .filter(|b| b.state == "up" && b.health.is_some())
+            .filter(|b| b.state == ServerState::Up && b.last_check.is_some())
             .count();
         Ok(up == expected)
     });

@@ -92,7 +92,10 @@ fn main() -> Result<()> {
     }
     println!("{table}\n");
     println!("servers saw these client addresses (SNAT): {snat_seen:?}\n");
-    println!("lb status:\n{}", lb::status::render(&f.daemon.status()?));
+    println!(
+        "lb status:\n{}",
+        lb::cli::status::render(&f.daemon.status()?)
+    );
     ensure!(broken.is_empty(), "affinity broken for {broken:?}");
     println!("affinity held: every one of {CLIENTS} clients reached the same server on all {CONNECTIONS_PER_CLIENT} connections.");
     println!("tearing down (namespaces, links, daemon)...");

@@ -14,7 +14,10 @@ use harness::{
     topology::Spec,
     wait::until,
 };
-use lb::maglev::{build, Member};
+use lb::{
+    api::{CheckOutcome, ServerState},
+    dataplane::maglev::{build, Member},
+};
 use lb_common::MAGLEV_SIZE;
 use serde::Serialize;
 
@@ -141,14 +144,13 @@ pub fn health(rounds: usize) -> Result<Health> {
         },
         service,
     )?;
-    let state_of = |address: Ipv4Addr| -> Result<String> {
+    let state_of = |address: Ipv4Addr| -> Result<Option<ServerState>> {
         let status = f.daemon.status()?;
         Ok(status.services[0]
             .backends
             .iter()
             .find(|b| b.address == address)
-            .map(|b| b.state.clone())
-            .unwrap_or_default())
+            .map(|b| b.state.clone()))
     };
     let (mut detection, mut drain_ms) = (Vec::new(), Vec::new());
     let (mut reached, mut checked) = (0, 0);
@@ -164,11 +166,11 @@ pub fn health(rounds: usize) -> Result<Health> {
         }
         let victim = &f.topology.backends[round % f.topology.backends.len()];
         wait_for(Duration::from_secs(10), || {
-            Ok(state_of(victim.address)? == "up"
+            Ok(state_of(victim.address)? == Some(ServerState::Up)
                 && f.daemon.status()?.services[0]
                     .backends
                     .iter()
-                    .all(|b| b.health.as_deref().is_some_and(|h| h.starts_with("ok"))))
+                    .all(|b| matches!(b.last_check, Some(CheckOutcome::Passed { .. }))))
         })?;
         let clients = f.servers_of(&f.topology.client_addresses)?;
         let victims_clients: Vec<Ipv4Addr> = clients
@@ -208,7 +210,10 @@ pub fn health(rounds: usize) -> Result<Health> {
         let stopped = Instant::now();
         monitors.remove(&victim.name);
         wait_for(Duration::from_secs(15), || {
-            Ok(state_of(victim.address)? == "down")
+            Ok(matches!(
+                state_of(victim.address)?,
+                Some(ServerState::Down { .. })
+            ))
         })?;
         detection.push(stopped.elapsed().as_secs_f64());
     }

@@ -14,9 +14,8 @@ use harness::packet::{
 };
 use lb::{
     config::Config,
+    daemon::{pool::Pool, runtime::Overlay},
     dataplane::{ifindex, Capacity, Dataplane, BASELINE_OBJECT},
-    pool::Pool,
-    runtime::Overlay,
 };
 use serde::Serialize;
 

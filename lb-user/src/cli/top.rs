@@ -18,7 +18,7 @@ use ratatui::{
     Frame,
 };
 
-use crate::api::{self, Request, Response, StatusReport, Traffic};
+use crate::api::{self, unix_now, Request, Response, ServerState, StatusReport, Traffic};
 
 /// A status report and when it was taken.
 struct Sample {
@@ -147,6 +147,7 @@ impl View {
         ])
         .style(Style::default().add_modifier(Modifier::BOLD));
         let mut rows = Vec::new();
+        let now = unix_now();
         for s in self.latest.iter().flat_map(|l| &l.report.services) {
             let rate = self.rates.get(&s.name).copied().unwrap_or_default();
             let flows: u64 = s.backends.iter().map(|b| b.active_flows).sum();
@@ -170,16 +171,18 @@ impl View {
                     .get(&format!("{}/{}", s.name, b.endpoint()))
                     .copied()
                     .unwrap_or_default();
-                let colour = match b.state.as_str() {
-                    "up" => Color::Green,
-                    "down" => Color::Red,
+                let colour = match b.state {
+                    ServerState::Up => Color::Green,
+                    ServerState::Down { .. } => Color::Red,
                     _ => Color::Yellow,
                 };
                 rows.push(
                     Row::new([
                         format!("  {}", b.endpoint()),
-                        b.state.clone(),
-                        b.health.clone().unwrap_or_else(|| "-".into()),
+                        b.state.describe(now),
+                        b.last_check
+                            .as_ref()
+                            .map_or_else(|| "-".into(), ToString::to_string),
                         b.active_flows.to_string(),
                         format!("{:.0}", rate.new_flows),
                         format!("{:.0}", rate.bytes_in),
@@ -290,7 +293,9 @@ mod tests {
         let service = &mut report.services[0];
         service.stats = stats;
         service.backends[0].stats = stats;
-        service.backends[0].state = "draining (20 s left)".into();
+        service.backends[0].state = ServerState::Draining {
+            deadline_unix: Some(unix_now() + 20),
+        };
         report
     }
 

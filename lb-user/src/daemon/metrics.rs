@@ -13,7 +13,10 @@ use std::sync::atomic::AtomicU64;
 use tokio::sync::Mutex;
 use tracing::{error, info};
 
-use crate::{api::StatusReport, daemon::State};
+use crate::{
+    api::{CheckOutcome, ServerState, StatusReport},
+    daemon::State,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -89,9 +92,10 @@ pub fn render(report: &StatusReport) -> Result<String> {
             if let Some(b) = backend {
                 active_flows.get_or_create(&l).set(b.active_flows as i64);
                 affinities.get_or_create(&l).set(b.affinities as i64);
-                up.get_or_create(&l).set(i64::from(b.state != "down"));
-                if let Some(ms) = b.health_latency_ms {
-                    check_latency.get_or_create(&l).set(ms / 1000.0);
+                let down = matches!(b.state, ServerState::Down { .. });
+                up.get_or_create(&l).set(i64::from(!down));
+                if let Some(CheckOutcome::Passed { latency_ms }) = b.last_check {
+                    check_latency.get_or_create(&l).set(latency_ms / 1000.0);
                 }
             }
         }
@@ -208,7 +212,9 @@ mod tests {
     #[test]
     fn report_renders_as_prometheus_text() {
         let mut report = sample_report();
-        report.services[0].backends[0].state = "down".into();
+        report.services[0].backends[0].state = ServerState::Down {
+            reason: "failed: refused".into(),
+        };
         report.counters.insert("drop_no_route".to_string(), 4);
         let text = render(&report).unwrap();
         assert!(

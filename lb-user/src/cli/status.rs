@@ -1,9 +1,10 @@
 //! Human rendering of `lb status`.
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 
-use crate::api::{AffinityRecord, MaglevTable, StatusReport};
+use crate::api::{unix_now, AffinityRecord, MaglevTable, StatusReport};
 
 pub fn render(report: &StatusReport) -> String {
+    let now = unix_now();
     let mut out = String::new();
     if report.node_drained {
         out.push_str(
@@ -48,7 +49,7 @@ pub fn render(report: &StatusReport) -> String {
             table.add_row([
                 b.endpoint(),
                 b.weight.to_string(),
-                b.state.clone(),
+                b.state.describe(now),
                 b.active_flows.to_string(),
                 b.affinities.to_string(),
                 b.stats.new_flows.to_string(),
@@ -56,7 +57,9 @@ pub fn render(report: &StatusReport) -> String {
                 b.stats.packets_out.to_string(),
                 b.stats.bytes_in.to_string(),
                 b.stats.bytes_out.to_string(),
-                b.health.clone().unwrap_or_else(|| "-".into()),
+                b.last_check
+                    .as_ref()
+                    .map_or_else(|| "-".into(), ToString::to_string),
             ]);
         }
         out.push_str(&table.to_string());

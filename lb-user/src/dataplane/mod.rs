@@ -1,7 +1,12 @@
 //! The one typed wrapper around the XDP program and its maps. Nothing else in the daemon
 //! touches a raw map.
+
+pub mod batch;
+pub mod maglev;
+pub mod next_hops;
+pub mod vlan;
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -18,19 +23,19 @@ use aya::{
 use lb_common::{
     is_fresh, maglev_index, pinned_maps, AddrKey, AffinityEntry, AffinityKey, Backend, Counter,
     FlowEntry, FlowKey, Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort,
-    ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FAMILY_V6, FLOW_F_CLOSING, LAYOUT_VERSION,
-    MAGLEV_SIZE, MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS,
-    MAP_EVENTS, MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
-    MAP_SERVICES, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS,
-    MAP_VLANS, MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC,
-    OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
+    ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FLOW_F_CLOSING, LAYOUT_VERSION, MAGLEV_SIZE,
+    MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_EVENTS,
+    MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION, MAP_SERVICES,
+    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS,
+    MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME,
+    OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
 };
 use tracing::{info, warn};
 
+use self::next_hops::RouteGeneration;
 use crate::{
-    batch,
-    config::{family, XdpModeConfig},
-    next_hops::RouteGeneration,
+    addr::{addr_from_words, addr_words, family},
+    config::XdpModeConfig,
 };
 
 /// The XDP object built by build.rs.
@@ -124,21 +129,6 @@ fn address_filter(addresses: &[IpAddr]) -> Vec<u32> {
 
 /// An address as the data plane stores it: the bytes as they appear in a packet, IPv4 in
 /// word 0.
-pub fn addr_words(addr: IpAddr) -> [u32; 4] {
-    match addr {
-        IpAddr::V4(a) => lb_common::v4_words(u32::from_ne_bytes(a.octets())),
-        IpAddr::V6(a) => lb_common::v6_words(a.octets()),
-    }
-}
-
-pub fn addr_from_words(words: [u32; 4], family: u8) -> IpAddr {
-    if family == FAMILY_V6 {
-        IpAddr::V6(Ipv6Addr::from(lb_common::v6_bytes(words)))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
-    }
-}
-
 pub fn vip_key(addr: IpAddr) -> AddrKey {
     AddrKey {
         addr_be: addr_words(addr),

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    checks::{LYNC_MONITOR_PORT, LYNC_TCP_IDLE_TIMEOUT_S},
+    cli::checks::{LYNC_MONITOR_PORT, LYNC_TCP_IDLE_TIMEOUT_S},
     config::Config,
 };
 
@@ -192,7 +192,7 @@ mod tests {
     use clap::ValueEnum;
 
     use super::*;
-    use crate::checks::warnings;
+    use crate::cli::checks::warnings;
 
     #[test]
     fn every_preset_is_valid_and_passes_the_checks() {

@@ -4,6 +4,17 @@
 //! The program and its maps are pinned: on SIGTERM, SIGINT or a crash the data plane keeps
 //! forwarding, and the next daemon adopts it with every flow and affinity. `lb detach`
 //! stops the data plane for good.
+
+pub mod announce;
+pub mod closing;
+pub mod health;
+pub mod health_state;
+pub mod housekeeping;
+pub mod installation;
+pub mod metrics;
+pub mod pool;
+pub mod report;
+pub mod runtime;
 use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt,
@@ -21,15 +32,17 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use crate::{
+use self::{
     announce::Announcer,
-    api::{Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
     closing::CloseQueue,
+    health::{Checker, Report},
+    pool::Pool,
+    runtime::{state_path, Overlay},
+};
+use crate::{
+    api::{unix_now, Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
     config::Config,
     dataplane::{Capacity, Dataplane, DataplaneLogger},
-    health::{Checker, Report},
-    pool::{unix_now, Pool},
-    runtime::{state_path, Overlay},
 };
 
 /// How often drain deadlines, alarm counters and the announced routes are checked.
@@ -160,7 +173,7 @@ impl State {
 ///
 /// IPv6 settings are skipped on a host without IPv6.
 fn prepare_host(interfaces: &[String]) -> Result<()> {
-    let vlans = crate::vlan::devices_on(interfaces)?;
+    let vlans = crate::dataplane::vlan::devices_on(interfaces)?;
     let devices = interfaces.iter().chain(vlans.iter().map(|v| &v.name));
     for iface in devices {
         for (family, key, value) in [
@@ -242,8 +255,8 @@ pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Resu
 /// Tells the data plane about the VLAN devices on `interfaces` (see `vlan`); returns how
 /// many. VLAN devices added later are picked up by the next reload.
 fn install_vlans(dataplane: &mut Dataplane, interfaces: &[String]) -> Result<usize> {
-    let devices = crate::vlan::devices_on(interfaces)?;
-    dataplane.set_vlans(&crate::vlan::ports(&devices)?)?;
+    let devices = crate::dataplane::vlan::devices_on(interfaces)?;
+    dataplane.set_vlans(&crate::dataplane::vlan::ports(&devices)?)?;
     for d in &devices {
         info!(vlan = %d.name, vid = d.vid, lower = %d.lower, "VLAN device on an lb interface");
     }
@@ -257,7 +270,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         forward_dataplane_log(logger)?;
     }
     if let Some(generation) = state.dataplane.take_route_generation() {
-        crate::next_hops::watch(generation)?;
+        crate::dataplane::next_hops::watch(generation)?;
     }
     let mut close_events = state.dataplane.take_close_events();
     let closing_timeout = state.pool.config().daemon.closing_timeout;
@@ -270,7 +283,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let metrics_address = state.pool.config().daemon.metrics_address;
     let state = Arc::new(Mutex::new(state));
     let _metrics = match metrics_address {
-        Some(address) => Some(crate::metrics::start(address, state.clone()).await?),
+        Some(address) => Some(crate::daemon::metrics::start(address, state.clone()).await?),
         None => None,
     };
     let mut hangup = signal(SignalKind::hangup())?;
@@ -332,7 +345,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
             _ = closing_tick.tick() => {
                 if let Some(ring) = &mut close_events {
-                    crate::closing::drain(ring, &mut closing, closing_timeout);
+                    crate::daemon::closing::drain(ring, &mut closing, closing_timeout);
                 }
                 let now = crate::dataplane::monotonic_ns();
                 let due = closing.take_due(now);
