@@ -1,12 +1,16 @@
 //! The control protocol: one JSON request per line on a Unix socket, one JSON response line.
-use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
+//! Both halves live here: `call` for the CLI, `bind` and `answer` for the daemon.
+use std::{
+    collections::BTreeMap, future::Future, net::IpAddr, os::unix::fs::DirBuilderExt, path::Path,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use lb_common::hash;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
 };
 
 /// A request line longer than this is refused (and the connection closed).
@@ -355,6 +359,64 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
         bail!("the daemon closed the connection without answering");
     }
     serde_json::from_str(&reply).context("the daemon sent an unreadable response")
+}
+
+/// The daemon's socket at `path`, root's alone from its first moment: its directory is
+/// created 0755, and the socket is bound under a umask that leaves it 0600, so no other user
+/// can connect in a window before its permissions are set.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        // A live daemon answers; a stale socket file from a crash is replaced.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another lb daemon is already serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
+    }
+    // SAFETY: umask only swaps the process's file mode mask; restored right after.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    bound.with_context(|| format!("bind {}", path.display()))
+}
+
+/// Reads one request from a client and sends it `respond`'s answer. A client that sends
+/// nothing in `REQUEST_TIMEOUT`, too much, or garbage gets an error or is dropped; it never
+/// holds the daemon.
+pub async fn answer<F, Answer>(stream: UnixStream, respond: F) -> Result<()>
+where
+    F: FnOnce(Request) -> Answer,
+    Answer: Future<Output = Response>,
+{
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
+    let mut line = String::new();
+    let n = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .context("client sent no request in time")??;
+    if n == 0 {
+        return Ok(());
+    }
+    let response = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(request) => respond(request).await,
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write
+        .write_all(out.as_bytes())
+        .await
+        .context("client hung up before the response")?;
+    Ok(())
 }
 
 #[cfg(test)]

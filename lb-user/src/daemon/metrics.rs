@@ -1,6 +1,6 @@
 //! Prometheus metrics on `daemon.metrics_address` (off unless configured), rendered from the
 //! same report as `lb status`.
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use axum::{extract::State as Extract, http::StatusCode, routing::get, Router};
@@ -10,12 +10,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use std::sync::atomic::AtomicU64;
-use tokio::sync::Mutex;
 use tracing::{error, info};
 
 use crate::{
     api::{CheckOutcome, ServerState, StatusReport},
-    daemon::State,
+    daemon::report::StatusSource,
 };
 
 type Labels = Vec<(String, String)>;
@@ -173,11 +172,12 @@ pub fn render(report: &StatusReport) -> Result<String> {
     Ok(out)
 }
 
-async fn metrics(Extract(state): Extract<Arc<Mutex<State>>>) -> (StatusCode, String) {
-    let report = {
-        let s = state.lock().await;
-        s.pool.status(&s.dataplane)
-    };
+async fn metrics(Extract(status): Extract<StatusSource>) -> (StatusCode, String) {
+    // The table walk blocks: off the async workers, and without the daemon's lock.
+    let report = tokio::task::spawn_blocking(move || status.report())
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|report| report);
     match report.and_then(|r| render(&r)) {
         Ok(text) => (StatusCode::OK, text),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
@@ -188,7 +188,7 @@ async fn metrics(Extract(state): Extract<Arc<Mutex<State>>>) -> (StatusCode, Str
 /// that serves it.
 pub async fn start(
     address: SocketAddr,
-    state: Arc<Mutex<State>>,
+    status: StatusSource,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -196,7 +196,7 @@ pub async fn start(
     info!(%address, "Prometheus metrics on /metrics");
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(status);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             error!(error = %e, "metrics endpoint stopped");

@@ -15,9 +15,9 @@ pub mod metrics;
 pub mod pool;
 pub mod report;
 pub mod runtime;
+
 use std::{
     net::IpAddr,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -25,10 +25,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::{
-    io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest},
-    net::{UnixListener, UnixStream},
+    io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, Mutex},
+    sync::{mpsc, watch, Mutex},
 };
 use tracing::{error, info, warn};
 
@@ -37,10 +36,11 @@ use self::{
     closing::CloseQueue,
     health::{Checker, Report},
     pool::Pool,
+    report::{Basis, StatusSource},
     runtime::{state_path, Overlay},
 };
 use crate::{
-    api::{unix_now, Request, Response, MAX_REQUEST_BYTES, REQUEST_TIMEOUT},
+    api::{self, unix_now, Request, Response},
     config::Config,
     dataplane::{Capacity, Dataplane, DataplaneLogger},
 };
@@ -57,9 +57,21 @@ pub struct State {
     checker: Checker,
     /// What BIRD announces for this node (None without `daemon.announce`), for `lb status`.
     announced: Option<Vec<IpAddr>>,
+    /// Where `lb status` and the metrics learn what changed (`report::StatusSource`).
+    publish: watch::Sender<Arc<Basis>>,
 }
 
 impl State {
+    /// Hands readers of the status the pool as it is now.
+    fn publish(&self) {
+        match Basis::of(&self.pool, self.announced.clone()) {
+            Ok(basis) => {
+                self.publish.send_replace(Arc::new(basis));
+            }
+            Err(e) => error!(error = %format!("{e:#}"), "publishing the status"),
+        }
+    }
+
     /// Points the health checker at the servers as they are now.
     fn reconcile_health(&mut self) {
         self.checker.reconcile(self.pool.health_targets());
@@ -69,6 +81,7 @@ impl State {
         if let Err(e) = self.pool.record_check(&mut self.dataplane, report) {
             error!(error = %format!("{e:#}"), "applying a health-check result");
         }
+        self.publish();
     }
 
     fn reload(&mut self) -> Result<()> {
@@ -100,10 +113,8 @@ impl State {
         let pool = &mut self.pool;
         let done = |r: Result<()>| r.map(|()| Response::Done);
         let result = match request {
-            Request::Status => pool.status(dp).map(|mut report| {
-                report.announced = self.announced.clone();
-                Response::Status(report)
-            }),
+            // Answered from the status source, outside the lock (see `serve`).
+            Request::Status => pool.status(dp).map(Response::Status),
             Request::Reload => done(self.reload()),
             Request::BackendAdd {
                 service,
@@ -158,6 +169,7 @@ impl State {
         if changes_servers {
             self.reconcile_health();
         }
+        self.publish();
         response
     }
 }
@@ -218,7 +230,10 @@ fn prepare_host(interfaces: &[String]) -> Result<()> {
 
 /// Loads the data plane (adopting pinned maps) and brings it in line with the config and
 /// the persisted runtime changes. Health reports arrive on `reports`.
-pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Result<State> {
+pub fn start(
+    config_path: &Path,
+    reports: mpsc::UnboundedSender<Report>,
+) -> Result<(State, StatusSource)> {
     let config = Config::load(config_path)?;
     let state_file = state_path(config_path);
     let overlay = Overlay::load(&state_file)?;
@@ -241,15 +256,18 @@ pub fn start(config_path: &Path, reports: mpsc::UnboundedSender<Report>) -> Resu
     for iface in &interfaces {
         dataplane.attach(iface, mode)?;
     }
+    let (publish, status) = StatusSource::new(dataplane.open_reader()?);
     let mut state = State {
         config_path: config_path.to_path_buf(),
         dataplane,
         pool,
         checker: Checker::new(reports),
         announced: None,
+        publish,
     };
     state.reconcile_health();
-    Ok(state)
+    state.publish();
+    Ok((state, status))
 }
 
 /// Tells the data plane about the VLAN devices on `interfaces` (see `vlan`); returns how
@@ -265,7 +283,7 @@ fn install_vlans(dataplane: &mut Dataplane, interfaces: &[String]) -> Result<usi
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let (report_tx, mut reports) = mpsc::unbounded_channel();
-    let mut state = start(config_path, report_tx)?;
+    let (mut state, status) = start(config_path, report_tx)?;
     if let Some(logger) = state.dataplane.take_logger() {
         forward_dataplane_log(logger)?;
     }
@@ -277,13 +295,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut closing = CloseQueue::default();
     let mut closing_tick = tokio::time::interval(CLOSING_TICK);
     let socket_path = PathBuf::from(&state.pool.config().daemon.control_socket);
-    let listener = bind_control_socket(&socket_path)?;
+    let listener = api::bind(&socket_path)?;
     info!(socket = %socket_path.display(), services = state.pool.config().services.len(), "lb daemon ready");
 
     let metrics_address = state.pool.config().daemon.metrics_address;
     let state = Arc::new(Mutex::new(state));
     let _metrics = match metrics_address {
-        Some(address) => Some(crate::daemon::metrics::start(address, state.clone()).await?),
+        Some(address) => Some(metrics::start(address, status.clone()).await?),
         None => None,
     };
     let mut hangup = signal(SignalKind::hangup())?;
@@ -309,9 +327,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let state = state.clone();
+                    let (state, status) = (state.clone(), status.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, state).await {
+                        if let Err(e) = api::answer(stream, |request| respond(request, state, status)).await {
                             warn!(error = %format!("{e:#}"), "control client");
                         }
                     });
@@ -341,6 +359,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     announce_error = result.err();
                     state.lock().await.announced = Some(announcer.announced());
                 }
+                state.lock().await.publish();
             }
             Some(report) = reports.recv() => state.lock().await.record_check(&report),
             _ = closing_tick.tick() => {
@@ -362,6 +381,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 if let Err(e) = s.pool.collect_garbage(&mut s.dataplane) {
                     error!(error = %format!("{e:#}"), "garbage collection");
                 }
+                s.publish();
             }
             _ = hangup.recv() => {
                 let mut s = state.lock().await;
@@ -369,6 +389,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     error!(error = %format!("{e:#}"), "reload on SIGHUP failed; keeping the running configuration");
                 }
                 s.reconcile_health();
+                s.publish();
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -403,44 +424,20 @@ fn forward_dataplane_log(logger: DataplaneLogger) -> Result<()> {
     Ok(())
 }
 
-fn bind_control_socket(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    if path.exists() {
-        // A live daemon answers; a stale socket file from a crash is replaced.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another lb daemon is already serving {}", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    // Root only: the socket controls the data plane.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
-    let mut line = String::new();
-    let n = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
-        .await
-        .context("client sent no request in time")??;
-    if n == 0 {
-        return Ok(());
-    }
-    let response = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(request) => state.lock().await.handle(request),
-        Err(e) => Response::Error {
-            message: format!("malformed request: {e}"),
-        },
+/// One control request: `lb status` from the status source (a table walk that must not
+/// hold the lock the pool and health checks need), everything else under the lock.
+async fn respond(request: Request, state: Arc<Mutex<State>>, status: StatusSource) -> Response {
+    let result = match request {
+        Request::Status => tokio::task::spawn_blocking(move || status.report())
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|report| report),
+        other => return state.lock().await.handle(other),
     };
-    let mut out = serde_json::to_string(&response)?;
-    out.push('\n');
-    write
-        .write_all(out.as_bytes())
-        .await
-        .context("client hung up before the response")?;
-    Ok(())
+    result.map_or_else(
+        |e| Response::Error {
+            message: format!("{e:#}"),
+        },
+        Response::Status,
+    )
 }

@@ -490,8 +490,10 @@ impl Pool {
         Ok(removal.removed)
     }
 
+    /// The status report, read through the data plane's own reader (tests and tools; the
+    /// daemon answers from its `StatusSource`).
     pub fn status(&self, dp: &Dataplane) -> Result<StatusReport> {
-        report::build(self, dp)
+        report::build(&report::Basis::of(self, None)?, dp.reader())
     }
 }
 

@@ -1,9 +1,10 @@
 //! `lb status`'s report: the pool's servers with their typed state, what the data plane
 //! counts for them, and the clients that dominate a service.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use anyhow::Result;
 use lb_common::{is_fresh, FLOW_F_REVERSE, NS_PER_SEC};
+use tokio::sync::watch;
 
 use super::{
     pool::Pool,
@@ -11,8 +12,10 @@ use super::{
 };
 use crate::{
     addr::addr_from_words,
-    api::{BackendStatus, ServerState, ServiceStatus, SourceShare, StatusReport},
-    dataplane::{monotonic_ns, Dataplane},
+    api::{
+        BackendStatus, ServerState, ServiceStatus, SourceShare, StatusReport, TableReport, Traffic,
+    },
+    dataplane::{monotonic_ns, TableReader},
 };
 
 /// A client with at least this share of a service's new flows (among live affinities) is
@@ -37,6 +40,94 @@ pub fn server_state(backend: &EffectiveBackend, down_reason: Option<&str>) -> Se
     }
 }
 
+/// What the pool knows for a status report, copied out under the daemon's lock: no table
+/// is read for it. The daemon publishes a fresh one after every change (`StatusSource`).
+#[derive(Debug, Clone, Default)]
+pub struct Basis {
+    /// Each installed service with its servers (their flow and traffic figures still 0)
+    /// and their backend ids, in the same order.
+    services: Vec<(u32, ServiceStatus, Vec<u32>)>,
+    tables: TableReport,
+    debug_log: bool,
+    node_drained: bool,
+    announced: Option<Vec<IpAddr>>,
+    affinity_timeouts_ns: BTreeMap<u32, u64>,
+}
+
+impl Basis {
+    pub fn of(pool: &Pool, announced: Option<Vec<IpAddr>>) -> Result<Self> {
+        let installation = pool.installation();
+        let health = pool.health();
+        let mut services = Vec::new();
+        for s in &pool.config().services {
+            let Some(&id) = installation.service_ids().get(&s.name) else {
+                continue;
+            };
+            let (mut backends, mut ids) = (Vec::new(), Vec::new());
+            for b in pool.backends(&s.name) {
+                ids.push(installation.backend_id(&s.name, b.address, b.port)?);
+                backends.push(BackendStatus {
+                    address: b.address,
+                    port: b.port,
+                    weight: b.weight,
+                    state: server_state(&b, health.down_reason(&s.name, b.address)),
+                    last_check: health.last_check(&s.name, b.address).cloned(),
+                    active_flows: 0,
+                    affinities: 0,
+                    stats: Traffic::default(),
+                });
+            }
+            let status = ServiceStatus {
+                name: s.name.clone(),
+                vip: s.vip,
+                port: s.port.to_string(),
+                backend_port: s.backend_port(),
+                protocol: s.protocol.as_str().into(),
+                affinity: s.affinity.as_str().into(),
+                affinity_timeout: s.affinity_timeout,
+                idle_timeout: s.idle_timeout,
+                top_sources: Vec::new(),
+                stats: Traffic::default(),
+                backends,
+            };
+            services.push((id, status, ids));
+        }
+        Ok(Self {
+            services,
+            tables: pool.tables(),
+            debug_log: pool.debug_log(),
+            node_drained: pool.node_drained(),
+            announced,
+            affinity_timeouts_ns: pool.affinity_timeouts_ns(),
+        })
+    }
+}
+
+/// Where `lb status` and the metrics get their report: the latest basis the daemon
+/// published and a table reader of their own, so neither waits for the daemon's lock nor
+/// holds it while a million flows are read.
+#[derive(Clone)]
+pub struct StatusSource {
+    basis: watch::Receiver<Arc<Basis>>,
+    tables: Arc<TableReader>,
+}
+
+impl StatusSource {
+    /// A source reading `tables`, and the sender the daemon publishes bases on.
+    pub fn new(tables: TableReader) -> (watch::Sender<Arc<Basis>>, Self) {
+        let (publish, basis) = watch::channel(Arc::new(Basis::default()));
+        let tables = Arc::new(tables);
+        (publish, Self { basis, tables })
+    }
+
+    /// The report as of now. Blocking (it walks the tables): call it off the async
+    /// workers.
+    pub fn report(&self) -> Result<StatusReport> {
+        let basis = self.basis.borrow().clone();
+        build(&basis, &self.tables)
+    }
+}
+
 /// What the flow and affinity tables hold, per backend and per client.
 #[derive(Default)]
 struct TableCounts {
@@ -50,10 +141,10 @@ struct TableCounts {
     sources: BTreeMap<u32, BTreeMap<IpAddr, u64>>,
 }
 
-fn count_tables(dp: &Dataplane, affinity_timeouts_ns: &BTreeMap<u32, u64>) -> TableCounts {
+fn count_tables(tables: &TableReader, affinity_timeouts_ns: &BTreeMap<u32, u64>) -> TableCounts {
     let now = monotonic_ns();
     let mut counts = TableCounts::default();
-    for (key, entry) in dp.affinities() {
+    for (key, entry) in tables.affinities() {
         counts.affinity_entries += 1;
         if affinity_timeouts_ns
             .get(&key.service_id)
@@ -69,7 +160,7 @@ fn count_tables(dp: &Dataplane, affinity_timeouts_ns: &BTreeMap<u32, u64>) -> Ta
                 .or_default() += u64::from(entry.new_flows);
         }
     }
-    for (_, entry) in dp.flows() {
+    for (_, entry) in tables.flows() {
         counts.flow_entries += 1;
         let fresh = is_fresh(
             entry.last_seen_ns,
@@ -83,58 +174,36 @@ fn count_tables(dp: &Dataplane, affinity_timeouts_ns: &BTreeMap<u32, u64>) -> Ta
     counts
 }
 
-pub fn build(pool: &Pool, dp: &Dataplane) -> Result<StatusReport> {
-    let mut counts = count_tables(dp, &pool.affinity_timeouts_ns());
-    let installation = pool.installation();
+/// The basis completed with what the tables and counters say now.
+pub fn build(basis: &Basis, tables: &TableReader) -> Result<StatusReport> {
+    let mut counts = count_tables(tables, &basis.affinity_timeouts_ns);
     let mut services = Vec::new();
-    for s in &pool.config().services {
-        let Some(&id) = installation.service_ids().get(&s.name) else {
-            continue;
-        };
-        let mut backends = Vec::new();
-        for b in pool.backends(&s.name) {
-            let bid = installation.backend_id(&s.name, b.address, b.port)?;
-            let health = pool.health();
-            backends.push(BackendStatus {
-                address: b.address,
-                port: b.port,
-                weight: b.weight,
-                state: server_state(&b, health.down_reason(&s.name, b.address)),
-                last_check: health.last_check(&s.name, b.address).cloned(),
-                active_flows: counts.flows.get(&bid).copied().unwrap_or(0),
-                affinities: counts.affinities.get(&bid).copied().unwrap_or(0),
-                stats: dp.backend_stats(bid)?.into(),
-            });
+    for (id, service, backend_ids) in &basis.services {
+        let mut service = service.clone();
+        for (b, bid) in service.backends.iter_mut().zip(backend_ids) {
+            b.active_flows = counts.flows.get(bid).copied().unwrap_or(0);
+            b.affinities = counts.affinities.get(bid).copied().unwrap_or(0);
+            b.stats = tables.backend_stats(*bid)?.into();
         }
-        services.push(ServiceStatus {
-            name: s.name.clone(),
-            vip: s.vip,
-            port: s.port.to_string(),
-            backend_port: s.backend_port(),
-            protocol: s.protocol.as_str().into(),
-            affinity: s.affinity.as_str().into(),
-            affinity_timeout: s.affinity_timeout,
-            idle_timeout: s.idle_timeout,
-            top_sources: top_sources(counts.sources.remove(&id).unwrap_or_default()),
-            stats: dp.service_stats(id)?.into(),
-            backends,
-        });
+        service.top_sources = top_sources(counts.sources.remove(id).unwrap_or_default());
+        service.stats = tables.service_stats(*id)?.into();
+        services.push(service);
     }
-    let counters = dp
+    let counters = tables
         .counters()?
         .into_iter()
         .map(|(c, v)| (c.name().to_string(), v))
         .collect();
-    let mut tables = pool.tables();
-    tables.flows.entries = counts.flow_entries;
-    tables.affinities.entries = counts.affinity_entries;
+    let mut table_report = basis.tables;
+    table_report.flows.entries = counts.flow_entries;
+    table_report.affinities.entries = counts.affinity_entries;
     Ok(StatusReport {
         services,
         counters,
-        tables,
-        debug_log: pool.debug_log(),
-        node_drained: pool.node_drained(),
-        announced: None,
+        tables: table_report,
+        debug_log: basis.debug_log,
+        node_drained: basis.node_drained,
+        announced: basis.announced.clone(),
     })
 }
 

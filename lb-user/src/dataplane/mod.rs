@@ -7,12 +7,15 @@ pub mod next_hops;
 pub mod vlan;
 use std::{
     net::IpAddr,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        Array, DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -116,6 +119,95 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    reader: TableReader,
+}
+
+/// Read access to the tables and counters behind `lb status` and the metrics, on its own
+/// file descriptors: a reader handed to another task walks a million flows without the
+/// daemon's lock while the pool keeps changing the maps.
+pub struct TableReader {
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    counters: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+/// A second handle on the map behind `data`, of the same kind.
+fn reopen<T: TryFrom<Map>>(data: &MapData, kind: fn(MapData) -> Map, name: &str) -> Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("duplicate the descriptor of {name}"))?;
+    let data = MapData::from_fd(fd).with_context(|| format!("reopen {name}"))?;
+    T::try_from(kind(data)).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl TableReader {
+    fn open(dp: &Dataplane) -> Result<Self> {
+        Self::from_maps(
+            &dp.flows,
+            &dp.affinity,
+            &dp.counters,
+            &dp.service_stats,
+            &dp.backend_stats,
+        )
+    }
+
+    fn from_maps(
+        flows: &HashMap<MapData, FlowKey, FlowEntry>,
+        affinity: &HashMap<MapData, AffinityKey, AffinityEntry>,
+        counters: &PerCpuArray<MapData, u64>,
+        service_stats: &PerCpuArray<MapData, TrafficStats>,
+        backend_stats: &PerCpuArray<MapData, TrafficStats>,
+    ) -> Result<Self> {
+        Ok(Self {
+            flows: reopen(flows.map(), Map::HashMap, MAP_FLOWS)?,
+            affinity: reopen(affinity.map(), Map::LruHashMap, MAP_AFFINITY)?,
+            counters: reopen(counters.map(), Map::PerCpuArray, MAP_COUNTERS)?,
+            service_stats: reopen(service_stats.map(), Map::PerCpuArray, MAP_SERVICE_STATS)?,
+            backend_stats: reopen(backend_stats.map(), Map::PerCpuArray, MAP_BACKEND_STATS)?,
+        })
+    }
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let values = self.counters.get(&(c as u32), 0).context("read counters")?;
+                Ok((c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<TrafficStats> {
+        let values = self
+            .service_stats
+            .get(&id, 0)
+            .context("read service stats")?;
+        Ok(sum_traffic(&values))
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
+        let values = self
+            .backend_stats
+            .get(&id, 0)
+            .context("read backend stats")?;
+        Ok(sum_traffic(&values))
+    }
+
+    /// Affinity entries (expired ones included: the caller knows the timeouts).
+    pub fn affinities(&self) -> impl Iterator<Item = (AffinityKey, AffinityEntry)> + '_ {
+        entries(&self.affinity, MAP_AFFINITY).into_iter()
+    }
+
+    /// Confirmed flow entries, both directions.
+    pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
+        entries(&self.flows, MAP_FLOWS).into_iter()
+    }
 }
 
 /// How many of `addresses` hash to each `LB_ADDR_FILTER` slot.
@@ -288,6 +380,11 @@ impl Dataplane {
         // Whatever a previous daemon cached may have changed while none was watching.
         let mut route_generation = RouteGeneration::new(take(&mut ebpf, MAP_ROUTE_GENERATION)?);
         route_generation.bump()?;
+        let flows = take(&mut ebpf, MAP_FLOWS)?;
+        let affinity = take(&mut ebpf, MAP_AFFINITY)?;
+        let counters = take(&mut ebpf, MAP_COUNTERS)?;
+        let service_stats = take(&mut ebpf, MAP_SERVICE_STATS)?;
+        let backend_stats = take(&mut ebpf, MAP_BACKEND_STATS)?;
         let mut dataplane = Self {
             logger: Some(logger),
             route_generation: Some(route_generation),
@@ -299,17 +396,24 @@ impl Dataplane {
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             maglev: take(&mut ebpf, MAP_MAGLEV)?,
-            flows: take(&mut ebpf, MAP_FLOWS)?,
             half_open: take(&mut ebpf, MAP_HALF_OPEN)?,
             _programs: programs,
             vlans: take(&mut ebpf, MAP_VLANS)?,
-            affinity: take(&mut ebpf, MAP_AFFINITY)?,
             snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
             settings: take(&mut ebpf, MAP_SETTINGS)?,
             tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
-            counters: take(&mut ebpf, MAP_COUNTERS)?,
-            service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
-            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            reader: TableReader::from_maps(
+                &flows,
+                &affinity,
+                &counters,
+                &service_stats,
+                &backend_stats,
+            )?,
+            flows,
+            affinity,
+            counters,
+            service_stats,
+            backend_stats,
             ebpf,
             pin_dir,
         };
@@ -576,40 +680,36 @@ impl Dataplane {
             .collect()
     }
 
+    /// The tables and counters, read-only (see `TableReader`).
+    pub fn reader(&self) -> &TableReader {
+        &self.reader
+    }
+
+    /// A reader of its own, for another task.
+    pub fn open_reader(&self) -> Result<TableReader> {
+        TableReader::open(self)
+    }
+
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let values = self.counters.get(&(c as u32), 0).context("read counters")?;
-                Ok((c, values.iter().sum()))
-            })
-            .collect()
+        self.reader.counters()
     }
 
     pub fn service_stats(&self, id: u32) -> Result<TrafficStats> {
-        let values = self
-            .service_stats
-            .get(&id, 0)
-            .context("read service stats")?;
-        Ok(sum_traffic(&values))
+        self.reader.service_stats(id)
     }
 
     pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
-        let values = self
-            .backend_stats
-            .get(&id, 0)
-            .context("read backend stats")?;
-        Ok(sum_traffic(&values))
+        self.reader.backend_stats(id)
     }
 
     /// Affinity entries (expired ones included: the caller knows the timeouts).
     pub fn affinities(&self) -> impl Iterator<Item = (AffinityKey, AffinityEntry)> + '_ {
-        entries(&self.affinity, MAP_AFFINITY).into_iter()
+        self.reader.affinities()
     }
 
     /// Confirmed flow entries, both directions.
     pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
-        entries(&self.flows, MAP_FLOWS).into_iter()
+        self.reader.flows()
     }
 
     /// Half-open flow entries (not yet confirmed), both directions.
