@@ -290,3 +290,29 @@ fn snat_ports_are_unique_per_backend() -> Result<()> {
         Ok(())
     })
 }
+
+/// Maglev halves are written and read in batches: a half reads back as written, and the
+/// service's other half and the next service's tables are untouched.
+#[test]
+fn a_maglev_half_reads_back_as_written_and_touches_nothing_else() -> Result<()> {
+    let capacity = lb::dataplane::Capacity {
+        max_flows: 1024,
+        max_half_open: 1024,
+        max_affinities: 1024,
+    };
+    let mut dp = lb::dataplane::Dataplane::load(capacity, None)?;
+    let size = lb_common::MAGLEV_SIZE as usize;
+    let table: Vec<u32> = (0..size as u32).map(|slot| slot % 7 + 100).collect();
+    let (other_half, next_service) = (dp.read_maglev(5, 0)?, dp.read_maglev(6, 1)?);
+    dp.write_maglev(5, 1, &table)?;
+    ensure!(
+        dp.read_maglev(5, 1)? == table,
+        "half 1 differs from what was written"
+    );
+    ensure!(dp.read_maglev(5, 0)? == other_half, "half 0 changed");
+    ensure!(
+        dp.read_maglev(6, 1)? == next_service,
+        "the next service changed"
+    );
+    Ok(())
+}

@@ -1,12 +1,13 @@
 //! Whole-table reads and deletes of hash maps with `BPF_MAP_LOOKUP_BATCH` and
-//! `BPF_MAP_DELETE_BATCH`: thousands of entries per syscall, where walking a map key by key
-//! (what aya offers) costs two syscalls per entry, about a second per million. Garbage
-//! collection and `lb status` read the flow and affinity tables this way.
+//! `BPF_MAP_DELETE_BATCH`, and array writes with `BPF_MAP_UPDATE_BATCH`: thousands of
+//! entries per syscall, where aya's key-by-key calls cost one or two syscalls per entry
+//! (about a second per million). Garbage collection and `lb status` read the flow and
+//! affinity tables this way; a Maglev table (65,537 slots) is written in eight calls.
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{bail, Result};
 use aya::{
-    maps::{HashMap, IterableMap, MapData},
+    maps::{Array, HashMap, IterableMap, MapData},
     Pod,
 };
 
@@ -16,6 +17,7 @@ const BATCH: usize = 8192;
 
 /// `enum bpf_cmd` (linux/bpf.h).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// `union bpf_attr`'s `batch` member (linux/bpf.h).
@@ -122,6 +124,65 @@ pub fn delete<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, keys: &[K]) -> Resul
         }
     }
     Ok(deleted)
+}
+
+/// Writes `values` into `array` from index `first` on, in batches.
+pub fn write_array<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) -> Result<()> {
+    let fd = array.map().fd().as_fd().as_raw_fd() as u32;
+    for (n, chunk) in values.chunks(BATCH).enumerate() {
+        let start = first + (n * BATCH) as u32;
+        let keys: Vec<u32> = (start..start + chunk.len() as u32).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        if let Err(e) = bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            bail!("BPF_MAP_UPDATE_BATCH at index {start}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Reads `count` values of `array` from index `first` on, in batches.
+pub fn read_array<V: Pod>(array: &Array<MapData, V>, first: u32, count: u32) -> Result<Vec<V>> {
+    let fd = array.map().fd().as_fd().as_raw_fd() as u32;
+    let mut values = vec![V::zeroed(); count as usize];
+    let mut keys = vec![0u32; BATCH];
+    let mut done = 0;
+    while done < values.len() {
+        let size = (values.len() - done).min(BATCH);
+        let index = first + done as u32;
+        // The kernel continues after the key in `in_batch`: the one before `index`.
+        let previous = index.wrapping_sub(1);
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if index == 0 {
+                0
+            } else {
+                &previous as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: size as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.count as usize;
+        match result {
+            Ok(()) if got == size => done += got,
+            // ENOENT: the array ended before `count` values.
+            Ok(()) | Err(_) if got == 0 => bail!("array read stopped at index {index}"),
+            Ok(()) => done += got,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += got,
+            Err(e) => bail!("BPF_MAP_LOOKUP_BATCH at index {index}: {e}"),
+        }
+    }
+    Ok(values)
 }
 
 trait Zeroed {

@@ -603,23 +603,15 @@ impl Dataplane {
             table.len() == MAGLEV_SIZE as usize,
             "Maglev table has the wrong size"
         );
-        for (slot, id) in table.iter().enumerate() {
-            self.maglev
-                .set(maglev_index(service_id, half, slot as u32), id, 0)
-                .context("write Maglev table")?;
-        }
-        Ok(())
+        // A half is one run of slots (`maglev_index`), written in a few batches.
+        batch::write_array(&self.maglev, maglev_index(service_id, half, 0), table)
+            .context("write Maglev table")
     }
 
     /// One half of a service's Maglev table as the data plane holds it.
     pub fn read_maglev(&self, service_id: u32, half: u32) -> Result<Vec<u32>> {
-        (0..MAGLEV_SIZE)
-            .map(|slot| {
-                self.maglev
-                    .get(&maglev_index(service_id, half, slot), 0)
-                    .context("read Maglev table")
-            })
-            .collect()
+        batch::read_array(&self.maglev, maglev_index(service_id, half, 0), MAGLEV_SIZE)
+            .context("read Maglev table")
     }
 
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
