@@ -5,7 +5,10 @@
 //! so every figure is the kernel-measured duration of single `BPF_PROG_TEST_RUN` calls
 //! (repeat = 1), each on a fresh copy of its input. That duration includes a fixed per-call
 //! cost, measured the same way on `xdp_pass` and subtracted to give the net figure.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
 
 use anyhow::{ensure, Context, Result};
 use aya::{programs::Xdp, Ebpf};
@@ -56,6 +59,12 @@ pub struct ScalePoint {
     pub vs_smallest: f64,
     pub per_call: Summary,
     pub net: Summary,
+    /// The daemon's work on these tables, ms: a garbage collection (wall and this thread's
+    /// CPU; nothing has expired, so it reads every entry and deletes none) and a status
+    /// report (every flow and affinity read and counted).
+    pub gc_ms: Summary,
+    pub gc_cpu_ms: Summary,
+    pub status_ms: Summary,
 }
 
 #[derive(Serialize, Clone)]
@@ -115,6 +124,7 @@ fn ack(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
 /// lb loaded with a fresh set of maps and one service, in the lab namespace.
 struct Lb {
     dp: Dataplane,
+    pool: Pool,
     ingress: u32,
 }
 
@@ -128,9 +138,11 @@ impl Lb {
             },
             None,
         )?;
-        Pool::new(config(SNAT_ADDRESSES)?, Overlay::default(), None).sync(&mut dp)?;
+        let mut pool = Pool::new(config(SNAT_ADDRESSES)?, Overlay::default(), None);
+        pool.sync(&mut dp)?;
         Ok(Self {
             dp,
+            pool,
             ingress: ifindex(LAB_INTERFACE)?,
         })
     }
@@ -416,7 +428,7 @@ fn net(rounds: &[f64], pass: &[f64]) -> Vec<f64> {
 fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<ScalePoint> {
     // Two entries per connection, with headroom so the LRU never evicts.
     let entries = (flows as u32 * 4).next_power_of_two().max(1 << 12);
-    let lb = Lb::load(entries)?;
+    let mut lb = Lb::load(entries)?;
     for i in 0..flows {
         lb.open(SocketAddrV4::new(client_address(i), 40000))?;
     }
@@ -439,12 +451,45 @@ fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<Scale
         )?);
         lb_rounds.push(time_calls(lb.program()?, &frames, lb.ingress, XDP_TX)?);
     }
+    let (mut gc_ms, mut gc_cpu_ms, mut status_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..CONTROL_ROUNDS {
+        let (wall, cpu) = (Instant::now(), thread_cpu());
+        lb.pool.collect_garbage(&mut lb.dp)?;
+        gc_ms.push(wall.elapsed().as_secs_f64() * 1e3);
+        gc_cpu_ms.push((thread_cpu() - cpu).as_secs_f64() * 1e3);
+        let wall = Instant::now();
+        let report = lb.pool.status(&lb.dp)?;
+        status_ms.push(wall.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            report.tables.flows.entries >= 2 * flows as u64,
+            "status counted {} flow entries of {}",
+            report.tables.flows.entries,
+            2 * flows
+        );
+    }
     Ok(ScalePoint {
         flows,
         vs_smallest: 1.0,
         per_call: Summary::of(&lb_rounds),
         net: Summary::of(&net(&lb_rounds, &pass_rounds)),
+        gc_ms: Summary::of(&gc_ms),
+        gc_cpu_ms: Summary::of(&gc_cpu_ms),
+        status_ms: Summary::of(&status_ms),
     })
+}
+
+/// Garbage collections and status reports timed per table size.
+const CONTROL_ROUNDS: usize = 3;
+
+/// CPU time this thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// A development aid for profiling (`lb-bench --spin PATH`, under `perf record -a`): runs
