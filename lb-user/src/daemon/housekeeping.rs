@@ -3,14 +3,14 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::Result;
-use lb_common::{is_fresh, Counter, FlowEntry, FlowKey, NS_PER_SEC};
+use lb_common::{is_fresh, AffinityKey, Counter, FlowEntry, FlowKey, NS_PER_SEC};
 use tracing::warn;
 
 use super::runtime::Overlay;
 use crate::{
     api::{TableFill, TableReport},
     config::DaemonConfig,
-    dataplane::{monotonic_ns, Dataplane, Removal},
+    dataplane::{monotonic_ns, Dataplane, Removal, Selection, TableReader},
 };
 
 /// Fill level at which a table counts as nearly full.
@@ -75,27 +75,17 @@ impl Housekeeping {
         alarms
     }
 
-    /// Deletes expired flow and affinity entries (the data plane already ignores them; this
-    /// frees their slots and SNAT ports) and records how full the tables are.
-    /// `affinity_timeouts_ns` holds each installed service's affinity timeout; affinities of
-    /// any other service are garbage too.
-    pub fn collect_garbage(
+    /// Deletes what `plan` found expired and records how full the tables are. The part of
+    /// a collection that needs the daemon's lock: a few batched deletes.
+    pub fn apply(
         &mut self,
         dp: &mut Dataplane,
         daemon: &DaemonConfig,
-        affinity_timeouts_ns: &BTreeMap<u32, u64>,
+        plan: &CollectionPlan,
     ) -> Result<()> {
-        let now = monotonic_ns();
-        let expired = |_: &FlowKey, e: &FlowEntry| {
-            !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now)
-        };
-        let flows = dp.remove_flows(expired)?;
-        let half_open = dp.remove_half_open(expired)?;
-        let affinities = dp.remove_affinities(|k, e| {
-            affinity_timeouts_ns
-                .get(&k.service_id)
-                .is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
-        })?;
+        let flows = dp.delete_flows(&plan.flows)?;
+        let half_open = dp.delete_half_open(&plan.half_open)?;
+        let affinities = dp.delete_affinities(&plan.affinities)?;
         self.record_collection(daemon, flows, half_open, affinities);
         Ok(())
     }
@@ -138,6 +128,41 @@ impl Housekeeping {
         }
         self.tables = tables;
     }
+}
+
+/// What a garbage collection will delete: expired flow, half-open and affinity entries
+/// (the data plane already ignores them; deleting them frees their slots and SNAT ports).
+#[derive(Debug, Default)]
+pub struct CollectionPlan {
+    flows: Selection<FlowKey>,
+    half_open: Selection<FlowKey>,
+    affinities: Selection<AffinityKey>,
+}
+
+/// Reads every table through `tables` and picks what has expired. The long part of a
+/// collection (a million flows take seconds to read), done without the daemon's lock: the
+/// data plane never uses an expired entry again, so it stays garbage until
+/// `Housekeeping::apply`, unless a new flow takes over its key meanwhile (a client or a
+/// SNAT claim reusing the tuple within those seconds), which the delete then ends, as any
+/// read-then-delete walk of a live table would. `affinity_timeouts_ns` holds each installed service's affinity
+/// timeout; affinities of any other service are garbage too.
+pub fn plan_collection(
+    tables: &TableReader,
+    affinity_timeouts_ns: &BTreeMap<u32, u64>,
+) -> Result<CollectionPlan> {
+    let now = monotonic_ns();
+    let expired = |_: &FlowKey, e: &FlowEntry| {
+        !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now)
+    };
+    Ok(CollectionPlan {
+        flows: tables.select_flows(expired)?,
+        half_open: tables.select_half_open(expired)?,
+        affinities: tables.select_affinities(|k, e| {
+            affinity_timeouts_ns
+                .get(&k.service_id)
+                .is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
+        })?,
+    })
 }
 
 /// Drains whose deadline has passed and that are not cut yet, as (service, server).

@@ -35,6 +35,7 @@ use self::{
     announce::Announcer,
     closing::CloseQueue,
     health::{Checker, Report},
+    housekeeping::plan_collection,
     pool::Pool,
     report::{Basis, StatusSource},
     runtime::{state_path, Overlay},
@@ -376,9 +377,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             }
             _ = gc_tick.tick() => {
+                // Reading a million flows takes seconds: done outside the lock, which the
+                // control socket and the health checks need; the deletes take it briefly.
+                let timeouts = state.lock().await.pool.affinity_timeouts_ns();
+                let tables = status.tables();
+                let plan = tokio::task::spawn_blocking(move || plan_collection(&tables, &timeouts))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|plan| plan);
                 let mut s = state.lock().await;
                 let s = &mut *s;
-                if let Err(e) = s.pool.collect_garbage(&mut s.dataplane) {
+                if let Err(e) = plan.and_then(|plan| s.pool.apply_collection(&mut s.dataplane, &plan)) {
                     error!(error = %format!("{e:#}"), "garbage collection");
                 }
                 s.publish();

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::{
     health,
     health_state::{HealthState, Transition},
-    housekeeping::{due_drains, Housekeeping},
+    housekeeping::{due_drains, plan_collection, CollectionPlan, Housekeeping},
     installation::{Installation, Member},
     report,
     runtime::{Drain, EffectiveBackend, Overlay},
@@ -400,11 +400,16 @@ impl Pool {
         Ok(())
     }
 
-    /// Deletes expired flow and affinity entries and records how full the tables are.
+    /// Deletes expired flow and affinity entries and records how full the tables are, in
+    /// one go (the daemon plans outside its lock: `housekeeping::plan_collection`, then
+    /// `apply_collection`).
     pub fn collect_garbage(&mut self, dp: &mut Dataplane) -> Result<()> {
-        let timeouts = self.affinity_timeouts_ns();
-        self.housekeeping
-            .collect_garbage(dp, &self.config.daemon, &timeouts)
+        let plan = plan_collection(dp.reader(), &self.affinity_timeouts_ns())?;
+        self.apply_collection(dp, &plan)
+    }
+
+    pub fn apply_collection(&mut self, dp: &mut Dataplane, plan: &CollectionPlan) -> Result<()> {
+        self.housekeeping.apply(dp, &self.config.daemon, plan)
     }
 
     // --- affinities and tables ---

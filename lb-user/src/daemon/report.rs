@@ -120,6 +120,11 @@ impl StatusSource {
         (publish, Self { basis, tables })
     }
 
+    /// The tables it reads, for other readers (garbage collection's planning).
+    pub fn tables(&self) -> Arc<TableReader> {
+        self.tables.clone()
+    }
+
     /// The report as of now. Blocking (it walks the tables): call it off the async
     /// workers.
     pub fn report(&self) -> Result<StatusReport> {

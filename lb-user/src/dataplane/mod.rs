@@ -127,6 +127,7 @@ pub struct Dataplane {
 /// daemon's lock while the pool keeps changing the maps.
 pub struct TableReader {
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    half_open: HashMap<MapData, FlowKey, FlowEntry>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -151,6 +152,7 @@ impl TableReader {
     fn open(dp: &Dataplane) -> Result<Self> {
         Self::from_maps(
             &dp.flows,
+            &dp.half_open,
             &dp.affinity,
             &dp.counters,
             &dp.service_stats,
@@ -160,6 +162,7 @@ impl TableReader {
 
     fn from_maps(
         flows: &HashMap<MapData, FlowKey, FlowEntry>,
+        half_open: &HashMap<MapData, FlowKey, FlowEntry>,
         affinity: &HashMap<MapData, AffinityKey, AffinityEntry>,
         counters: &PerCpuArray<MapData, u64>,
         service_stats: &PerCpuArray<MapData, TrafficStats>,
@@ -167,6 +170,7 @@ impl TableReader {
     ) -> Result<Self> {
         Ok(Self {
             flows: reopen(flows.map(), Map::HashMap, MAP_FLOWS)?,
+            half_open: reopen(half_open.map(), Map::LruHashMap, MAP_HALF_OPEN)?,
             affinity: reopen(affinity.map(), Map::LruHashMap, MAP_AFFINITY)?,
             counters: reopen(counters.map(), Map::PerCpuArray, MAP_COUNTERS)?,
             service_stats: reopen(service_stats.map(), Map::PerCpuArray, MAP_SERVICE_STATS)?,
@@ -207,6 +211,27 @@ impl TableReader {
     /// Confirmed flow entries, both directions.
     pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowEntry)> + '_ {
         entries(&self.flows, MAP_FLOWS).into_iter()
+    }
+
+    pub fn select_flows(
+        &self,
+        remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<Selection<FlowKey>> {
+        select(&self.flows, remove).context("LB_FLOWS")
+    }
+
+    pub fn select_half_open(
+        &self,
+        remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<Selection<FlowKey>> {
+        select(&self.half_open, remove).context("LB_HALF_OPEN")
+    }
+
+    pub fn select_affinities(
+        &self,
+        remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool,
+    ) -> Result<Selection<AffinityKey>> {
+        select(&self.affinity, remove).context("LB_AFFINITY")
     }
 }
 
@@ -264,12 +289,19 @@ pub struct Removal {
     pub kept: usize,
 }
 
-/// Deletes every entry of `map` that `remove` selects, in one batched walk. An entry
-/// already gone (LRU eviction, a racing delete) is fine.
-fn remove_where<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
+/// The entries of a table chosen for deletion, and how many were left alone: the reading
+/// half of a removal, which needs no write access (see `TableReader`).
+#[derive(Debug, Default)]
+pub struct Selection<K> {
+    pub doomed: Vec<K>,
+    pub kept: usize,
+}
+
+/// The entries of `map` that `remove` selects, in one batched walk.
+fn select<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
     remove: impl Fn(&K, &V) -> bool,
-) -> Result<Removal> {
+) -> Result<Selection<K>> {
     let entries = batch::read_all(map)?;
     let total = entries.len();
     let doomed: Vec<K> = entries
@@ -277,9 +309,22 @@ fn remove_where<K: aya::Pod, V: aya::Pod>(
         .filter(|(k, v)| remove(k, v))
         .map(|(k, _)| k)
         .collect();
-    let kept = total - doomed.len();
-    let removed = batch::delete(map, &doomed)?;
-    Ok(Removal { removed, kept })
+    Ok(Selection {
+        kept: total - doomed.len(),
+        doomed,
+    })
+}
+
+/// Deletes a selection, in batches. An entry already gone (LRU eviction, a racing delete)
+/// is fine.
+fn delete_selected<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    selection: &Selection<K>,
+) -> Result<Removal> {
+    Ok(Removal {
+        removed: batch::delete(map, &selection.doomed)?,
+        kept: selection.kept,
+    })
 }
 
 /// Every entry of `map` (batched), or none with a warning if the kernel refuses.
@@ -381,6 +426,7 @@ impl Dataplane {
         let mut route_generation = RouteGeneration::new(take(&mut ebpf, MAP_ROUTE_GENERATION)?);
         route_generation.bump()?;
         let flows = take(&mut ebpf, MAP_FLOWS)?;
+        let half_open = take(&mut ebpf, MAP_HALF_OPEN)?;
         let affinity = take(&mut ebpf, MAP_AFFINITY)?;
         let counters = take(&mut ebpf, MAP_COUNTERS)?;
         let service_stats = take(&mut ebpf, MAP_SERVICE_STATS)?;
@@ -396,7 +442,6 @@ impl Dataplane {
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             maglev: take(&mut ebpf, MAP_MAGLEV)?,
-            half_open: take(&mut ebpf, MAP_HALF_OPEN)?,
             _programs: programs,
             vlans: take(&mut ebpf, MAP_VLANS)?,
             snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
@@ -404,12 +449,14 @@ impl Dataplane {
             tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
             reader: TableReader::from_maps(
                 &flows,
+                &half_open,
                 &affinity,
                 &counters,
                 &service_stats,
                 &backend_stats,
             )?,
             flows,
+            half_open,
             affinity,
             counters,
             service_stats,
@@ -714,7 +761,20 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool,
     ) -> Result<Removal> {
-        remove_where(&mut self.affinity, remove).context("LB_AFFINITY")
+        let selection = self.reader.select_affinities(remove)?;
+        self.delete_affinities(&selection)
+    }
+
+    pub fn delete_affinities(&mut self, selection: &Selection<AffinityKey>) -> Result<Removal> {
+        delete_selected(&mut self.affinity, selection).context("LB_AFFINITY")
+    }
+
+    pub fn delete_flows(&mut self, selection: &Selection<FlowKey>) -> Result<Removal> {
+        delete_selected(&mut self.flows, selection).context("LB_FLOWS")
+    }
+
+    pub fn delete_half_open(&mut self, selection: &Selection<FlowKey>) -> Result<Removal> {
+        delete_selected(&mut self.half_open, selection).context("LB_HALF_OPEN")
     }
 
     /// Removes every confirmed flow entry (both directions) matching `remove`, in one walk
@@ -723,7 +783,8 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<Removal> {
-        remove_where(&mut self.flows, remove).context("LB_FLOWS")
+        let selection = self.reader.select_flows(remove)?;
+        self.delete_flows(&selection)
     }
 
     /// Removes every half-open entry matching `remove` (the LRU bounds them anyway; this is
@@ -732,7 +793,8 @@ impl Dataplane {
         &mut self,
         remove: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<Removal> {
-        remove_where(&mut self.half_open, remove).context("LB_HALF_OPEN")
+        let selection = self.reader.select_half_open(remove)?;
+        self.delete_half_open(&selection)
     }
 
     /// Services currently in the data plane (for adopting a running one).
