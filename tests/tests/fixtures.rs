@@ -83,9 +83,12 @@ fn in_lab(test: impl FnOnce(&mut PacketLab) -> Result<()> + Send) -> Result<()> 
     ns.run(|| test(&mut PacketLab::new(&config())?))?
 }
 
+/// Each parser branch and drop reason, as one table: every case runs, and each failure is
+/// reported by its name.
 #[test]
 fn parser_branches_and_drop_reasons() -> Result<()> {
     in_lab(|lab| {
+        let mut cases = Vec::new();
         let c4 = at(LAB_CLIENT, 40000);
         let c6 = at(LAB_CLIENT6, 40000);
         let syn4 = tcp(c4, at(LAB_VIP, 443), TCP_SYN).bytes();
@@ -94,13 +97,13 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
 
         let mut arp = syn4.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        lab.expect("ARP", &arp, XDP_PASS, Counter::PassNotIp)?;
-        lab.expect(
+        cases.push(Case::new("ARP", &arp, XDP_PASS, Counter::PassNotIp));
+        cases.push(Case::new(
             "Ethernet header only",
             &syn4[..eth],
             XDP_PASS,
             Counter::PassMalformed,
-        )?;
+        ));
         let tagged = Frame {
             vlan: Some(100),
             ..tcp(c4, at(LAB_VIP, 443), TCP_SYN)
@@ -108,114 +111,119 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
         .bytes();
         let mut double = tagged.clone();
         double[16..18].copy_from_slice(&[0x81, 0x00]);
-        lab.expect("two VLAN tags", &double, XDP_PASS, Counter::PassVlanStacked)?;
-        lab.expect(
+        cases.push(Case::new(
+            "two VLAN tags",
+            &double,
+            XDP_PASS,
+            Counter::PassVlanStacked,
+        ));
+        cases.push(Case::new(
             "VLAN tag cut short",
             &tagged[..eth + 2],
             XDP_PASS,
             Counter::PassMalformed,
-        )?;
+        ));
 
-        lab.expect(
+        cases.push(Case::new(
             "IPv6 header cut short",
             &syn6[..eth + 30],
             XDP_PASS,
             Counter::PassMalformed,
-        )?;
+        ));
         let mut bad_version = syn6.clone();
         bad_version[eth] = 0x40;
-        lab.expect(
+        cases.push(Case::new(
             "IPv6 ethertype, version 4",
             &bad_version,
             XDP_PASS,
             Counter::PassMalformed,
-        )?;
-        lab.expect(
+        ));
+        cases.push(Case::new(
             "IPv6 TCP to a VIP cut short",
             &syn6[..eth + 40 + 10],
             XDP_DROP,
             Counter::DropMalformed,
-        )?;
+        ));
         let udp4 = udp(c4, at(LAB_VIP, 3478)).bytes();
-        lab.expect(
+        cases.push(Case::new(
             "UDP to a VIP cut short",
             &udp4[..eth + 20 + 6],
             XDP_DROP,
             Counter::DropMalformed,
-        )?;
+        ));
         let icmp = Frame::new(c4, at(LAB_VIP, 0), Transport::EchoRequest).bytes();
-        lab.expect(
+        cases.push(Case::new(
             "ICMP to a VIP cut short",
             &icmp[..eth + 20 + 4],
             XDP_DROP,
             Counter::DropMalformed,
-        )?;
+        ));
         let other = Frame::new(c6, at(LAB_VIP6, 0), Transport::Other(253)).bytes();
-        lab.expect(
+        cases.push(Case::new(
             "IPv6, unknown protocol",
             &other,
             XDP_PASS,
             Counter::PassNotService,
-        )?;
+        ));
         let icmp_in_v6 = Frame::new(c6, at(LAB_VIP6, 0), Transport::Other(1)).bytes();
-        lab.expect(
+        cases.push(Case::new(
             "ICMPv4 inside IPv6",
             &icmp_in_v6,
             XDP_PASS,
             Counter::PassNotService,
-        )?;
+        ));
 
         let routed = Frame {
             extensions: vec![(43, vec![0, 1, 0, 0, 0, 0])],
             ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
         };
-        lab.expect(
+        cases.push(Case::new(
             "routing header, segments left 1",
             &routed.bytes(),
             XDP_DROP,
             Counter::DropIpv6Extension,
-        )?;
+        ));
         let esp = Frame {
             extensions: vec![(50, vec![0; 6])],
             ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
         };
-        lab.expect(
+        cases.push(Case::new(
             "ESP header",
             &esp.bytes(),
             XDP_DROP,
             Counter::DropIpv6Extension,
-        )?;
+        ));
         let five = Frame {
             extensions: vec![(60, vec![0; 6]); 5],
             ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
         };
-        lab.expect(
+        cases.push(Case::new(
             "five destination-options headers",
             &five.bytes(),
             XDP_DROP,
             Counter::DropIpv6Extension,
-        )?;
+        ));
         let five_elsewhere = Frame {
             extensions: vec![(60, vec![0; 6]); 5],
             ..tcp(c6, at(LAB_CLIENT6, 443), TCP_SYN)
         };
-        lab.expect(
+        cases.push(Case::new(
             "five headers, not for a VIP",
             &five_elsewhere.bytes(),
             XDP_PASS,
             Counter::PassNotService,
-        )?;
+        ));
         let ext_cut = Frame {
             extensions: vec![(60, vec![0; 14])],
             ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
         }
         .bytes();
-        lab.expect(
+        cases.push(Case::new(
             "extension header cut short",
             &ext_cut[..eth + 40 + 2],
             XDP_DROP,
             Counter::DropMalformed,
-        )?;
+        ));
 
         let lone = Fragment {
             id: 77,
@@ -226,80 +234,80 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
             fragment: Some(lone),
             ..udp(c4, at(LAB_VIP, 3478))
         };
-        lab.expect(
+        cases.push(Case::new(
             "IPv4 later fragment without its first",
             &later4.bytes(),
             XDP_DROP,
             Counter::DropFragmentUnknown,
-        )?;
+        ));
         let later6 = Frame {
             fragment: Some(lone),
             ..udp(c6, at(LAB_VIP6, 3478))
         };
-        lab.expect(
+        cases.push(Case::new(
             "IPv6 later fragment without its first",
             &later6.bytes(),
             XDP_DROP,
             Counter::DropFragmentUnknown,
-        )?;
+        ));
         let later_elsewhere = Frame {
             fragment: Some(lone),
             ..udp(c4, at(LAB_BACKEND, 3478))
         };
-        lab.expect(
+        cases.push(Case::new(
             "later fragment, not for a VIP",
             &later_elsewhere.bytes(),
             XDP_PASS,
             Counter::PassNotService,
-        )?;
+        ));
 
         let dying6 = Frame {
             ttl: 1,
             ..tcp(c6, at(LAB_VIP6, 443), TCP_SYN)
         };
-        lab.expect(
+        cases.push(Case::new(
             "IPv6 hop limit 1",
             &dying6.bytes(),
             XDP_PASS,
             Counter::PassTtlExpired,
-        )?;
-        lab.expect(
+        ));
+        cases.push(Case::new(
             "UDP to a port without a service",
             &udp(c4, at(LAB_VIP, 53)).bytes(),
             XDP_PASS,
             Counter::PassNotService,
-        )?;
+        ));
         let ack6 = tcp(at(LAB_CLIENT6, 40001), at(LAB_VIP6, 443), TCP_ACK);
-        lab.expect(
+        cases.push(Case::new(
             "IPv6 ACK without a flow",
             &ack6.bytes(),
             XDP_DROP,
             Counter::DropTcpNoFlow,
-        )?;
-        lab.expect(
+        ));
+        cases.push(Case::new(
             "service without servers",
             &tcp(c4, at(LAB_VIP, 8443), TCP_SYN).bytes(),
             XDP_DROP,
             Counter::DropNoBackend,
-        )?;
-        lab.expect(
+        ));
+        cases.push(Case::new(
             "server without a route",
             &tcp(c4, at(LAB_VIP, 9001), TCP_SYN).bytes(),
             XDP_DROP,
             Counter::DropNoRoute,
-        )?;
-        lab.expect(
+        ));
+        cases.push(Case::new(
             "server neighbour unresolved",
             &tcp(c4, at(LAB_VIP, 9002), TCP_SYN).bytes(),
             XDP_PASS,
             Counter::PassNoNeigh,
-        )?;
-        lab.expect(
+        ));
+        cases.push(Case::new(
             "server behind an interface without lb",
             &tcp(c4, at(LAB_VIP, 9003), TCP_SYN).bytes(),
             XDP_PASS,
             Counter::PassEgressNotAttached,
-        )?;
+        ));
         // 1,600 bytes of IP on a 1,500-byte path (lb cannot send "fragmentation needed").
         let big_sender = at(LAB_CLIENT, 40999);
         let syn = tcp(big_sender, at(LAB_VIP, 443), TCP_SYN);
@@ -313,13 +321,13 @@ fn parser_branches_and_drop_reasons() -> Result<()> {
             payload: vec![0; 1560],
             ..tcp(big_sender, at(LAB_VIP, 443), TCP_ACK)
         };
-        lab.expect(
+        cases.push(Case::new(
             "larger than the egress MTU",
             &data.bytes(),
             XDP_DROP,
             Counter::DropOverMtu,
-        )?;
-        Ok(())
+        ));
+        run_table(lab, cases)
     })
 }
 
@@ -851,7 +859,8 @@ fn icmp_errors_about_a_flow_are_translated() -> Result<()> {
     })
 }
 
-/// One packet of the TCP trust table: what it is, where it comes from, and what lb must do.
+/// One packet of a fixture table: what it is, where it comes from, and what lb must do
+/// with it (the action and the one verdict counter it moves).
 struct Case {
     what: &'static str,
     frame: Vec<u8>,
@@ -859,6 +868,19 @@ struct Case {
     other_side: bool,
     action: u32,
     counter: Counter,
+}
+
+impl Case {
+    /// A case arriving on the lab's client side (`t0`).
+    fn new(what: &'static str, frame: &[u8], action: u32, counter: Counter) -> Self {
+        Self {
+            what,
+            frame: frame.to_vec(),
+            other_side: false,
+            action,
+            counter,
+        }
+    }
 }
 
 /// Runs every case and reports all the failures at once, each by name.
