@@ -145,9 +145,9 @@ impl Daemon {
         daemon_extra: &str,
         services: &str,
     ) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-lb", site.name));
+        let socket = Self::socket_of(site);
+        let dir = socket.parent().expect("a directory").to_path_buf();
         std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("lb.sock");
         let config_path = dir.join("lb.toml");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&site.name);
         let config = format!(
@@ -169,6 +169,13 @@ impl Daemon {
         };
         daemon.wait_ready()?;
         Ok(daemon)
+    }
+
+    /// Where the daemon of `site` has its control socket.
+    pub fn socket_of(site: &Site) -> PathBuf {
+        std::env::temp_dir()
+            .join(format!("{}-lb", site.name))
+            .join("lb.sock")
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up) and starts a new one with the
