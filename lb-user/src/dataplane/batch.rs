@@ -56,6 +56,30 @@ fn map_fd<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> u32 {
     map.map().fd().as_fd().as_raw_fd() as u32
 }
 
+/// One `BPF_MAP_LOOKUP_BATCH`: as many entries as `keys` holds, from after the batch
+/// position `after` (from the start without one); `next` receives the position to go on
+/// from. Returns the call's result and how many entries came.
+fn lookup_batch<K, V>(
+    fd: u32,
+    after: Option<u32>,
+    next: &mut u32,
+    keys: &mut [K],
+    values: &mut [V],
+) -> (std::io::Result<()>, usize) {
+    debug_assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        in_batch: after.as_ref().map_or(0, |a| a as *const u32 as u64),
+        out_batch: next as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd,
+        ..BatchAttr::default()
+    };
+    let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+    (result, attr.count as usize)
+}
+
 /// Every entry of `map`, in batches. Entries added or removed meanwhile may or may not
 /// appear, as with any walk of a live map.
 pub fn read_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
@@ -67,21 +91,8 @@ pub fn read_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, 
     loop {
         let mut keys = vec![K::zeroed(); size];
         let mut values = vec![V::zeroed(); size];
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &token as *const u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: size as u32,
-            map_fd: fd,
-            ..BatchAttr::default()
-        };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let got = attr.count as usize;
+        let after = (!first).then_some(token);
+        let (result, got) = lookup_batch(fd, after, &mut next, &mut keys, &mut values);
         match result {
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
                 size *= 2;
@@ -155,24 +166,16 @@ pub fn read_array<V: Pod>(array: &Array<MapData, V>, first: u32, count: u32) -> 
     while done < values.len() {
         let size = (values.len() - done).min(BATCH);
         let index = first + done as u32;
-        // The kernel continues after the key in `in_batch`: the one before `index`.
-        let previous = index.wrapping_sub(1);
+        // The kernel continues after the key it is given: the one before `index`.
+        let after = index.checked_sub(1);
         let mut next = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if index == 0 {
-                0
-            } else {
-                &previous as *const u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values[done..].as_mut_ptr() as u64,
-            count: size as u32,
-            map_fd: fd,
-            ..BatchAttr::default()
-        };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let got = attr.count as usize;
+        let (result, got) = lookup_batch(
+            fd,
+            after,
+            &mut next,
+            &mut keys[..size],
+            &mut values[done..done + size],
+        );
         match result {
             Ok(()) if got == size => done += got,
             // ENOENT: the array ended before `count` values.
