@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use crate::{
     api::{CheckOutcome, ServerState, StatusReport},
-    daemon::report::StatusSource,
+    daemon::{off_the_workers, report::StatusSource},
 };
 
 type Labels = Vec<(String, String)>;
@@ -174,10 +174,7 @@ pub fn render(report: &StatusReport) -> Result<String> {
 
 async fn metrics(Extract(status): Extract<StatusSource>) -> (StatusCode, String) {
     // The table walk blocks: off the async workers, and without the daemon's lock.
-    let report = tokio::task::spawn_blocking(move || status.report())
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|report| report);
+    let report = off_the_workers(move || status.report()).await;
     match report.and_then(|r| render(&r)) {
         Ok(text) => (StatusCode::OK, text),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),

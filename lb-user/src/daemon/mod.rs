@@ -381,10 +381,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 // control socket and the health checks need; the deletes take it briefly.
                 let timeouts = state.lock().await.pool.affinity_timeouts_ns();
                 let tables = status.tables();
-                let plan = tokio::task::spawn_blocking(move || plan_collection(&tables, &timeouts))
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|plan| plan);
+                let plan = off_the_workers(move || plan_collection(&tables, &timeouts)).await;
                 let mut s = state.lock().await;
                 let s = &mut *s;
                 if let Err(e) = plan.and_then(|plan| s.pool.apply_collection(&mut s.dataplane, &plan)) {
@@ -412,6 +409,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs blocking work (a walk of the tables) on a blocking thread, so it stalls none of the
+/// async workers that serve the socket and the health checks.
+pub(crate) async fn off_the_workers<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work).await?
+}
+
 /// Relays the program's log records (only produced while `lb debug on`) into our log.
 fn forward_dataplane_log(logger: DataplaneLogger) -> Result<()> {
     // SAFETY: the logger owns the ring's fd and keeps it open for as long as `ring` lives.
@@ -437,10 +442,7 @@ fn forward_dataplane_log(logger: DataplaneLogger) -> Result<()> {
 /// hold the lock the pool and health checks need), everything else under the lock.
 async fn respond(request: Request, state: Arc<Mutex<State>>, status: StatusSource) -> Response {
     let result = match request {
-        Request::Status => tokio::task::spawn_blocking(move || status.report())
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|report| report),
+        Request::Status => off_the_workers(move || status.report()).await,
         other => return state.lock().await.handle(other),
     };
     result.map_or_else(
