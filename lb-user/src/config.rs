@@ -80,6 +80,21 @@ pub struct DaemonConfig {
     pub announce: Option<AnnounceConfig>,
 }
 
+impl DaemonConfig {
+    /// The keys (`daemon.NAME`) whose value differs between `self` and `running`.
+    pub fn changed_keys(&self, running: &DaemonConfig) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(new)), Ok(serde_json::Value::Object(old))) =
+            (serde_json::to_value(self), serde_json::to_value(running))
+        else {
+            return vec!["daemon".into()];
+        };
+        new.iter()
+            .filter(|(key, value)| old.get(*key) != Some(*value))
+            .map(|(key, _)| format!("daemon.{key}"))
+            .collect()
+    }
+}
+
 /// lb announces a VIP while this node serves it (not drained, not stopping, at least one
 /// server taking new clients) by writing a BIRD config fragment with static routes for
 /// the announced VIPs (protocols `lb_vips4` and `lb_vips6`; bird.conf includes the
@@ -656,6 +671,22 @@ pub(crate) mod tests {
         backend_port = 4443
         backends = [{ address = "10.2.0.11" }, { address = "10.2.0.12", weight = 2 }]
     "#;
+
+    #[test]
+    fn changed_daemon_keys_are_named() {
+        let running = Config::parse(MINIMAL).unwrap().daemon;
+        assert!(running.changed_keys(&running).is_empty());
+        let changed = Config::parse(&MINIMAL.replace(
+            "snat_addresses = [\"10.2.0.100\"]",
+            "snat_addresses = [\"10.2.0.101\"]\ngc_interval = 7",
+        ))
+        .unwrap()
+        .daemon;
+        assert_eq!(
+            changed.changed_keys(&running),
+            ["daemon.gc_interval", "daemon.snat_addresses"]
+        );
+    }
 
     #[test]
     fn minimal_config_gets_lync_defaults() {

@@ -238,12 +238,20 @@ fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Daemon { config } => {
-            tracing_subscriber::fmt()
+            // Under systemd the journal timestamps each line itself; colour codes only for
+            // a terminal, never in a log file or the journal.
+            let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+            let log = tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),
                 )
-                .init();
+                .with_ansi(std::io::stdout().is_terminal() && !journal);
+            if journal {
+                log.without_time().init();
+            } else {
+                log.init();
+            }
             runtime.block_on(lb::daemon::run(&config))
         }
         Command::Status { json } | Command::Stats { json } if json => {

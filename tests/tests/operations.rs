@@ -518,6 +518,42 @@ fn sighup_reloads_the_config() -> Result<()> {
     Ok(())
 }
 
+/// A reload that changes `[daemon]` is refused as a whole, naming the key and the restart
+/// it needs; and the daemon's log, a file here, carries no colour codes.
+#[test]
+fn reload_refuses_a_daemon_change_and_names_it() -> Result<()> {
+    let service = ServiceSpec::default();
+    let f = Fixture::start(
+        &Spec {
+            backends: 2,
+            clients: 1,
+            ..Spec::default()
+        },
+        service.clone(),
+    )?;
+    let all = Fixture::addresses(&f.topology);
+    f.daemon.write_services(&service.toml(&all[..1]))?;
+    let config = std::fs::read_to_string(&f.daemon.config_path)?;
+    std::fs::write(
+        &f.daemon.config_path,
+        config.replacen("[daemon]\n", "[daemon]\ngc_interval = 7\n", 1),
+    )?;
+    let out = f.daemon.cli(&["reload"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "lb reload succeeded: {stderr}");
+    ensure!(
+        stderr.contains("daemon.gc_interval") && stderr.contains("restart"),
+        "{stderr}"
+    );
+    ensure!(
+        f.daemon.status()?.services[0].backends.len() == 2,
+        "the refused reload applied its service changes"
+    );
+    let log = f.daemon.log();
+    ensure!(!log.contains('\x1b'), "colour codes in the log:\n{log}");
+    Ok(())
+}
+
 /// CLI errors are clear messages with a non-zero exit.
 #[test]
 fn cli_errors_are_clear() -> Result<()> {

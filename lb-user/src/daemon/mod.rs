@@ -86,11 +86,13 @@ impl State {
     }
 
     fn reload(&mut self) -> Result<()> {
-        let mut config = Config::load(&self.config_path)?;
-        let running = self.pool.config().daemon.clone();
-        if config.daemon != running {
-            warn!("changes to [daemon] need a restart; applying [[service]] changes only");
-            config.daemon = running;
+        let config = Config::load(&self.config_path)?;
+        let changed = config.daemon.changed_keys(&self.pool.config().daemon);
+        if !changed.is_empty() {
+            anyhow::bail!(
+                "{} changed: [daemon] settings take effect at a restart only (systemctl restart lb; flows are kept); nothing was reloaded",
+                changed.join(", ")
+            );
         }
         let services = config.services.len();
         let vlans = install_vlans(&mut self.dataplane, &config.daemon.interfaces)?;
@@ -114,7 +116,7 @@ impl State {
         let pool = &mut self.pool;
         let done = |r: Result<()>| r.map(|()| Response::Done);
         let result = match request {
-            // Answered from the status source, outside the lock (see `serve`).
+            // Answered from the status source, outside the lock (see `respond`).
             Request::Status => pool.status(dp).map(Response::Status),
             Request::Reload => done(self.reload()),
             Request::BackendAdd {
