@@ -461,8 +461,48 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks every section; the first problem is an error naming its key.
     pub fn validate(&self) -> Result<()> {
-        let d = &self.daemon;
+        self.daemon.validate()?;
+        if self.services.len() > lb_common::MAX_SERVICES as usize {
+            bail!("service: at most {} services", lb_common::MAX_SERVICES);
+        }
+        let mut names = HashSet::new();
+        let mut endpoints = HashSet::new();
+        let vips: HashSet<IpAddr> = self.services.iter().map(|s| s.vip).collect();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("service[{i}] {:?}", s.name);
+            if s.name.is_empty() {
+                bail!("service[{i}].name: must not be empty");
+            }
+            if !names.insert(&s.name) {
+                bail!("{at}.name: duplicate service name");
+            }
+            let ports = s.port.expand().with_context(|| format!("{at}.port"))?;
+            for port in ports {
+                if !endpoints.insert((s.vip, port, s.protocol)) {
+                    bail!(
+                        "{at}: another service already uses {}:{port} {}",
+                        s.vip,
+                        s.protocol.as_str()
+                    );
+                }
+            }
+            if endpoints.len() > lb_common::MAX_SERVICE_PORTS as usize {
+                bail!(
+                    "service: at most {} ports over all services",
+                    lb_common::MAX_SERVICE_PORTS
+                );
+            }
+            s.validate(&at, &self.daemon, &vips)?;
+        }
+        Ok(())
+    }
+}
+
+impl DaemonConfig {
+    fn validate(&self) -> Result<()> {
+        let d = self;
         if d.interfaces.is_empty() {
             bail!("daemon.interfaces: at least one interface is required");
         }
@@ -533,122 +573,139 @@ impl Config {
         if d.max_flows < 1024 || d.max_affinities < 1024 {
             bail!("daemon.max_flows/max_affinities: must be at least 1024");
         }
-        if self.services.len() > lb_common::MAX_SERVICES as usize {
-            bail!("service: at most {} services", lb_common::MAX_SERVICES);
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    /// One service's own keys, its health check and its servers (`at` names it in errors;
+    /// `vips` are every service's).
+    fn validate(&self, at: &str, d: &DaemonConfig, vips: &HashSet<IpAddr>) -> Result<()> {
+        let s = self;
+        if matches!(s.port, Ports::List(_)) && s.backend_port.is_some() {
+            bail!("{at}.backend_port: only for a single port; with several, each connection keeps the port it asked for");
         }
-        let mut names = HashSet::new();
-        let mut endpoints = HashSet::new();
-        for (i, s) in self.services.iter().enumerate() {
-            let at = format!("service[{i}] {:?}", s.name);
-            if s.name.is_empty() {
-                bail!("service[{i}].name: must not be empty");
-            }
-            if !names.insert(&s.name) {
-                bail!("{at}.name: duplicate service name");
-            }
-            let ports = s.port.expand().with_context(|| format!("{at}.port"))?;
-            for port in ports {
-                if !endpoints.insert((s.vip, port, s.protocol)) {
-                    bail!(
-                        "{at}: another service already uses {}:{port} {}",
-                        s.vip,
-                        s.protocol.as_str()
-                    );
-                }
-            }
-            if endpoints.len() > lb_common::MAX_SERVICE_PORTS as usize {
+        if unusable_address(s.vip) {
+            bail!("{at}.vip: {} cannot be a VIP", s.vip);
+        }
+        if !d
+            .snat_addresses
+            .iter()
+            .any(|a| a.is_ipv6() == s.vip.is_ipv6())
+        {
+            bail!(
+                "{at}.vip: {} is {}, but daemon.snat_addresses has no address of that family",
+                s.vip,
+                if s.vip.is_ipv6() { "IPv6" } else { "IPv4" }
+            );
+        }
+        if s.backend_port == Some(0) {
+            bail!("{at}.backend_port: must not be 0");
+        }
+        if s.affinity_timeout == 0 {
+            bail!("{at}.affinity_timeout: must be at least 1 second");
+        }
+        if s.idle_timeout == 0 {
+            bail!("{at}.idle_timeout: must be at least 1 second");
+        }
+        if let Some(k) = d.snat_addresses.iter().position(|a| *a == s.vip) {
+            bail!(
+                "{at}.vip: {} is also daemon.snat_addresses[{k}]: a VIP cannot be a SNAT address",
+                s.vip
+            );
+        }
+        if let Some(h) = &s.health {
+            h.validate(at)?;
+        }
+        s.validate_backends(at, d, vips)
+    }
+
+    fn validate_backends(&self, at: &str, d: &DaemonConfig, vips: &HashSet<IpAddr>) -> Result<()> {
+        let s = self;
+        let mut seen = HashSet::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            if !seen.insert(b.address) {
                 bail!(
-                    "service: at most {} ports over all services",
-                    lb_common::MAX_SERVICE_PORTS
+                    "{at}.backends[{j}].address: duplicate backend {}",
+                    b.address
                 );
             }
-            if matches!(s.port, Ports::List(_)) && s.backend_port.is_some() {
-                bail!("{at}.backend_port: only for a single port; with several, each connection keeps the port it asked for");
-            }
-            if unusable_address(s.vip) {
-                bail!("{at}.vip: {} cannot be a VIP", s.vip);
-            }
-            if !d
-                .snat_addresses
-                .iter()
-                .any(|a| a.is_ipv6() == s.vip.is_ipv6())
-            {
+            if unusable_address(b.address) {
                 bail!(
-                    "{at}.vip: {} is {}, but daemon.snat_addresses has no address of that family",
-                    s.vip,
-                    if s.vip.is_ipv6() { "IPv6" } else { "IPv4" }
+                    "{at}.backends[{j}].address: {} cannot be a server",
+                    b.address
                 );
             }
-            if s.backend_port == Some(0) {
-                bail!("{at}.backend_port: must not be 0");
+            if vips.contains(&b.address) {
+                bail!(
+                    "{at}.backends[{j}].address: {} is a VIP: a server must be a real host",
+                    b.address
+                );
             }
-            if s.affinity_timeout == 0 {
-                bail!("{at}.affinity_timeout: must be at least 1 second");
+            if let Some(k) = d.snat_addresses.iter().position(|a| *a == b.address) {
+                bail!(
+                    "{at}.backends[{j}].address: {} is also daemon.snat_addresses[{k}]",
+                    b.address
+                );
             }
-            if s.idle_timeout == 0 {
-                bail!("{at}.idle_timeout: must be at least 1 second");
+            if b.address.is_ipv6() != s.vip.is_ipv6() {
+                bail!(
+                    "{at}.backends[{j}].address: {} is not of the VIP's address family ({}): lb translates v4 -> v4 and v6 -> v6 only",
+                    b.address,
+                    s.vip
+                );
             }
-            if let Some(h) = &s.health {
-                let valid = |v: f64| v.is_finite() && (0.05..=3600.0).contains(&v);
-                if !valid(h.interval) {
-                    bail!(
-                        "{at}.health.interval: must be 0.05..=3600 seconds, got {}",
-                        h.interval
-                    );
-                }
-                if !valid(h.timeout) {
-                    bail!(
-                        "{at}.health.timeout: must be 0.05..=3600 seconds, got {}",
-                        h.timeout
-                    );
-                }
-                if h.rise == 0 || h.fall == 0 {
-                    bail!("{at}.health.rise/fall: must be at least 1");
-                }
-                if h.port == Some(0) {
-                    bail!("{at}.health.port: must not be 0");
-                }
-                if h.kind != HealthKind::Tcp && (h.expect.is_empty() || !h.path.starts_with('/')) {
-                    bail!("{at}.health: http(s) checks need a path starting with / and a non-empty expect list");
-                }
-                if h.sni.is_some() && h.kind != HealthKind::Https {
-                    bail!("{at}.health.sni: only for kind = \"https\"");
-                }
+            if b.port == Some(0) {
+                bail!("{at}.backends[{j}].port: must not be 0");
             }
-            let mut seen = HashSet::new();
-            for (j, b) in s.backends.iter().enumerate() {
-                if !seen.insert(b.address) {
-                    bail!(
-                        "{at}.backends[{j}].address: duplicate backend {}",
-                        b.address
-                    );
-                }
-                if unusable_address(b.address) {
-                    bail!(
-                        "{at}.backends[{j}].address: {} cannot be a server",
-                        b.address
-                    );
-                }
-                if b.address.is_ipv6() != s.vip.is_ipv6() {
-                    bail!(
-                        "{at}.backends[{j}].address: {} is not of the VIP's address family ({}): lb translates v4 -> v4 and v6 -> v6 only",
-                        b.address,
-                        s.vip
-                    );
-                }
-                if b.port == Some(0) {
-                    bail!("{at}.backends[{j}].port: must not be 0");
-                }
-                if b.port.is_some() && matches!(s.port, Ports::List(_)) {
-                    bail!("{at}.backends[{j}].port: a service with several ports sends each connection to the port it asked for");
-                }
-                if b.weight > MAX_WEIGHT {
-                    bail!(
-                        "{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}",
-                        b.weight
-                    );
-                }
+            if b.port.is_some() && matches!(s.port, Ports::List(_)) {
+                bail!("{at}.backends[{j}].port: a service with several ports sends each connection to the port it asked for");
             }
+            if b.weight > MAX_WEIGHT {
+                bail!(
+                    "{at}.backends[{j}].weight: must be 0..={MAX_WEIGHT}, got {}",
+                    b.weight
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HealthConfig {
+    fn validate(&self, at: &str) -> Result<()> {
+        let h = self;
+        let valid = |v: f64| v.is_finite() && (0.05..=3600.0).contains(&v);
+        if !valid(h.interval) {
+            bail!(
+                "{at}.health.interval: must be 0.05..=3600 seconds, got {}",
+                h.interval
+            );
+        }
+        if !valid(h.timeout) {
+            bail!(
+                "{at}.health.timeout: must be 0.05..=3600 seconds, got {}",
+                h.timeout
+            );
+        }
+        if h.rise == 0 || h.fall == 0 {
+            bail!("{at}.health.rise/fall: must be at least 1");
+        }
+        if h.port == Some(0) {
+            bail!("{at}.health.port: must not be 0");
+        }
+        if h.kind != HealthKind::Tcp && (h.expect.is_empty() || !h.path.starts_with('/')) {
+            bail!("{at}.health: http(s) checks need a path starting with / and a non-empty expect list");
+        }
+        if h.sni.is_some() && h.kind != HealthKind::Https {
+            bail!("{at}.health.sni: only for kind = \"https\"");
+        }
+        if h.timeout > h.interval {
+            bail!(
+                "{at}.health.timeout: {} s is longer than the interval ({} s): checks would overlap",
+                h.timeout,
+                h.interval
+            );
         }
         Ok(())
     }
@@ -706,6 +763,40 @@ pub(crate) mod tests {
 
     fn error_of(text: &str) -> String {
         format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn addresses_that_would_break_traffic_are_named() {
+        let e = error_of(&MINIMAL.replace(
+            "snat_addresses = [\"10.2.0.100\"]",
+            "snat_addresses = [\"10.2.0.100\", \"10.100.0.1\"]",
+        ));
+        assert!(
+            e.contains("service[0] \"web-ext\".vip") && e.contains("daemon.snat_addresses[1]"),
+            "{e}"
+        );
+        let e = error_of(&MINIMAL.replace("10.2.0.12", "10.2.0.100"));
+        assert!(
+            e.contains(".backends[1].address") && e.contains("daemon.snat_addresses[0]"),
+            "{e}"
+        );
+        let e = error_of(&MINIMAL.replace("10.2.0.12", "10.100.0.1"));
+        assert!(
+            e.contains(".backends[1].address") && e.contains("is a VIP"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_health_timeout_longer_than_its_interval_is_refused() {
+        let e = error_of(&MINIMAL.replace(
+            "port = 443",
+            "port = 443\nhealth = { kind = \"tcp\", interval = 1.0, timeout = 2.0 }",
+        ));
+        assert!(
+            e.contains(".health.timeout") && e.contains("longer than the interval"),
+            "{e}"
+        );
     }
 
     #[test]
