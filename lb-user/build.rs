@@ -1,5 +1,5 @@
 //! Builds the XDP program (`lb-ebpf`) for `bpfel-unknown-none` and leaves the object in
-//! OUT_DIR, from where `dataplane.rs` embeds it. The toolchain is chosen in
+//! OUT_DIR, from where `dataplane/mod.rs` embeds it. The toolchain is chosen in
 //! `ebpf_toolchain.rs`.
 use std::{env, path::PathBuf};
 
