@@ -342,12 +342,13 @@ fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
         return;
     };
     let other_key: &FlowKey = other_key;
-    let Some(other) = HALF_OPEN.get_ptr(other_key) else {
+    let Some(other) = HALF_OPEN.get_ptr_mut(other_key) else {
         return;
     };
+    // SAFETY: map value pointer from a successful lookup.
+    let other = unsafe { &mut *other };
     copy::entry(this, entry);
-    // SAFETY: map value pointer from a successful lookup; copied out at once.
-    copy::entry(that, unsafe { &*other });
+    copy::entry(that, other);
     // The server's side is where lb sends to it (known once a route lookup succeeded).
     let (client_side, server_side) = if entry.flags & FLOW_F_REVERSE == 0 {
         (&mut *this, &mut *that)
@@ -370,16 +371,24 @@ fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
         stats::count(Counter::FlowTableFull);
         return;
     }
-    // The client direction's half-open entry goes: a SYN reusing the tuple once the
-    // connection has closed must open a new flow, not resume this handshake.
-    let client_key = if entry.flags & FLOW_F_REVERSE == 0 {
-        key
+    // The client direction's half-open entry ends: a SYN reusing the tuple once the
+    // connection has closed must open a new flow, not resume this handshake. It expires
+    // in place, which every lookup treats as a miss, for the price of a write instead of
+    // an LRU delete; the LRU or the daemon's GC takes it later.
+    if entry.flags & FLOW_F_REVERSE == 0 {
+        expire(entry);
     } else {
-        other_key
-    };
-    let _ = HALF_OPEN.remove(client_key);
-    entry.timeout_s = entry.idle_timeout_s;
+        expire(other);
+        entry.timeout_s = entry.idle_timeout_s;
+    }
     stats::count(Counter::FlowsConfirmed);
+}
+
+/// Makes an entry expired for every freshness check (`clock::is_fresh`), whatever the clock.
+#[inline(always)]
+fn expire(entry: &mut FlowEntry) {
+    entry.timeout_s = 0;
+    entry.last_seen_ns = 0;
 }
 
 /// A long-lived connection keeps its client's affinity alive, so the client's next
