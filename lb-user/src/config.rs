@@ -275,7 +275,10 @@ fn default_on_down() -> OnDown {
 /// `port = [5061, 444, "5070-5073"]`, so a Front End pool VIP is one service (one server
 /// choice, one affinity per client across all its ports).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a port number (port = 443) or a list of ports and \"first-last\" ranges (port = [5061, 444, \"5070-5073\"])"
+)]
 pub enum Ports {
     One(u16),
     List(Vec<PortItem>),
@@ -785,6 +788,12 @@ pub(crate) mod tests {
             e.contains(".backends[1].address") && e.contains("is a VIP"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_port_of_the_wrong_type_says_what_is_expected() {
+        let e = error_of(&MINIMAL.replace("port = 443", "port = \"443\""));
+        assert!(e.contains("a port number (port = 443)"), "{e}");
     }
 
     #[test]
