@@ -378,11 +378,16 @@ fn metrics_endpoint_reports_traffic() -> Result<()> {
         "{body}"
     );
     ensure!(
-        body.contains("lb_new_flows_total{service=\"web-ext\"} 3"),
+        body.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
         "{body}"
     );
     ensure!(
-        body.contains("lb_datapath_packets_total{outcome=\"redirect\"}"),
+        body.contains("lb_service_new_flows_total{service=\"web-ext\"} 3"),
+        "{body}"
+    );
+    ensure!(
+        body.contains("lb_datapath_verdicts_total{verdict=\"redirect\"}"),
         "{body}"
     );
     ensure!(

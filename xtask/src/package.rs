@@ -68,6 +68,11 @@ pub fn build() -> Result<PathBuf> {
         let config = capture(Command::new(&lb).args(["init", "--preset", preset]))?;
         put(&format!("{EXAMPLES}/{preset}.toml"), config.as_bytes())?;
     }
+    put(
+        "usr/share/doc/lb/grafana-dashboard.json",
+        &std::fs::read(workspace().join("packaging/grafana-dashboard.json"))
+            .context("read packaging/grafana-dashboard.json")?,
+    )?;
     let installed_kib = dir_size(&root)? / 1024;
     put(
         "DEBIAN/control",

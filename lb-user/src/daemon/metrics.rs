@@ -3,17 +3,22 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use axum::{extract::State as Extract, http::StatusCode, routing::get, Router};
+use axum::{
+    extract::State as Extract,
+    http::{header::CONTENT_TYPE as CONTENT_TYPE_HEADER, StatusCode},
+    routing::get,
+    Router,
+};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    registry::{Registry, Unit},
 };
 use std::sync::atomic::AtomicU64;
 use tracing::{error, info};
 
 use crate::{
-    api::{CheckOutcome, ServerState, StatusReport},
+    api::{CheckOutcome, ServerState, StatusReport, Traffic},
     daemon::{off_the_workers, report::StatusSource},
 };
 
@@ -26,27 +31,107 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// The whole report in the Prometheus text format.
+/// The families of one traffic figure set (`api::Traffic`), for one label level: per
+/// service, or per server. Kept apart so that a `sum by (service)` over one family counts
+/// each packet once.
+struct TrafficFamilies {
+    packets: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    new_flows: Family<Labels, Counter>,
+    affinity_lookups: Family<Labels, Counter>,
+}
+
+impl TrafficFamilies {
+    fn new() -> Self {
+        Self {
+            packets: Family::default(),
+            bytes: Family::default(),
+            new_flows: Family::default(),
+            affinity_lookups: Family::default(),
+        }
+    }
+
+    fn record(&self, l: &Labels, t: &Traffic) {
+        let with = |k: &str, v: &str| {
+            let mut l = l.clone();
+            l.push((k.into(), v.into()));
+            l
+        };
+        for (direction, packets, bytes) in [
+            ("in", t.packets_in, t.bytes_in),
+            ("out", t.packets_out, t.bytes_out),
+        ] {
+            self.packets
+                .get_or_create(&with("direction", direction))
+                .inc_by(packets);
+            self.bytes
+                .get_or_create(&with("direction", direction))
+                .inc_by(bytes);
+        }
+        self.new_flows.get_or_create(l).inc_by(t.new_flows);
+        for (result, n) in [("hit", t.affinity_hits), ("miss", t.affinity_misses)] {
+            self.affinity_lookups
+                .get_or_create(&with("result", result))
+                .inc_by(n);
+        }
+    }
+
+    fn register(self, registry: &mut Registry, level: &str) {
+        registry.register(
+            format!("{level}_packets"),
+            format!("Packets per {level} and direction (in: client to server)"),
+            self.packets,
+        );
+        registry.register_with_unit(
+            format!("{level}_ip"),
+            format!("IP bytes per {level} and direction"),
+            Unit::Bytes,
+            self.bytes,
+        );
+        registry.register(
+            format!("{level}_new_flows"),
+            format!("Connections created per {level}"),
+            self.new_flows,
+        );
+        registry.register(
+            format!("{level}_affinity_lookups"),
+            format!("New connections per {level} by affinity result"),
+            self.affinity_lookups,
+        );
+    }
+}
+
+/// The whole report in the OpenMetrics text format. One label level per family (service
+/// families apart from server families), the packet total apart from the verdicts that
+/// share it out, events apart from both.
 pub fn render(report: &StatusReport) -> Result<String> {
     let mut registry = Registry::with_prefix("lb");
-    let packets = Family::<Labels, Counter>::default();
-    let bytes = Family::<Labels, Counter>::default();
-    let new_flows = Family::<Labels, Counter>::default();
-    let affinity = Family::<Labels, Counter>::default();
+    let build_info = Family::<Labels, Gauge>::default();
+    build_info
+        .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+        .set(1);
+    let services = TrafficFamilies::new();
+    let servers = TrafficFamilies::new();
     let active_flows = Family::<Labels, Gauge>::default();
     let affinities = Family::<Labels, Gauge>::default();
     let up = Family::<Labels, Gauge>::default();
-    let check_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-    let outcomes = Family::<Labels, Counter>::default();
+    let weight = Family::<Labels, Gauge>::default();
+    let state = Family::<Labels, Gauge>::default();
+    let drain_deadline = Family::<Labels, Gauge>::default();
+    let check_duration = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let check_passed = Family::<Labels, Gauge>::default();
+    let packets = Counter::<u64>::default();
+    let verdicts = Family::<Labels, Counter>::default();
+    let events = Family::<Labels, Counter>::default();
     let table_entries = Family::<Labels, Gauge>::default();
     let table_capacity = Family::<Labels, Gauge>::default();
     let source_share = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let hot_sources = Family::<Labels, Gauge>::default();
 
     for s in &report.services {
-        let svc = [("service", s.name.as_str())];
+        let svc = labels(&[("service", s.name.as_str())]);
         hot_sources
-            .get_or_create(&labels(&svc))
+            .get_or_create(&svc)
             .set(s.top_sources.iter().filter(|t| t.hot).count() as i64);
         for t in &s.top_sources {
             let client = t.client.to_string();
@@ -54,55 +139,56 @@ pub fn render(report: &StatusReport) -> Result<String> {
                 .get_or_create(&labels(&[("service", &s.name), ("client", &client)]))
                 .set(t.share);
         }
-        let rows =
-            std::iter::once((labels(&svc), &s.stats, None)).chain(s.backends.iter().map(|b| {
-                let server = b.endpoint();
-                (
-                    labels(&[("service", &s.name), ("server", &server)]),
-                    &b.stats,
-                    Some(b),
-                )
-            }));
-        for (l, t, backend) in rows {
-            let with = |k: &str, v: &str| {
-                let mut l = l.clone();
-                l.push((k.into(), v.into()));
-                l
-            };
-            packets
-                .get_or_create(&with("direction", "in"))
-                .inc_by(t.packets_in);
-            packets
-                .get_or_create(&with("direction", "out"))
-                .inc_by(t.packets_out);
-            bytes
-                .get_or_create(&with("direction", "in"))
-                .inc_by(t.bytes_in);
-            bytes
-                .get_or_create(&with("direction", "out"))
-                .inc_by(t.bytes_out);
-            new_flows.get_or_create(&l).inc_by(t.new_flows);
-            affinity
-                .get_or_create(&with("result", "hit"))
-                .inc_by(t.affinity_hits);
-            affinity
-                .get_or_create(&with("result", "miss"))
-                .inc_by(t.affinity_misses);
-            if let Some(b) = backend {
-                active_flows.get_or_create(&l).set(b.active_flows as i64);
-                affinities.get_or_create(&l).set(b.affinities as i64);
-                let down = matches!(b.state, ServerState::Down { .. });
-                up.get_or_create(&l).set(i64::from(!down));
-                if let Some(CheckOutcome::Passed { latency_ms }) = b.last_check {
-                    check_latency.get_or_create(&l).set(latency_ms / 1000.0);
+        services.record(&svc, &s.stats);
+        for b in &s.backends {
+            let server = b.endpoint();
+            let l = labels(&[("service", &s.name), ("server", &server)]);
+            servers.record(&l, &b.stats);
+            active_flows.get_or_create(&l).set(b.active_flows as i64);
+            affinities.get_or_create(&l).set(b.affinities as i64);
+            let down = matches!(b.state, ServerState::Down { .. });
+            up.get_or_create(&l).set(i64::from(!down));
+            weight.get_or_create(&l).set(i64::from(b.weight));
+            for name in SERVER_STATES {
+                let mut with_state = l.clone();
+                with_state.push(("state".into(), name.into()));
+                let current = state_name(&b.state) == name;
+                state.get_or_create(&with_state).set(i64::from(current));
+            }
+            if let ServerState::Draining {
+                deadline_unix: Some(deadline),
+            } = b.state
+            {
+                drain_deadline.get_or_create(&l).set(deadline as i64);
+            }
+            match &b.last_check {
+                Some(CheckOutcome::Passed { latency_ms }) => {
+                    check_duration.get_or_create(&l).set(latency_ms / 1000.0);
+                    check_passed.get_or_create(&l).set(1);
                 }
+                Some(CheckOutcome::Failed { .. }) => {
+                    check_passed.get_or_create(&l).set(0);
+                }
+                None => {}
             }
         }
     }
     for (name, value) in &report.counters {
-        outcomes
-            .get_or_create(&labels(&[("outcome", name)]))
-            .inc_by(*value);
+        match lb_common::Counter::ALL.iter().find(|c| c.name() == name) {
+            Some(lb_common::Counter::Packets) => {
+                packets.inc_by(*value);
+            }
+            Some(c) if c.is_verdict() => {
+                verdicts
+                    .get_or_create(&labels(&[("verdict", name)]))
+                    .inc_by(*value);
+            }
+            _ => {
+                events
+                    .get_or_create(&labels(&[("event", name)]))
+                    .inc_by(*value);
+            }
+        }
     }
     let t = &report.tables;
     for (name, fill) in [
@@ -118,22 +204,17 @@ pub fn render(report: &StatusReport) -> Result<String> {
             .set(fill.capacity as i64);
     }
 
+    registry.register("build_info", "The running lb's version", build_info);
+    services.register(&mut registry, "service");
+    servers.register(&mut registry, "server");
     registry.register(
-        "packets",
-        "Packets per direction (in: client to server)",
-        packets,
+        "server_active_flows",
+        "Connections to the server not yet expired",
+        active_flows,
     );
-    registry.register("bytes", "IP bytes per direction", bytes);
-    registry.register("new_flows", "Connections created", new_flows);
     registry.register(
-        "affinity_lookups",
-        "New connections by affinity result",
-        affinity,
-    );
-    registry.register("active_flows", "Connections not yet expired", active_flows);
-    registry.register(
-        "affinities",
-        "Client affinities not yet expired",
+        "server_affinities",
+        "Client affinities to the server not yet expired",
         affinities,
     );
     registry.register(
@@ -142,14 +223,46 @@ pub fn render(report: &StatusReport) -> Result<String> {
         up,
     );
     registry.register(
-        "health_check_seconds",
-        "Latency of the last passed health check",
-        check_latency,
+        "server_weight",
+        "The server's weight for new clients",
+        weight,
+    );
+    registry.register(
+        "server_state",
+        "1 for the server's state (up, no-new-clients, draining, drained, down)",
+        state,
+    );
+    registry.register_with_unit(
+        "server_drain_deadline",
+        "When a draining server's remaining connections are cut (Unix time)",
+        Unit::Seconds,
+        drain_deadline,
+    );
+    registry.register_with_unit(
+        "health_check_duration",
+        "Duration of the server's last passed health check",
+        Unit::Seconds,
+        check_duration,
+    );
+    registry.register(
+        "health_check_passed",
+        "1 if the server's last health check passed, 0 if it failed",
+        check_passed,
     );
     registry.register(
         "datapath_packets",
-        "Every packet by its outcome (see README: Counters)",
-        outcomes,
+        "Every packet the data plane saw",
+        packets,
+    );
+    registry.register(
+        "datapath_verdicts",
+        "Packets by what the data plane did with them; they add up to datapath_packets (see README: Counters)",
+        verdicts,
+    );
+    registry.register(
+        "datapath_events",
+        "Data-plane events that are not verdicts: new and confirmed flows, affinity results, translated ICMP errors",
+        events,
     );
     registry.register(
         "table_entries",
@@ -172,12 +285,38 @@ pub fn render(report: &StatusReport) -> Result<String> {
     Ok(out)
 }
 
-async fn metrics(Extract(status): Extract<StatusSource>) -> (StatusCode, String) {
+/// Every `state` label value of `lb_server_state`.
+const SERVER_STATES: [&str; 5] = ["up", "no-new-clients", "draining", "drained", "down"];
+
+fn state_name(state: &ServerState) -> &'static str {
+    match state {
+        ServerState::Up => "up",
+        ServerState::NoNewClients => "no-new-clients",
+        ServerState::Draining { .. } => "draining",
+        ServerState::Drained => "drained",
+        ServerState::Down { .. } => "down",
+    }
+}
+
+/// OpenMetrics' content type (what `render` writes; it ends with `# EOF`).
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn metrics(
+    Extract(status): Extract<StatusSource>,
+) -> (
+    StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    String,
+) {
     // The table walk blocks: off the async workers, and without the daemon's lock.
     let report = off_the_workers(move || status.report()).await;
     match report.and_then(|r| render(&r)) {
-        Ok(text) => (StatusCode::OK, text),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+        Ok(text) => (StatusCode::OK, [(CONTENT_TYPE_HEADER, CONTENT_TYPE)], text),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(CONTENT_TYPE_HEADER, "text/plain; charset=utf-8")],
+            format!("{e:#}\n"),
+        ),
     }
 }
 
@@ -207,39 +346,69 @@ mod tests {
     use crate::api::tests::sample_report;
 
     #[test]
-    fn report_renders_as_prometheus_text() {
+    fn report_renders_as_openmetrics_one_label_level_per_family() {
         let mut report = sample_report();
         report.services[0].backends[0].state = ServerState::Down {
             reason: "failed: refused".into(),
         };
         report.counters.insert("drop_no_route".to_string(), 4);
+        report.counters.insert("flows_confirmed".to_string(), 2);
         let text = render(&report).unwrap();
-        assert!(
-            text.contains(r#"lb_new_flows_total{service="web",server="10.2.0.11:4443"} 7"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"lb_server_up{service="web",server="10.2.0.11:4443"} 0"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"lb_datapath_packets_total{outcome="drop_no_route"} 4"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"lb_health_check_seconds{service="web",server="10.2.0.11:4443"} 0.0015"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"lb_source_share{service="web",client="192.0.2.7"} 0.75"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"lb_hot_sources{service="web"} 1"#),
-            "{text}"
-        );
+        for expected in [
+            r#"lb_service_new_flows_total{service="web"} 7"#,
+            r#"lb_server_new_flows_total{service="web",server="10.2.0.11:4443"} 7"#,
+            r#"lb_server_up{service="web",server="10.2.0.11:4443"} 0"#,
+            r#"lb_server_state{service="web",server="10.2.0.11:4443",state="down"} 1"#,
+            r#"lb_server_state{service="web",server="10.2.0.11:4443",state="up"} 0"#,
+            r#"lb_server_weight{service="web",server="10.2.0.11:4443"} 1"#,
+            r#"lb_datapath_packets_total 99"#,
+            r#"lb_datapath_verdicts_total{verdict="drop_no_route"} 4"#,
+            r#"lb_datapath_events_total{event="flows_confirmed"} 2"#,
+            r#"lb_health_check_duration_seconds{service="web",server="10.2.0.11:4443"} 0.0015"#,
+            r#"lb_source_share{service="web",client="192.0.2.7"} 0.75"#,
+            r#"lb_hot_sources{service="web"} 1"#,
+            r#"lb_build_info{version=""#,
+        ] {
+            assert!(text.contains(expected), "{expected} not in\n{text}");
+        }
+        // No family mixes label levels: the service family has no server label.
+        assert!(!text.contains(r#"lb_service_new_flows_total{service="web",server"#));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Every metric the shipped Grafana dashboard queries is one `render` produces.
+    #[test]
+    fn the_dashboard_names_only_metrics_that_exist() {
+        let dashboard = include_str!("../../../packaging/grafana-dashboard.json");
+        let json: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+        let mut report = sample_report();
+        report.services[0].backends[0].state = ServerState::Draining {
+            deadline_unix: Some(1),
+        };
+        report.counters.insert("drop_no_route".to_string(), 1);
+        report.counters.insert("flows_confirmed".to_string(), 1);
+        let text = render(&report).unwrap();
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let mut queried = Vec::new();
+        for panel in json["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let names = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("lb_"));
+                queried.extend(names.map(String::from));
+            }
+        }
+        assert!(queried.len() >= 10, "{queried:?}");
+        for name in &queried {
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard queries {name}, which lb does not export"
+            );
+        }
     }
 }
