@@ -162,6 +162,9 @@ pub struct StatusReport {
     /// The VIPs BIRD announces for this node; None without `daemon.announce`.
     #[serde(default)]
     pub announced: Option<Vec<IpAddr>>,
+    /// SNAT ports held by confirmed connections, per SNAT address.
+    #[serde(default)]
+    pub snat_ports_in_use: BTreeMap<IpAddr, u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -235,6 +238,12 @@ pub struct BackendStatus {
     pub state: ServerState,
     /// The last health-check result, if the service is checked.
     pub last_check: Option<CheckOutcome>,
+    /// Failed health checks since the daemon started.
+    #[serde(default)]
+    pub check_failures: u64,
+    /// When health checks last moved the server in or out (Unix seconds).
+    #[serde(default)]
+    pub health_changed_unix: Option<u64>,
     /// Client connections not yet expired.
     pub active_flows: u64,
     /// Clients whose affinity points here and has not expired.
@@ -482,6 +491,8 @@ pub(crate) mod tests {
                     weight: 1,
                     state: ServerState::Up,
                     last_check: Some(CheckOutcome::Passed { latency_ms: 1.5 }),
+                    check_failures: 2,
+                    health_changed_unix: Some(1_700_000_000),
                     active_flows: 3,
                     affinities: 2,
                     stats,
@@ -492,6 +503,7 @@ pub(crate) mod tests {
             debug_log: false,
             node_drained: false,
             announced: None,
+            snat_ports_in_use: [("10.2.0.100".parse().unwrap(), 3)].into(),
         }
     }
 

@@ -88,6 +88,14 @@ pub fn render(report: &StatusReport) -> String {
         t.flows.entries, t.flows.capacity, t.half_open.entries, t.half_open.capacity, t.affinities.entries, t.affinities.capacity,
         t.collected_flows, t.collected_affinities, t.gc_passes_nearly_full,
     ));
+    if !report.snat_ports_in_use.is_empty() {
+        let held: Vec<String> = report
+            .snat_ports_in_use
+            .iter()
+            .map(|(address, ports)| format!("{address} {ports}"))
+            .collect();
+        out.push_str(&format!("SNAT ports in use: {}\n\n", held.join(", ")));
+    }
     let mut counters = Table::new();
     counters
         .load_preset(UTF8_BORDERS_ONLY)

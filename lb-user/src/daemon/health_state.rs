@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::health::Report;
-use crate::api::CheckOutcome;
+use crate::api::{unix_now, CheckOutcome};
 
 type ServerKey = (String, IpAddr);
 
@@ -15,6 +15,9 @@ pub struct HealthState {
     /// Servers out of selection, with the failed check that took them out.
     down: BTreeMap<ServerKey, String>,
     last: BTreeMap<ServerKey, CheckOutcome>,
+    failures: BTreeMap<ServerKey, u64>,
+    /// When each server last moved in or out (Unix seconds).
+    changed: BTreeMap<ServerKey, u64>,
 }
 
 /// A server moving in or out of selection.
@@ -32,20 +35,40 @@ impl HealthState {
             Ok(latency) => CheckOutcome::Passed {
                 latency_ms: latency.as_secs_f64() * 1000.0,
             },
-            Err(reason) => CheckOutcome::Failed {
-                reason: reason.clone(),
-            },
+            Err(reason) => {
+                *self.failures.entry(key.clone()).or_default() += 1;
+                CheckOutcome::Failed {
+                    reason: reason.clone(),
+                }
+            }
         };
         let reason = outcome.to_string();
         self.last.insert(key.clone(), outcome);
-        match report.transition? {
+        let transition = match report.transition? {
             true => self.down.remove(&key).map(|_| Transition::Up { reason }),
             false => self
                 .down
-                .insert(key, reason.clone())
+                .insert(key.clone(), reason.clone())
                 .is_none()
                 .then_some(Transition::Down { reason }),
+        };
+        if transition.is_some() {
+            self.changed.insert(key, unix_now());
         }
+        transition
+    }
+
+    /// Failed checks of the server since the daemon started.
+    pub fn failures(&self, service: &str, address: IpAddr) -> u64 {
+        self.failures
+            .get(&(service.to_string(), address))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// When checks last moved the server in or out (Unix seconds).
+    pub fn changed_unix(&self, service: &str, address: IpAddr) -> Option<u64> {
+        self.changed.get(&(service.to_string(), address)).copied()
     }
 
     /// The failed check that took the server out, if it is down.
@@ -67,6 +90,8 @@ impl HealthState {
     pub fn retain(&mut self, checked: &BTreeSet<ServerKey>) {
         self.down.retain(|k, _| checked.contains(k));
         self.last.retain(|k, _| checked.contains(k));
+        self.failures.retain(|k, _| checked.contains(k));
+        self.changed.retain(|k, _| checked.contains(k));
     }
 }
 
@@ -110,6 +135,8 @@ mod tests {
         let up = state.record(&report(Ok(Duration::from_millis(2)), Some(true)));
         assert!(matches!(up, Some(Transition::Up { .. })));
         assert!(!state.is_down("web", address));
+        assert_eq!(state.failures("web", address), 3);
+        assert!(state.changed_unix("web", address).is_some());
         assert_eq!(
             state.last_check("web", address),
             Some(&CheckOutcome::Passed { latency_ms: 2.0 })

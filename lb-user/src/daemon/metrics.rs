@@ -120,6 +120,9 @@ pub fn render(report: &StatusReport) -> Result<String> {
     let drain_deadline = Family::<Labels, Gauge>::default();
     let check_duration = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let check_passed = Family::<Labels, Gauge>::default();
+    let check_failures = Family::<Labels, Counter>::default();
+    let health_changed = Family::<Labels, Gauge>::default();
+    let snat_ports = Family::<Labels, Gauge>::default();
     let packets = Counter::<u64>::default();
     let verdicts = Family::<Labels, Counter>::default();
     let events = Family::<Labels, Counter>::default();
@@ -149,6 +152,10 @@ pub fn render(report: &StatusReport) -> Result<String> {
             let down = matches!(b.state, ServerState::Down { .. });
             up.get_or_create(&l).set(i64::from(!down));
             weight.get_or_create(&l).set(i64::from(b.weight));
+            check_failures.get_or_create(&l).inc_by(b.check_failures);
+            if let Some(at) = b.health_changed_unix {
+                health_changed.get_or_create(&l).set(at as i64);
+            }
             for name in SERVER_STATES {
                 let mut with_state = l.clone();
                 with_state.push(("state".into(), name.into()));
@@ -189,6 +196,11 @@ pub fn render(report: &StatusReport) -> Result<String> {
                     .inc_by(*value);
             }
         }
+    }
+    for (address, ports) in &report.snat_ports_in_use {
+        snat_ports
+            .get_or_create(&labels(&[("address", &address.to_string())]))
+            .set(*ports as i64);
     }
     let t = &report.tables;
     for (name, fill) in [
@@ -248,6 +260,22 @@ pub fn render(report: &StatusReport) -> Result<String> {
         "health_check_passed",
         "1 if the server's last health check passed, 0 if it failed",
         check_passed,
+    );
+    registry.register(
+        "health_check_failures",
+        "Failed health checks of the server since the daemon started",
+        check_failures,
+    );
+    registry.register_with_unit(
+        "health_changed",
+        "When health checks last moved the server in or out (Unix time)",
+        Unit::Seconds,
+        health_changed,
+    );
+    registry.register(
+        "snat_ports_in_use",
+        "SNAT ports held by confirmed connections, per SNAT address",
+        snat_ports,
     );
     registry.register(
         "datapath_packets",
@@ -368,6 +396,9 @@ mod tests {
             r#"lb_source_share{service="web",client="192.0.2.7"} 0.75"#,
             r#"lb_hot_sources{service="web"} 1"#,
             r#"lb_build_info{version=""#,
+            r#"lb_health_check_failures_total{service="web",server="10.2.0.11:4443"} 2"#,
+            r#"lb_health_changed_seconds{service="web",server="10.2.0.11:4443"} 1700000000"#,
+            r#"lb_snat_ports_in_use{address="10.2.0.100"} 3"#,
         ] {
             assert!(text.contains(expected), "{expected} not in\n{text}");
         }

@@ -72,6 +72,8 @@ impl Basis {
                     weight: b.weight,
                     state: server_state(&b, health.down_reason(&s.name, b.address)),
                     last_check: health.last_check(&s.name, b.address).cloned(),
+                    check_failures: health.failures(&s.name, b.address),
+                    health_changed_unix: health.changed_unix(&s.name, b.address),
                     active_flows: 0,
                     affinities: 0,
                     stats: Traffic::default(),
@@ -144,6 +146,8 @@ struct TableCounts {
     affinities: BTreeMap<u32, u64>,
     /// New flows per (service id, client address) among live affinities.
     sources: BTreeMap<u32, BTreeMap<IpAddr, u64>>,
+    /// Live return directions per SNAT address: the ports they hold.
+    snat_ports: BTreeMap<IpAddr, u64>,
 }
 
 fn count_tables(tables: &TableReader, affinity_timeouts_ns: &BTreeMap<u32, u64>) -> TableCounts {
@@ -165,15 +169,22 @@ fn count_tables(tables: &TableReader, affinity_timeouts_ns: &BTreeMap<u32, u64>)
                 .or_default() += u64::from(entry.new_flows);
         }
     }
-    for (_, entry) in tables.flows() {
+    for (key, entry) in tables.flows() {
         counts.flow_entries += 1;
         let fresh = is_fresh(
             entry.last_seen_ns,
             u64::from(entry.timeout_s) * NS_PER_SEC,
             now,
         );
-        if fresh && entry.flags & FLOW_F_REVERSE == 0 {
+        if !fresh {
+            continue;
+        }
+        if entry.flags & FLOW_F_REVERSE == 0 {
             *counts.flows.entry(entry.backend_id).or_default() += 1;
+        } else {
+            // A return direction is keyed by (server, SNAT address and port).
+            let snat = addr_from_words(key.dst_be, key.family);
+            *counts.snat_ports.entry(snat).or_default() += 1;
         }
     }
     counts
@@ -209,6 +220,7 @@ pub fn build(basis: &Basis, tables: &TableReader) -> Result<StatusReport> {
         debug_log: basis.debug_log,
         node_drained: basis.node_drained,
         announced: basis.announced.clone(),
+        snat_ports_in_use: counts.snat_ports,
     })
 }
 
