@@ -559,7 +559,7 @@ fn reload_refuses_a_daemon_change_and_names_it() -> Result<()> {
     Ok(())
 }
 
-/// CLI errors are clear messages with a non-zero exit.
+/// CLI errors are clear messages with a non-zero exit; output into a pipe is plain.
 #[test]
 fn cli_errors_are_clear() -> Result<()> {
     let f = Fixture::start(
@@ -569,6 +569,12 @@ fn cli_errors_are_clear() -> Result<()> {
         },
         ServiceSpec::default(),
     )?;
+    // Into a pipe (as here), tables are plain columns, not box drawing.
+    let status = f.daemon.cli_ok(&["status"])?;
+    ensure!(
+        status.contains("web-ext") && !status.contains(['│', '─', '┌', '└']),
+        "lb status into a pipe:\n{status}"
+    );
     let server = f.topology.backends[0].address.to_string();
     let cases: [(&[&str], &str); 6] = [
         (

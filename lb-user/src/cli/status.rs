@@ -1,7 +1,24 @@
 //! Human rendering of `lb status`.
-use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use std::io::IsTerminal;
+
+use comfy_table::{
+    presets::{NOTHING, UTF8_BORDERS_ONLY},
+    Table,
+};
 
 use crate::api::{unix_now, AffinityRecord, MaglevTable, StatusReport};
+
+/// A table drawn for a terminal; in a pipe or a file, plain space-separated columns that
+/// grep and awk take apart.
+fn new_table() -> Table {
+    let mut table = Table::new();
+    table.load_preset(if std::io::stdout().is_terminal() {
+        UTF8_BORDERS_ONLY
+    } else {
+        NOTHING
+    });
+    table
+}
 
 pub fn render(report: &StatusReport) -> String {
     let now = unix_now();
@@ -31,8 +48,8 @@ pub fn render(report: &StatusReport) -> String {
             s.name, s.vip, s.port, s.server_port(), s.protocol, s.affinity, s.affinity_timeout,
             s.idle_timeout, s.stats.new_flows, s.stats.affinity_hits, s.stats.affinity_misses,
         ));
-        let mut table = Table::new();
-        table.load_preset(UTF8_BORDERS_ONLY).set_header([
+        let mut table = new_table();
+        table.set_header([
             "backend",
             "weight",
             "state",
@@ -96,10 +113,8 @@ pub fn render(report: &StatusReport) -> String {
             .collect();
         out.push_str(&format!("SNAT ports in use: {}\n\n", held.join(", ")));
     }
-    let mut counters = Table::new();
-    counters
-        .load_preset(UTF8_BORDERS_ONLY)
-        .set_header(["counter", "value"]);
+    let mut counters = new_table();
+    counters.set_header(["counter", "value"]);
     for (name, value) in &report.counters {
         if *value != 0 || name == "packets" {
             counters.add_row([name.clone(), value.to_string()]);
@@ -116,8 +131,8 @@ pub fn render(report: &StatusReport) -> String {
 
 /// `lb stats`: counters and traffic only.
 pub fn render_stats(report: &StatusReport) -> String {
-    let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_header([
+    let mut table = new_table();
+    table.set_header([
         "service / server",
         "new flows",
         "affinity hits",
@@ -148,10 +163,8 @@ pub fn render_stats(report: &StatusReport) -> String {
     }
     let mut out = table.to_string();
     out.push_str("\n\n");
-    let mut counters = Table::new();
-    counters
-        .load_preset(UTF8_BORDERS_ONLY)
-        .set_header(["counter", "value"]);
+    let mut counters = new_table();
+    counters.set_header(["counter", "value"]);
     for (name, value) in &report.counters {
         counters.add_row([name.clone(), value.to_string()]);
     }
@@ -161,13 +174,8 @@ pub fn render_stats(report: &StatusReport) -> String {
 }
 
 pub fn render_affinities(entries: &[AffinityRecord]) -> String {
-    let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_header([
-        "client",
-        "client port",
-        "server",
-        "idle (s)",
-    ]);
+    let mut table = new_table();
+    table.set_header(["client", "client port", "server", "idle (s)"]);
     for e in entries {
         table.add_row([
             e.client.to_string(),
