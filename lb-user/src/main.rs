@@ -17,9 +17,10 @@ use lb::{
     about = "XDP load balancer for Lync / Skype for Business Front End pools"
 )]
 struct Cli {
-    /// Control socket of the daemon.
-    #[arg(long, global = true, env = "LB_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
-    socket: PathBuf,
+    /// Control socket of the daemon, for the commands that talk to it (before the command:
+    /// `lb --socket PATH status`). The daemon itself serves `daemon.control_socket`.
+    #[arg(long, env = "LB_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,11 +29,13 @@ struct Cli {
 enum Command {
     /// Run the daemon: attach (or adopt) the XDP program and serve the control socket.
     Daemon {
+        /// The config file (e.g. /etc/lb/lb.toml).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Services, servers with their state, live flows and affinities, counters.
     Status {
+        /// Machine-readable output (JSON) instead of the tables.
         #[arg(long)]
         json: bool,
     },
@@ -44,6 +47,7 @@ enum Command {
     },
     /// Data-plane counters and traffic per service and server.
     Stats {
+        /// Machine-readable output (JSON) instead of the tables.
         #[arg(long)]
         json: bool,
     },
@@ -57,15 +61,18 @@ enum Command {
     /// This node in a scale-out group: drain withdraws its VIP routes (the router sends
     /// new clients to the other nodes), its flows continue; undrain announces them again.
     Node {
+        /// drain or undrain.
         #[arg(value_enum)]
         action: NodeAction,
     },
     /// A service's live Maglev table: slots per server and a digest to compare nodes.
     Maglev {
+        /// The service, by its name in the config.
         service: String,
         /// Also show the server the table picks for this client address.
         #[arg(long)]
         client: Option<IpAddr>,
+        /// Machine-readable output (JSON) instead of the tables.
         #[arg(long)]
         json: bool,
     },
@@ -76,11 +83,13 @@ enum Command {
     },
     /// Data-plane debug logging of new flows and drops, into the daemon's log (off at start).
     Debug {
+        /// on or off.
         #[arg(value_enum)]
         state: Switch,
     },
     /// Write a commented config for a Lync / Skype for Business VIP (to stdout, or --output).
     Init {
+        /// Which VIP of the pool the config is for.
         #[arg(long, value_enum)]
         preset: preset::Preset,
         /// The VIP (default: a documentation address to replace).
@@ -98,11 +107,13 @@ enum Command {
         /// Write here instead of stdout; an existing file is kept unless --force.
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Overwrite an existing --output file.
         #[arg(long)]
         force: bool,
     },
     /// Print shell completions for lb.
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -116,6 +127,7 @@ enum Command {
     /// Stop the data plane for good: unpin its program and maps (flows and affinities are
     /// lost). Run after stopping the daemon.
     Detach {
+        /// The config file (e.g. /etc/lb/lb.toml).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -125,29 +137,49 @@ enum Command {
 enum BackendCommand {
     /// Add a server (default port: the service's backend_port).
     Add {
+        /// The service, by its name in the config.
         service: String,
+        /// The server's address.
         address: IpAddr,
+        /// The server's port (default: the service's backend_port).
         #[arg(long)]
         port: Option<u16>,
+        /// Relative weight for new clients, 0..=1000 (default 1).
         #[arg(long)]
         weight: Option<u32>,
     },
     /// Remove a server; its open connections keep working until they end.
-    Remove { service: String, address: IpAddr },
+    Remove {
+        /// The service, by its name in the config.
+        service: String,
+        /// The server's address.
+        address: IpAddr,
+    },
     /// No new clients; existing connections and affinities continue. With --deadline,
     /// whatever is left after that many seconds is cut.
     Drain {
+        /// The service, by its name in the config.
         service: String,
+        /// The server's address.
         address: IpAddr,
+        /// Seconds after which the remaining connections and affinities are cut.
         #[arg(long)]
         deadline: Option<u64>,
     },
     /// Take new clients again.
-    Undrain { service: String, address: IpAddr },
+    Undrain {
+        /// The service, by its name in the config.
+        service: String,
+        /// The server's address.
+        address: IpAddr,
+    },
     /// Change a server's relative weight (0: no new clients).
     Weight {
+        /// The service, by its name in the config.
         service: String,
+        /// The server's address.
         address: IpAddr,
+        /// Relative weight for new clients, 0..=1000 (0: none).
         weight: u32,
     },
 }
@@ -156,17 +188,23 @@ enum BackendCommand {
 enum AffinityCommand {
     /// Live affinities of a service.
     List {
+        /// The service, by its name in the config.
         service: String,
+        /// Only this client's affinities.
         #[arg(long)]
         client: Option<IpAddr>,
+        /// Machine-readable output (JSON) instead of the tables.
         #[arg(long)]
         json: bool,
     },
     /// Forget affinities (all of a service, one client's, or those pointing at one server).
     Flush {
+        /// The service, by its name in the config.
         service: String,
+        /// Only this client's affinities.
         #[arg(long, conflicts_with = "backend")]
         client: Option<IpAddr>,
+        /// Only the affinities pointing at this server.
         #[arg(long)]
         backend: Option<IpAddr>,
     },
@@ -189,7 +227,9 @@ enum ConfigCommand {
     /// Validate a config file (names the offending key on error) and warn about the known
     /// Lync traps; --strict turns warnings into a failure.
     Check {
+        /// The config file to check.
         file: PathBuf,
+        /// Fail on warnings too.
         #[arg(long)]
         strict: bool,
         /// The config of another node of the same scale-out group (repeatable): its
@@ -218,11 +258,23 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if matches!(cli.command, Command::Daemon { .. }) {
+        if let Some(socket) = &cli.socket {
+            bail!(
+                "--socket (or LB_SOCKET={}) is for the commands that talk to the daemon; the daemon serves daemon.control_socket from its config",
+                socket.display()
+            );
+        }
+    }
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let call = |request: Request| -> Result<Response> {
-        match runtime.block_on(api::call(&cli.socket, &request))? {
+        match runtime.block_on(api::call(&socket, &request))? {
             Response::Error { message } => bail!("{message}"),
             other => Ok(other),
         }
@@ -282,7 +334,7 @@ fn run(cli: Cli) -> Result<()> {
             if !std::io::stdout().is_terminal() {
                 bail!("lb top draws on a terminal and stdout is not one; in scripts use `lb status` (or `lb status --json`)");
             }
-            top::run(&cli.socket, std::time::Duration::from_secs_f64(interval))
+            top::run(&socket, std::time::Duration::from_secs_f64(interval))
         }
         Command::Reload => done(Request::Reload, "configuration reloaded".into()),
         Command::Backend { command } => match command {
@@ -516,4 +568,41 @@ fn run(cli: Cli) -> Result<()> {
 
 fn unexpected(response: Response) -> Result<()> {
     bail!("unexpected response from the daemon: {response:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let command = Cli::command();
+        command.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&command, "lb", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn the_daemon_refuses_a_socket_option_it_would_ignore() {
+        let cli = Cli::try_parse_from(["lb", "--socket", "/tmp/x.sock", "daemon", "-c", "a.toml"])
+            .unwrap();
+        let e = format!("{:#}", run(cli).unwrap_err());
+        assert!(e.contains("daemon.control_socket"), "{e}");
+        assert!(
+            Cli::try_parse_from(["lb", "daemon", "--socket", "/tmp/x.sock", "-c", "a"]).is_err()
+        );
+    }
 }
