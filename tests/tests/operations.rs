@@ -500,9 +500,8 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the config file, like `lb reload`.
-#[test]
-fn sighup_reloads_the_config() -> Result<()> {
+/// A daemon serving two servers whose config file now lists only the first (not reloaded).
+fn two_servers_with_a_config_for_one() -> Result<Fixture> {
     let service = ServiceSpec::default();
     let f = Fixture::start(
         &Spec {
@@ -514,6 +513,13 @@ fn sighup_reloads_the_config() -> Result<()> {
     )?;
     let all = Fixture::addresses(&f.topology);
     f.daemon.write_services(&service.toml(&all[..1]))?;
+    Ok(f)
+}
+
+/// SIGHUP re-reads the config file, like `lb reload`.
+#[test]
+fn sighup_reloads_the_config() -> Result<()> {
+    let f = two_servers_with_a_config_for_one()?;
     f.daemon.signal(libc::SIGHUP)?;
     wait_for(
         Duration::from_secs(10),
@@ -527,17 +533,7 @@ fn sighup_reloads_the_config() -> Result<()> {
 /// it needs; and the daemon's log, a file here, carries no colour codes.
 #[test]
 fn reload_refuses_a_daemon_change_and_names_it() -> Result<()> {
-    let service = ServiceSpec::default();
-    let f = Fixture::start(
-        &Spec {
-            backends: 2,
-            clients: 1,
-            ..Spec::default()
-        },
-        service.clone(),
-    )?;
-    let all = Fixture::addresses(&f.topology);
-    f.daemon.write_services(&service.toml(&all[..1]))?;
+    let f = two_servers_with_a_config_for_one()?;
     let config = std::fs::read_to_string(&f.daemon.config_path)?;
     std::fs::write(
         &f.daemon.config_path,
