@@ -1,6 +1,9 @@
 //! Addresses between their Rust form and the data plane's (four 32-bit words in network
 //! byte order plus a family, see lb-common), and as shown to people.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use lb_common::{FAMILY_V4, FAMILY_V6};
 
@@ -36,6 +39,43 @@ pub fn endpoint(address: IpAddr, port: u16) -> String {
     }
 }
 
+/// Every address on this host's interfaces (in the current network namespace).
+pub fn local_addresses() -> std::io::Result<BTreeSet<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut found = BTreeSet::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; its address, when present, is a
+        // sockaddr of the family it says.
+        unsafe {
+            let addr = (*at).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*addr.cast::<libc::sockaddr_in>();
+                        found.insert(IpAddr::V4(Ipv4Addr::from(
+                            sin.sin_addr.s_addr.to_ne_bytes(),
+                        )));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*addr.cast::<libc::sockaddr_in6>();
+                        found.insert(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            at = (*at).ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +88,15 @@ mod tests {
         }
         // IPv4 uses word 0 only, as the data plane expects.
         assert_eq!(addr_words("10.0.0.1".parse().unwrap())[1..], [0, 0, 0]);
+    }
+
+    #[test]
+    fn loopback_is_a_local_address() {
+        let local = local_addresses().unwrap();
+        assert!(
+            local.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "{local:?}"
+        );
     }
 
     #[test]

@@ -11,9 +11,10 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use harness::{
     client::Connection,
+    daemon::{lb_binary, Daemon, Site},
     fixture::{Fixture, ServiceSpec},
     server::Server,
-    topology::Spec,
+    topology::{Spec, Topology},
     wait::until,
 };
 use lb::api::{AffinityRecord, CheckOutcome, ServerState, StatusReport};
@@ -497,6 +498,29 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
         "{listed:?}"
     );
     ensure!(listed[&all[3]] == (&ServerState::Up, 3), "{listed:?}");
+    Ok(())
+}
+
+/// A SNAT address that is on no interface of lb's host would show every server up while
+/// every connection times out: the daemon refuses to start, naming the key.
+#[test]
+fn a_snat_address_that_is_not_local_stops_the_start() -> Result<()> {
+    let topology = Topology::build(&Spec {
+        backends: 1,
+        clients: 1,
+        ..Spec::default()
+    })?;
+    let mut site = Site::from(&topology);
+    site.snat = vec![IpAddr::V4(Ipv4Addr::new(10, 2, 0, 250))];
+    let services = ServiceSpec::default().toml(&Fixture::addresses(&topology));
+    let Err(e) = Daemon::start_binary(&site, &lb_binary()?, "", &services) else {
+        anyhow::bail!("the daemon started with a SNAT address it does not have");
+    };
+    let e = format!("{e:#}");
+    ensure!(
+        e.contains("daemon.snat_addresses[0]: 10.2.0.250 is on no interface"),
+        "{e}"
+    );
     Ok(())
 }
 

@@ -177,6 +177,20 @@ impl State {
     }
 }
 
+/// A SNAT address on no interface of this host would start a daemon that shows every server
+/// up while every connection times out: servers answer an address nothing here owns.
+fn check_snat_addresses_are_local(snat: &[IpAddr]) -> Result<()> {
+    let local = crate::addr::local_addresses().context("list this host's addresses")?;
+    for (i, address) in snat.iter().enumerate() {
+        if !local.contains(address) {
+            anyhow::bail!(
+                "daemon.snat_addresses[{i}]: {address} is on no interface of this host, so the servers' replies to it would never come back; add it on the server-side interface (ip addr add {address}/32 dev IFACE) or fix the config"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Sysctls the data plane relies on, per attached interface and VLAN device on one:
 /// - `forwarding` (IPv4 and IPv6): `bpf_fib_lookup` refuses to route for an interface that
 ///   does not forward, and the kernel forwards what the program hands it while a
@@ -240,6 +254,7 @@ pub fn start(
     let config = Config::load(config_path)?;
     let state_file = state_path(config_path);
     let overlay = Overlay::load(&state_file)?;
+    check_snat_addresses_are_local(&config.daemon.snat_addresses)?;
     prepare_host(&config.daemon.interfaces)?;
     let mut dataplane = Dataplane::load(
         Capacity {
