@@ -116,9 +116,7 @@ pub struct Dataplane {
     snat: Array<MapData, [u32; 4]>,
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
-    counters: PerCpuArray<MapData, u64>,
-    service_stats: PerCpuArray<MapData, TrafficStats>,
-    backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// Also owns the counters and statistics.
     reader: TableReader,
 }
 
@@ -149,33 +147,45 @@ where
 }
 
 impl TableReader {
-    fn open(dp: &Dataplane) -> Result<Self> {
-        Self::from_maps(
-            &dp.flows,
-            &dp.half_open,
-            &dp.affinity,
-            &dp.counters,
-            &dp.service_stats,
-            &dp.backend_stats,
-        )
-    }
-
-    fn from_maps(
+    /// A reader with handles of its own on the tables (the daemon keeps `flows`,
+    /// `half_open` and `affinity` for its writes); the counters only ever get read, so the
+    /// reader takes them.
+    fn new(
         flows: &HashMap<MapData, FlowKey, FlowEntry>,
         half_open: &HashMap<MapData, FlowKey, FlowEntry>,
         affinity: &HashMap<MapData, AffinityKey, AffinityEntry>,
-        counters: &PerCpuArray<MapData, u64>,
-        service_stats: &PerCpuArray<MapData, TrafficStats>,
-        backend_stats: &PerCpuArray<MapData, TrafficStats>,
+        counters: PerCpuArray<MapData, u64>,
+        service_stats: PerCpuArray<MapData, TrafficStats>,
+        backend_stats: PerCpuArray<MapData, TrafficStats>,
     ) -> Result<Self> {
         Ok(Self {
             flows: reopen(flows.map(), Map::HashMap, MAP_FLOWS)?,
             half_open: reopen(half_open.map(), Map::LruHashMap, MAP_HALF_OPEN)?,
             affinity: reopen(affinity.map(), Map::LruHashMap, MAP_AFFINITY)?,
-            counters: reopen(counters.map(), Map::PerCpuArray, MAP_COUNTERS)?,
-            service_stats: reopen(service_stats.map(), Map::PerCpuArray, MAP_SERVICE_STATS)?,
-            backend_stats: reopen(backend_stats.map(), Map::PerCpuArray, MAP_BACKEND_STATS)?,
+            counters,
+            service_stats,
+            backend_stats,
         })
+    }
+
+    /// Another reader on the same maps, on descriptors of its own, for another task.
+    fn reopen(&self) -> Result<Self> {
+        Self::new(
+            &self.flows,
+            &self.half_open,
+            &self.affinity,
+            reopen(self.counters.map(), Map::PerCpuArray, MAP_COUNTERS)?,
+            reopen(
+                self.service_stats.map(),
+                Map::PerCpuArray,
+                MAP_SERVICE_STATS,
+            )?,
+            reopen(
+                self.backend_stats.map(),
+                Map::PerCpuArray,
+                MAP_BACKEND_STATS,
+            )?,
+        )
     }
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         Counter::ALL
@@ -428,9 +438,6 @@ impl Dataplane {
         let flows = take(&mut ebpf, MAP_FLOWS)?;
         let half_open = take(&mut ebpf, MAP_HALF_OPEN)?;
         let affinity = take(&mut ebpf, MAP_AFFINITY)?;
-        let counters = take(&mut ebpf, MAP_COUNTERS)?;
-        let service_stats = take(&mut ebpf, MAP_SERVICE_STATS)?;
-        let backend_stats = take(&mut ebpf, MAP_BACKEND_STATS)?;
         let mut dataplane = Self {
             logger: Some(logger),
             route_generation: Some(route_generation),
@@ -447,20 +454,17 @@ impl Dataplane {
             snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
             settings: take(&mut ebpf, MAP_SETTINGS)?,
             tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
-            reader: TableReader::from_maps(
+            reader: TableReader::new(
                 &flows,
                 &half_open,
                 &affinity,
-                &counters,
-                &service_stats,
-                &backend_stats,
+                take(&mut ebpf, MAP_COUNTERS)?,
+                take(&mut ebpf, MAP_SERVICE_STATS)?,
+                take(&mut ebpf, MAP_BACKEND_STATS)?,
             )?,
             flows,
             half_open,
             affinity,
-            counters,
-            service_stats,
-            backend_stats,
             ebpf,
             pin_dir,
         };
@@ -726,7 +730,7 @@ impl Dataplane {
 
     /// A reader of its own, for another task.
     pub fn open_reader(&self) -> Result<TableReader> {
-        TableReader::open(self)
+        self.reader.reopen()
     }
 
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
