@@ -177,12 +177,12 @@ pub fn read_array<V: Pod>(array: &Array<MapData, V>, first: u32, count: u32) -> 
             &mut values[done..done + size],
         );
         match result {
-            Ok(()) if got == size => done += got,
-            // ENOENT: the array ended before `count` values.
-            Ok(()) | Err(_) if got == 0 => bail!("array read stopped at index {index}"),
-            Ok(()) => done += got,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += got,
-            Err(e) => bail!("BPF_MAP_LOOKUP_BATCH at index {index}: {e}"),
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                bail!("BPF_MAP_LOOKUP_BATCH at index {index}: {e}")
+            }
+            // ENOENT: the array ended after the values that came.
+            _ if got == 0 => bail!("the array ends before index {index}"),
+            _ => done += got,
         }
     }
     Ok(values)
