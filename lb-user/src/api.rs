@@ -276,19 +276,27 @@ pub enum ServerState {
 }
 
 impl ServerState {
+    /// Every state's name, as in JSON (`"state"`) and in the metrics' `state` label.
+    pub const NAMES: [&'static str; 5] = ["up", "no-new-clients", "draining", "drained", "down"];
+
+    pub fn name(&self) -> &'static str {
+        let index = match self {
+            Self::Up => 0,
+            Self::NoNewClients => 1,
+            Self::Draining { .. } => 2,
+            Self::Drained => 3,
+            Self::Down { .. } => 4,
+        };
+        Self::NAMES[index]
+    }
+
     /// How `lb status` and `lb top` show it, at `now_unix`.
     pub fn describe(&self, now_unix: u64) -> String {
         match self {
-            Self::Up => "up".into(),
-            Self::NoNewClients => "no-new-clients".into(),
             Self::Draining {
                 deadline_unix: Some(deadline),
             } => format!("draining ({} s left)", deadline.saturating_sub(now_unix)),
-            Self::Draining {
-                deadline_unix: None,
-            } => "draining".into(),
-            Self::Drained => "drained".into(),
-            Self::Down { .. } => "down".into(),
+            other => other.name().into(),
         }
     }
 }
@@ -450,6 +458,16 @@ pub(crate) mod tests {
         assert_eq!(back.state, backend.state);
         assert_eq!(back.last_check, backend.last_check);
         assert_eq!(back.state.describe(980), "draining (20 s left)");
+        for state in [
+            ServerState::Up,
+            ServerState::NoNewClients,
+            ServerState::Draining {
+                deadline_unix: None,
+            },
+            ServerState::Drained,
+        ] {
+            assert_eq!(serde_json::to_value(&state).unwrap()["state"], state.name());
+        }
         let down = ServerState::Down {
             reason: "timeout".into(),
         };

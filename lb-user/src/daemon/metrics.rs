@@ -156,10 +156,10 @@ pub fn render(report: &StatusReport) -> Result<String> {
             if let Some(at) = b.health_changed_unix {
                 health_changed.get_or_create(&l).set(at as i64);
             }
-            for name in SERVER_STATES {
+            for name in ServerState::NAMES {
                 let mut with_state = l.clone();
                 with_state.push(("state".into(), name.into()));
-                let current = state_name(&b.state) == name;
+                let current = b.state.name() == name;
                 state.get_or_create(&with_state).set(i64::from(current));
             }
             if let ServerState::Draining {
@@ -311,19 +311,6 @@ pub fn render(report: &StatusReport) -> Result<String> {
     let mut out = String::new();
     encode(&mut out, &registry).context("encode metrics")?;
     Ok(out)
-}
-
-/// Every `state` label value of `lb_server_state`.
-const SERVER_STATES: [&str; 5] = ["up", "no-new-clients", "draining", "drained", "down"];
-
-fn state_name(state: &ServerState) -> &'static str {
-    match state {
-        ServerState::Up => "up",
-        ServerState::NoNewClients => "no-new-clients",
-        ServerState::Draining { .. } => "draining",
-        ServerState::Drained => "drained",
-        ServerState::Down { .. } => "down",
-    }
 }
 
 /// OpenMetrics' content type (what `render` writes; it ends with `# EOF`).
