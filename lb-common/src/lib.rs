@@ -106,6 +106,8 @@ pub const FLOW_F_AFFINITY_PORT: u32 = 1 << 9;
 pub const SETTINGS_F_ECHO_REPLY: u32 = 1;
 /// Log new flows and drops through aya-log (`lb debug on`).
 pub const SETTINGS_F_DEBUG_LOG: u32 = 1 << 1;
+/// Peers learn this node's flows: every confirmed flow is also written to `LB_SYNC`.
+pub const SETTINGS_F_SYNC: u32 = 1 << 2;
 
 /// `(vip, port, protocol)` -> [`Service`].
 #[repr(C)]
@@ -284,6 +286,24 @@ pub struct CloseEvent {
 /// `LB_EVENTS` size: room for this many close events between two reads by the daemon.
 pub const CLOSE_EVENTS: u32 = 1 << 16;
 
+/// `LB_SYNC` record: a flow was confirmed, both directions as they went into `LB_FLOWS`,
+/// for the daemon to hand to its peers (only with `SETTINGS_F_SYNC`). Written once per
+/// connection, never per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncEvent {
+    /// The client direction's key (client -> VIP).
+    pub key: FlowKey,
+    /// The client direction's entry.
+    pub forward: FlowEntry,
+    /// The return direction's entry (its key is `forward.other_direction(&key)`).
+    pub reverse: FlowEntry,
+}
+
+/// `LB_SYNC` size: room for this many confirmed flows between two reads by the daemon
+/// (every `sync::DRAIN_INTERVAL` of lb-user).
+pub const SYNC_EVENTS: u32 = 1 << 15;
+
 /// `(client address [, port], service)` -> backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -449,10 +469,15 @@ pub enum Counter {
     DropTailCall,
     /// A per-CPU scratch slot was missing or the frame could not be resized: cannot happen in a loaded program, counted so that it would be seen if it did.
     DropInternal,
+    // Appended after the drops: a slot is a position in the pinned `LB_COUNTERS`, so a
+    // counter added in the middle would inherit another's count across an upgrade.
+    /// Confirmed flows the peers could not be told of (`LB_SYNC` full): they reach the
+    /// peers with the next reconciliation instead.
+    SyncEventsLost,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropInternal as u32 + 1;
+    pub const COUNT: u32 = Counter::SyncEventsLost as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Packets,
         Counter::PassNotIp,
@@ -489,6 +514,7 @@ impl Counter {
         Counter::DropTcpOutOfWindow,
         Counter::DropTailCall,
         Counter::DropInternal,
+        Counter::SyncEventsLost,
     ];
 
     /// Stable snake_case name, used in `lb status` and its JSON.
@@ -529,6 +555,7 @@ impl Counter {
             Counter::DropTcpOutOfWindow => "drop_tcp_out_of_window",
             Counter::DropTailCall => "drop_tail_call",
             Counter::DropInternal => "drop_internal",
+            Counter::SyncEventsLost => "sync_events_lost",
         }
     }
 
@@ -546,6 +573,7 @@ impl Counter {
                 | Counter::FragmentsTracked
                 | Counter::IcmpErrorsTranslated
                 | Counter::CloseEventsLost
+                | Counter::SyncEventsLost
         )
     }
 }
@@ -583,6 +611,7 @@ const _: () = assert!(size_of::<VlanPort>() == 8);
 const _: () = assert!(size_of::<FragmentKey>() == 40);
 const _: () = assert!(size_of::<TrafficStats>() == 56);
 const _: () = assert!(size_of::<CloseEvent>() == 48);
+const _: () = assert!(size_of::<SyncEvent>() == 248);
 const _: () = assert!(MAGLEV_ENTRIES <= u32::MAX / 2);
 const _: () = assert!(Counter::COUNT <= MAX_COUNTERS);
 
@@ -605,6 +634,7 @@ mod pod {
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for CloseEvent {}
+    unsafe impl aya::Pod for SyncEvent {}
 }
 
 /// Word 0 of an address: an IPv4 address in network byte order, as read raw from a packet.

@@ -54,9 +54,10 @@ pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
 pub const MAP_ROUTE_GENERATION: &str = "LB_ROUTE_GEN";
 pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
 pub const MAP_EVENTS: &str = "LB_EVENTS";
+pub const MAP_SYNC: &str = "LB_SYNC";
 
 /// Every map of the XDP object (`lb.bpf.o`).
-pub const MAPS: [MapSpec; 24] = [
+pub const MAPS: [MapSpec; 25] = [
     pinned(MAP_PROGRAMS),
     pinned(MAP_ADDR_FILTER),
     pinned(MAP_ROUTE_GENERATION),
@@ -78,6 +79,9 @@ pub const MAPS: [MapSpec; 24] = [
     // Close events: a restarted daemon reads its own ring, and what closed meanwhile waits
     // for garbage collection.
     per_load(MAP_EVENTS),
+    // Confirmed flows for the peers: what a restarting daemon missed reaches them with its
+    // first reconciliation (a full snapshot to every peer it connects to).
+    per_load(MAP_SYNC),
     // Per-CPU working space, valid within one packet only.
     per_load("LB_SCRATCH_KEY"),
     per_load("LB_SCRATCH_FLOW"),

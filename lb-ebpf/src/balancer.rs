@@ -34,6 +34,7 @@ use crate::{
     nat::rewrite,
     parse::{is_ours, parse, Packet, Part},
     stats::{self, Traffic},
+    sync,
     tcp::{self, ClientAck},
     verdict::Verdict,
 };
@@ -362,11 +363,11 @@ fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
         copy.timeout_s = copy.idle_timeout_s;
         copy.last_seen_ns = now;
     }
-    if FLOWS.insert(key, this, u64::from(BPF_ANY)).is_err() {
+    if FLOWS.insert(key, &*this, u64::from(BPF_ANY)).is_err() {
         stats::count(Counter::FlowTableFull);
         return;
     }
-    if FLOWS.insert(other_key, that, u64::from(BPF_ANY)).is_err() {
+    if FLOWS.insert(other_key, &*that, u64::from(BPF_ANY)).is_err() {
         let _ = FLOWS.remove(key);
         stats::count(Counter::FlowTableFull);
         return;
@@ -382,6 +383,13 @@ fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
         entry.timeout_s = entry.idle_timeout_s;
     }
     stats::count(Counter::FlowsConfirmed);
+    if let Some(settings) = SETTINGS.get(0) {
+        if this.flags & FLOW_F_REVERSE == 0 {
+            sync::flow_confirmed(settings, key, this, that);
+        } else {
+            sync::flow_confirmed(settings, other_key, that, this);
+        }
+    }
 }
 
 /// Makes an entry expired for every freshness check (`clock::is_fresh`), whatever the clock.

@@ -17,6 +17,7 @@ mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod sync;
 mod tcp;
 mod verdict;
 mod wire;

@@ -8,10 +8,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, CloseEvent, FlowEntry, FlowKey, FragmentKey,
-    Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
+    Service, ServiceKey, Settings, SyncEvent, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
     CLOSE_EVENTS, MAGLEV_ENTRIES, MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS,
     MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS,
-    PROGRAM_SLOTS,
+    PROGRAM_SLOTS, SYNC_EVENTS,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -91,6 +91,12 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(CLOSE_EVENTS * CLOSE_EVENT_RECORD, 0);
 /// A record's size in the ring: the event and the ring's 8-byte header.
 const CLOSE_EVENT_RECORD: u32 = core::mem::size_of::<CloseEvent>() as u32 + 8;
+
+/// Confirmed flows for the peers (`SyncEvent`), written only with `SETTINGS_F_SYNC`.
+#[map(name = "LB_SYNC")]
+pub static SYNC: RingBuf = RingBuf::with_byte_size(SYNC_EVENTS * SYNC_EVENT_RECORD, 0);
+/// A record's size in the ring: the event and the ring's 8-byte header.
+const SYNC_EVENT_RECORD: u32 = core::mem::size_of::<SyncEvent>() as u32 + 8;
 
 #[map(name = "LB_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTERS, 0);

@@ -165,6 +165,43 @@ pub struct StatusReport {
     /// SNAT ports held by confirmed connections, per SNAT address.
     #[serde(default)]
     pub snat_ports_in_use: BTreeMap<IpAddr, u64>,
+    /// State sync with the peers; None without `daemon.sync`.
+    #[serde(default)]
+    pub sync: Option<Box<SyncStatus>>,
+}
+
+/// `lb status`'s view of state sync (see `daemon::sync`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// This node holds a peer's snapshot, or no peer answered within
+    /// `daemon.sync.bulk_sync_timeout`: keepalived may give it the addresses.
+    pub ready: bool,
+    /// Where this node's state goes, one entry per `daemon.sync.peers`.
+    pub peers: Vec<SyncPeer>,
+    /// Sessions in which peers send their state to this node, open now.
+    pub inbound_sessions: u64,
+    pub records_received: u64,
+    /// Records that authenticated but could not be installed, per reason (an unknown
+    /// service or server: the nodes' configs differ; a full table).
+    pub records_refused: BTreeMap<String, u64>,
+    /// Connections to the sync port refused, per reason (malformed, wrong_version,
+    /// unauthenticated, too_many_sessions).
+    pub sessions_refused: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPeer {
+    pub address: std::net::SocketAddr,
+    pub connected: bool,
+    pub records_sent: u64,
+    /// Records not sent because the peer was too slow (its queue was full): the peer gets
+    /// a new snapshot instead.
+    pub records_dropped: u64,
+    pub snapshots_sent: u64,
+    /// When the last full snapshot to it finished (Unix seconds); 0: never.
+    pub last_snapshot_unix: u64,
+    /// Why the last connection attempt or session ended, if it did.
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -522,6 +559,27 @@ pub(crate) mod tests {
             node_drained: false,
             announced: None,
             snat_ports_in_use: [("10.2.0.100".parse().unwrap(), 3)].into(),
+            sync: None,
+        }
+    }
+
+    /// `sample_report` with sync: one connected peer, two unauthenticated sessions refused.
+    pub(crate) fn sample_sync() -> SyncStatus {
+        SyncStatus {
+            ready: true,
+            peers: vec![SyncPeer {
+                address: "10.2.0.3:7946".parse().unwrap(),
+                connected: true,
+                records_sent: 12,
+                records_dropped: 0,
+                snapshots_sent: 1,
+                last_snapshot_unix: 1_700_000_000,
+                last_error: None,
+            }],
+            inbound_sessions: 1,
+            records_received: 9,
+            records_refused: BTreeMap::new(),
+            sessions_refused: [("unauthenticated".to_string(), 2)].into(),
         }
     }
 

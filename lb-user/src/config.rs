@@ -78,6 +78,9 @@ pub struct DaemonConfig {
     pub gc_interval: u32,
     /// Route announcement of the VIPs through BIRD; off when absent.
     pub announce: Option<AnnounceConfig>,
+    /// Flow and affinity sync with the other nodes of an HA pair or ECMP group
+    /// (docs/ha.md); off when absent.
+    pub sync: Option<SyncConfig>,
 }
 
 impl DaemonConfig {
@@ -108,8 +111,60 @@ pub struct AnnounceConfig {
     pub reload_command: Vec<String>,
 }
 
+/// This node sends every flow it confirms, and every affinity, to each peer, and installs
+/// theirs; see docs/ha.md.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Address and TCP port this node receives its peers' state on.
+    pub listen: std::net::SocketAddr,
+    /// The other nodes' `listen` addresses.
+    pub peers: Vec<std::net::SocketAddr>,
+    /// The group's shared key: 64 hex digits (`openssl rand -hex 32`), the same file on
+    /// every node, readable by root only.
+    pub key_file: std::path::PathBuf,
+    /// keepalived's `track_file` for this node (docs/ha.md): lb writes 1 until it holds a
+    /// peer's snapshot, so keepalived gives it no address while it is cold, then 0.
+    pub track_file: Option<std::path::PathBuf>,
+    /// Seconds a starting node waits for a peer's snapshot before it declares itself ready
+    /// alone (no peer is up).
+    #[serde(default = "default_bulk_sync_timeout")]
+    pub bulk_sync_timeout: u32,
+}
+
+fn default_bulk_sync_timeout() -> u32 {
+    10
+}
+
 fn default_bird_reload() -> Vec<String> {
     vec!["birdc".into(), "configure".into()]
+}
+
+impl SyncConfig {
+    fn validate(&self) -> Result<()> {
+        if self.peers.is_empty() {
+            bail!("daemon.sync.peers: name at least one other node's sync address");
+        }
+        let mut seen = HashSet::new();
+        for (i, peer) in self.peers.iter().enumerate() {
+            if *peer == self.listen {
+                bail!("daemon.sync.peers[{i}]: {peer} is this node's own daemon.sync.listen");
+            }
+            if !seen.insert(peer) {
+                bail!("daemon.sync.peers[{i}]: duplicate peer {peer}");
+            }
+        }
+        if !self.key_file.is_absolute() {
+            bail!(
+                "daemon.sync.key_file: must be an absolute path, got {:?}",
+                self.key_file
+            );
+        }
+        if self.bulk_sync_timeout == 0 {
+            bail!("daemon.sync.bulk_sync_timeout: must be at least 1 second");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -544,6 +599,9 @@ impl DaemonConfig {
             .is_some_and(|a| a.reload_command.is_empty())
         {
             bail!("daemon.announce.reload_command: must name a program");
+        }
+        if let Some(sync) = &d.sync {
+            sync.validate()?;
         }
         if d.snat_port_min == 0 || d.snat_port_min > d.snat_port_max {
             bail!(

@@ -178,11 +178,17 @@ impl Daemon {
             .join("lb.sock")
     }
 
+    /// Kills the daemon with SIGKILL (no chance to clean up); the data plane stays.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Kills the daemon with SIGKILL (no chance to clean up) and starts a new one with the
     /// same config; returns when the new one answers.
     pub fn kill_and_restart(&mut self) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
+        self.kill()?;
         self.child = spawn(
             &self.binary,
             &self.site.netns,

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod pair;
 pub mod rng;
 pub mod server;
 pub mod topology;

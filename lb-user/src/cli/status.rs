@@ -113,6 +113,9 @@ pub fn render(report: &StatusReport) -> String {
             .collect();
         out.push_str(&format!("SNAT ports in use: {}\n\n", held.join(", ")));
     }
+    if let Some(sync) = &report.sync {
+        out.push_str(&render_sync(sync));
+    }
     let mut counters = new_table();
     counters.set_header(["counter", "value"]);
     for (name, value) in &report.counters {
@@ -125,6 +128,52 @@ pub fn render(report: &StatusReport) -> String {
     }
     out.push_str("data-plane counters (zero ones omitted):\n");
     out.push_str(&counters.to_string());
+    out.push('\n');
+    out
+}
+
+/// The sync section of `lb status`: readiness, one row per peer, what came in.
+fn render_sync(sync: &crate::api::SyncStatus) -> String {
+    let mut out = format!(
+        "state sync: {}  inbound sessions {}  records received {}\n",
+        if sync.ready {
+            "ready"
+        } else {
+            "NOT READY (no peer snapshot yet; keepalived keeps this node backup)"
+        },
+        sync.inbound_sessions,
+        sync.records_received,
+    );
+    let mut peers = new_table();
+    peers.set_header([
+        "peer",
+        "connected",
+        "records sent",
+        "dropped",
+        "snapshots",
+        "last error",
+    ]);
+    for p in &sync.peers {
+        peers.add_row([
+            p.address.to_string(),
+            if p.connected { "yes" } else { "NO" }.to_string(),
+            p.records_sent.to_string(),
+            p.records_dropped.to_string(),
+            p.snapshots_sent.to_string(),
+            p.last_error.clone().unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&peers.to_string());
+    out.push('\n');
+    for (what, counts) in [
+        ("records refused", &sync.records_refused),
+        ("sessions refused", &sync.sessions_refused),
+    ] {
+        if !counts.is_empty() {
+            let list: Vec<String> = counts.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            out.push_str(&format!("{what}: {}\n", list.join(", ")));
+        }
+    }
     out.push('\n');
     out
 }
@@ -202,4 +251,26 @@ pub fn render_maglev(table: &MaglevTable) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::tests::{sample_report, sample_sync};
+
+    #[test]
+    fn sync_shows_readiness_peers_and_refusals() {
+        let mut report = sample_report();
+        assert!(!render(&report).contains("state sync"));
+        report.sync = Some(Box::new(sample_sync()));
+        let text = render(&report);
+        assert!(text.contains("state sync: ready"), "{text}");
+        assert!(text.contains("10.2.0.3:7946"), "{text}");
+        assert!(
+            text.contains("sessions refused: unauthenticated 2"),
+            "{text}"
+        );
+        report.sync.as_mut().unwrap().ready = false;
+        assert!(render(&report).contains("NOT READY"));
+    }
 }

@@ -139,6 +139,13 @@ pub struct CollectionPlan {
     affinities: Selection<AffinityKey>,
 }
 
+impl CollectionPlan {
+    /// The flow directions it deletes.
+    pub fn expired_flows(&self) -> &[FlowKey] {
+        &self.flows.doomed
+    }
+}
+
 /// Reads every table through `tables` and picks what has expired. The long part of a
 /// collection (a million flows take seconds to read), done without the daemon's lock: the
 /// data plane never uses an expired entry again, so it stays garbage until

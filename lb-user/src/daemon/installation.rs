@@ -14,7 +14,7 @@ use lb_common::{
     hash, Backend, Service, ServiceKey, Settings, VipInfo, ADDR_F_SNAT, AFFINITY_NONE,
     AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
     BACKEND_F_DRAINING, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SETTINGS_F_DEBUG_LOG,
-    SETTINGS_F_ECHO_REPLY,
+    SETTINGS_F_ECHO_REPLY, SETTINGS_F_SYNC,
 };
 use tracing::info;
 
@@ -295,6 +295,9 @@ impl Installation {
         }
         if debug_log {
             flags |= SETTINGS_F_DEBUG_LOG;
+        }
+        if d.sync.is_some() {
+            flags |= SETTINGS_F_SYNC;
         }
         dp.set_settings(Settings {
             snat_v4_count: d.snat_addresses.iter().filter(|a| a.is_ipv4()).count() as u32,

@@ -14,7 +14,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use tracing::{error, info};
 
 use crate::{
@@ -308,9 +308,92 @@ pub fn render(report: &StatusReport) -> Result<String> {
         "Clients with a share large enough to suggest a proxy or NAT in front",
         hot_sources,
     );
+    if let Some(sync) = &report.sync {
+        register_sync(&mut registry, sync);
+    }
     let mut out = String::new();
     encode(&mut out, &registry).context("encode metrics")?;
     Ok(out)
+}
+
+/// The `lb_sync_*` families: this node's readiness, each peer's session, what came in.
+fn register_sync(registry: &mut Registry, sync: &crate::api::SyncStatus) {
+    let ready = Gauge::<i64, AtomicI64>::default();
+    ready.set(i64::from(sync.ready));
+    registry.register(
+        "sync_ready",
+        "1 once this node holds a peer's snapshot (or no peer answered): keepalived may give it the addresses",
+        ready,
+    );
+    let connected = Family::<Labels, Gauge>::default();
+    let sent = Family::<Labels, Counter>::default();
+    let dropped = Family::<Labels, Counter>::default();
+    let snapshots = Family::<Labels, Counter>::default();
+    let last_snapshot = Family::<Labels, Gauge>::default();
+    for p in &sync.peers {
+        let l = labels(&[("peer", &p.address.to_string())]);
+        connected.get_or_create(&l).set(i64::from(p.connected));
+        sent.get_or_create(&l).inc_by(p.records_sent);
+        dropped.get_or_create(&l).inc_by(p.records_dropped);
+        snapshots.get_or_create(&l).inc_by(p.snapshots_sent);
+        last_snapshot
+            .get_or_create(&l)
+            .set(p.last_snapshot_unix as i64);
+    }
+    registry.register(
+        "sync_peer_connected",
+        "1 while this node's state reaches the peer",
+        connected,
+    );
+    registry.register("sync_records_sent", "Records sent to the peer", sent);
+    registry.register(
+        "sync_records_dropped",
+        "Records not sent because the peer was too slow (it got a new snapshot instead)",
+        dropped,
+    );
+    registry.register(
+        "sync_snapshots_sent",
+        "Full snapshots sent to the peer",
+        snapshots,
+    );
+    registry.register_with_unit(
+        "sync_last_snapshot",
+        "When the last full snapshot to the peer finished (Unix time)",
+        Unit::Seconds,
+        last_snapshot,
+    );
+    let received = Counter::<u64, AtomicU64>::default();
+    received.inc_by(sync.records_received);
+    registry.register(
+        "sync_records_received",
+        "Records received from the peers",
+        received,
+    );
+    let inbound = Gauge::<i64, AtomicI64>::default();
+    inbound.set(sync.inbound_sessions as i64);
+    registry.register("sync_inbound_sessions", "Peers' sessions open now", inbound);
+    let refused_records = Family::<Labels, Counter>::default();
+    for (reason, n) in &sync.records_refused {
+        refused_records
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*n);
+    }
+    registry.register(
+        "sync_records_refused",
+        "Authenticated records not installed, per reason",
+        refused_records,
+    );
+    let refused_sessions = Family::<Labels, Counter>::default();
+    for (reason, n) in &sync.sessions_refused {
+        refused_sessions
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*n);
+    }
+    registry.register(
+        "sync_sessions_refused",
+        "Connections to the sync port refused, per reason",
+        refused_sessions,
+    );
 }
 
 /// OpenMetrics' content type (what `render` writes; it ends with `# EOF`).
@@ -428,5 +511,22 @@ mod tests {
                 "the dashboard queries {name}, which lb does not export"
             );
         }
+    }
+
+    #[test]
+    fn sync_renders_per_peer_and_per_reason() {
+        let mut report = sample_report();
+        report.sync = Some(Box::new(crate::api::tests::sample_sync()));
+        let text = render(&report).unwrap();
+        for expected in [
+            "lb_sync_ready 1",
+            r#"lb_sync_peer_connected{peer="10.2.0.3:7946"} 1"#,
+            r#"lb_sync_records_sent_total{peer="10.2.0.3:7946"} 12"#,
+            r#"lb_sync_sessions_refused_total{reason="unauthenticated"} 2"#,
+            "lb_sync_records_received_total 9",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        assert!(!render(&sample_report()).unwrap().contains("lb_sync_"));
     }
 }

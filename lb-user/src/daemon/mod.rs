@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pool;
 pub mod report;
 pub mod runtime;
+pub mod sync;
 
 use std::{
     net::IpAddr,
@@ -60,16 +61,61 @@ pub struct State {
     announced: Option<Vec<IpAddr>>,
     /// Where `lb status` and the metrics learn what changed (`report::StatusSource`).
     publish: watch::Sender<Arc<Basis>>,
+    /// State sync with the peers (`daemon.sync`).
+    sync: Option<sync::Handle>,
 }
 
 impl State {
     /// Hands readers of the status the pool as it is now.
     fn publish(&self) {
+        if let Some(sync) = &self.sync {
+            sync.set_directory(self.directory());
+        }
         match Basis::of(&self.pool, self.announced.clone()) {
             Ok(basis) => {
                 self.publish.send_replace(Arc::new(basis));
             }
             Err(e) => error!(error = %format!("{e:#}"), "publishing the status"),
+        }
+    }
+
+    /// The names behind this node's ids, for the sync records.
+    fn directory(&self) -> sync::directory::Directory {
+        let interfaces = self
+            .pool
+            .config()
+            .daemon
+            .interfaces
+            .iter()
+            .map(|name| crate::dataplane::ifindex(name).unwrap_or(0))
+            .collect();
+        sync::directory::Directory::of(self.pool.installation(), interfaces)
+    }
+
+    /// Starts state sync with the peers (`daemon.sync`); the status reports it from then on.
+    async fn start_sync(&mut self, status: &mut StatusSource) -> Result<()> {
+        let Some(config) = self.pool.config().daemon.sync.clone() else {
+            return Ok(());
+        };
+        let events = self
+            .dataplane
+            .take_sync_events()
+            .context("the sync ring was taken already")?;
+        let tables = sync::Tables {
+            events,
+            reader: Arc::new(self.dataplane.open_reader()?),
+            peer_tables: self.dataplane.open_peer_tables()?,
+        };
+        let handle = sync::start(&config, self.directory(), tables).await?;
+        status.set_sync(handle.stats());
+        self.sync = Some(handle);
+        Ok(())
+    }
+
+    /// Tells the peers of flows this node removed.
+    fn removed(&self, keys: Vec<lb_common::FlowKey>) {
+        if let Some(sync) = &self.sync {
+            sync.removed(keys);
         }
     }
 
@@ -254,7 +300,12 @@ pub fn start(
     let config = Config::load(config_path)?;
     let state_file = state_path(config_path);
     let overlay = Overlay::load(&state_file)?;
-    check_snat_addresses_are_local(&config.daemon.snat_addresses)?;
+    if config.daemon.sync.is_some() {
+        // In an HA pair keepalived moves the SNAT addresses: the standby has none.
+        info!("daemon.sync is set: SNAT addresses may float (keepalived), their locality is not checked");
+    } else {
+        check_snat_addresses_are_local(&config.daemon.snat_addresses)?;
+    }
     prepare_host(&config.daemon.interfaces)?;
     let mut dataplane = Dataplane::load(
         Capacity {
@@ -282,6 +333,7 @@ pub fn start(
         checker: Checker::new(reports),
         announced: None,
         publish,
+        sync: None,
     };
     state.reconcile_health();
     state.publish();
@@ -301,7 +353,8 @@ fn install_vlans(dataplane: &mut Dataplane, interfaces: &[String]) -> Result<usi
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let (report_tx, mut reports) = mpsc::unbounded_channel();
-    let (mut state, status) = start(config_path, report_tx)?;
+    let (mut state, mut status) = start(config_path, report_tx)?;
+    state.start_sync(&mut status).await?;
     if let Some(logger) = state.dataplane.take_logger() {
         forward_dataplane_log(logger)?;
     }
@@ -388,8 +441,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 let due = closing.take_due(now);
                 if !due.is_empty() {
                     let mut s = state.lock().await;
-                    if let Err(e) = s.dataplane.remove_closed(&due, now) {
-                        error!(error = %format!("{e:#}"), "removing closed flows");
+                    match s.dataplane.remove_closed(&due, now) {
+                        Ok(removed) => s.removed(removed),
+                        Err(e) => error!(error = %format!("{e:#}"), "removing closed flows"),
                     }
                 }
             }
@@ -401,8 +455,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 let plan = off_the_workers(move || plan_collection(&tables, &timeouts)).await;
                 let mut s = state.lock().await;
                 let s = &mut *s;
-                if let Err(e) = plan.and_then(|plan| s.pool.apply_collection(&mut s.dataplane, &plan)) {
-                    error!(error = %format!("{e:#}"), "garbage collection");
+                match plan.and_then(|plan| s.pool.apply_collection(&mut s.dataplane, &plan).map(|()| plan)) {
+                    Ok(plan) => s.removed(plan.expired_flows().to_vec()),
+                    Err(e) => error!(error = %format!("{e:#}"), "garbage collection"),
                 }
                 s.publish();
             }

@@ -112,6 +112,7 @@ impl Basis {
 pub struct StatusSource {
     basis: watch::Receiver<Arc<Basis>>,
     tables: Arc<TableReader>,
+    sync: Option<Arc<crate::daemon::sync::Stats>>,
 }
 
 impl StatusSource {
@@ -119,7 +120,19 @@ impl StatusSource {
     pub fn new(tables: TableReader) -> (watch::Sender<Arc<Basis>>, Self) {
         let (publish, basis) = watch::channel(Arc::new(Basis::default()));
         let tables = Arc::new(tables);
-        (publish, Self { basis, tables })
+        (
+            publish,
+            Self {
+                basis,
+                tables,
+                sync: None,
+            },
+        )
+    }
+
+    /// Reports state sync from now on (set before the source is handed out).
+    pub fn set_sync(&mut self, stats: Arc<crate::daemon::sync::Stats>) {
+        self.sync = Some(stats);
     }
 
     /// The tables it reads, for other readers (garbage collection's planning).
@@ -131,7 +144,9 @@ impl StatusSource {
     /// workers.
     pub fn report(&self) -> Result<StatusReport> {
         let basis = self.basis.borrow().clone();
-        build(&basis, &self.tables)
+        let mut report = build(&basis, &self.tables)?;
+        report.sync = self.sync.as_ref().map(|s| Box::new(s.report()));
+        Ok(report)
     }
 }
 
@@ -221,6 +236,7 @@ pub fn build(basis: &Basis, tables: &TableReader) -> Result<StatusReport> {
         node_drained: basis.node_drained,
         announced: basis.announced.clone(),
         snat_ports_in_use: counts.snat_ports,
+        sync: None,
     })
 }
 

@@ -29,7 +29,7 @@ use lb_common::{
     ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FLOW_F_CLOSING, LAYOUT_VERSION, MAGLEV_SIZE,
     MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_EVENTS,
     MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION, MAP_SERVICES,
-    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS,
+    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS,
     MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME,
     OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
 };
@@ -97,6 +97,8 @@ pub struct Dataplane {
     route_generation: Option<RouteGeneration>,
     /// `LB_EVENTS`, until the daemon takes it (not pinned: see `lb_common::MAPS`).
     close_events: Option<RingBuf<MapData>>,
+    /// `LB_SYNC`, until the sync service takes it.
+    sync_events: Option<RingBuf<MapData>>,
     /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
     /// throw-away instance (packet tests).
     pin_dir: Option<PathBuf>,
@@ -242,6 +244,40 @@ impl TableReader {
         remove: impl Fn(&AffinityKey, &AffinityEntry) -> bool,
     ) -> Result<Selection<AffinityKey>> {
         select(&self.affinity, remove).context("LB_AFFINITY")
+    }
+}
+
+/// The tables a peer's state goes into (see `Dataplane::open_peer_tables`).
+pub struct PeerTables {
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+}
+
+impl PeerTables {
+    /// Writes both directions of a flow; false if the table refused (full).
+    pub fn install_flow(&mut self, directions: &[(FlowKey, FlowEntry); 2]) -> bool {
+        directions
+            .iter()
+            .all(|(key, entry)| self.flows.insert(key, entry, 0).is_ok())
+    }
+
+    /// Writes an affinity unless this node holds a fresher one for the client.
+    pub fn install_affinity(&mut self, key: &AffinityKey, entry: &AffinityEntry) -> bool {
+        if let Ok(current) = self.affinity.get(key, 0) {
+            if current.last_seen_ns >= entry.last_seen_ns {
+                return true;
+            }
+        }
+        self.affinity.insert(key, entry, 0).is_ok()
+    }
+
+    /// Removes a flow direction and the flow's other direction; how many entries went.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> usize {
+        let Ok(entry) = self.flows.get(key, 0) else {
+            return 0;
+        };
+        let other = entry.other_direction(key);
+        usize::from(self.flows.remove(key).is_ok()) + usize::from(self.flows.remove(&other).is_ok())
     }
 }
 
@@ -442,6 +478,7 @@ impl Dataplane {
             logger: Some(logger),
             route_generation: Some(route_generation),
             close_events: Some(take(&mut ebpf, MAP_EVENTS)?),
+            sync_events: Some(take(&mut ebpf, MAP_SYNC)?),
             address_filter_map: take(&mut ebpf, MAP_ADDR_FILTER)?,
             // Filled from LB_VIPS below.
             address_filter: Vec::new(),
@@ -477,14 +514,28 @@ impl Dataplane {
         self.close_events.take()
     }
 
+    /// The confirmed flows for the peers, for the sync service (once).
+    pub fn take_sync_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.sync_events.take()
+    }
+
+    /// Write access to the flow and affinity tables on descriptors of its own, for the
+    /// sync service to install its peers' state without the daemon's lock.
+    pub fn open_peer_tables(&self) -> Result<PeerTables> {
+        Ok(PeerTables {
+            flows: reopen(self.flows.map(), Map::HashMap, MAP_FLOWS)?,
+            affinity: reopen(self.affinity.map(), Map::LruHashMap, MAP_AFFINITY)?,
+        })
+    }
+
     /// Removes the flows of `keys` (directions that started closing) whose entry has
     /// expired by `now_ns`, with their other direction if that is closing or expired too;
-    /// returns how many entries went. A flow refreshed meanwhile, or a new one on the same
-    /// tuple, stays.
-    pub fn remove_closed(&mut self, keys: &[FlowKey], now_ns: u64) -> Result<usize> {
+    /// returns the keys of the entries that went. A flow refreshed meanwhile, or a new one
+    /// on the same tuple, stays.
+    pub fn remove_closed(&mut self, keys: &[FlowKey], now_ns: u64) -> Result<Vec<FlowKey>> {
         let expired =
             |e: &FlowEntry| !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now_ns);
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for key in keys {
             let Ok(entry) = self.flows.get(key, 0) else {
                 continue;
@@ -494,13 +545,13 @@ impl Dataplane {
             }
             let other_key = entry.other_direction(key);
             if self.flows.remove(key).is_ok() {
-                removed += 1;
+                removed.push(*key);
             }
             if let Ok(other) = self.flows.get(&other_key, 0) {
                 if (other.flags & FLOW_F_CLOSING != 0 || expired(&other))
                     && self.flows.remove(&other_key).is_ok()
                 {
-                    removed += 1;
+                    removed.push(other_key);
                 }
             }
         }

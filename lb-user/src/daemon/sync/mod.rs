@@ -1,0 +1,628 @@
+//! Flow and affinity sync between the nodes of an HA pair or ECMP group (docs/ha.md), so
+//! that a node that takes over a dead one's traffic already holds its connections.
+//!
+//! - Out: the data plane writes every flow it confirms to `LB_SYNC`; every
+//!   `DRAIN_INTERVAL` the producer turns those into records and queues them for each
+//!   connected peer, with the removals the daemon makes (closed and expired flows) and,
+//!   every `RECONCILE_INTERVAL`, the flows and affinities that saw traffic since the last
+//!   round (their timers, sequence numbers and closing state; a record lost on the way is
+//!   made good there). Each peer has a dialer task: it connects, sends a full snapshot,
+//!   then the queue. A peer too slow for its bounded queue gets a fresh snapshot instead.
+//! - In: a listener takes up to `MAX_SESSIONS` peers' sessions (`session`) and installs
+//!   their records (`directory`) through table handles of its own, never the daemon's
+//!   lock. Anything that does not authenticate, decode or resolve changes nothing and is
+//!   counted.
+//! - Readiness: with `track_file`, keepalived keeps this node's VRRP instances out of
+//!   MASTER until it holds a peer's snapshot (or none answered in `bulk_sync_timeout`).
+pub mod directory;
+pub mod session;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use lb_common::{is_fresh, FlowEntry, FlowKey, SyncEvent, FLOW_F_REVERSE, NS_PER_SEC};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch, Semaphore},
+    time::timeout,
+};
+use tracing::{info, warn};
+
+use self::{
+    directory::{tuple, tuple_key, Directory},
+    session::{refusal, Refusal, Sealer, SharedKey},
+    wire::{Record, RECORDS_PER_FRAME},
+};
+use crate::{
+    api::{unix_now, SyncPeer, SyncStatus},
+    config::SyncConfig,
+    daemon::off_the_workers,
+    dataplane::{monotonic_ns, PeerTables, TableReader},
+};
+
+/// How often confirmed flows leave for the peers: well inside the 100 ms a peer may lag.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the flows and affinities that saw traffic are sent again (far below any idle
+/// timeout, so a peer's copies never expire while the flow lives here).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
+/// Batches queued per peer; beyond that the peer is too slow and gets a new snapshot.
+const PEER_QUEUE: usize = 256;
+/// Removal batches the daemon may have waiting for the producer.
+const REMOVAL_QUEUE: usize = 1024;
+/// Peers' sessions open at once; more are refused (a flood of connections costs a count).
+const MAX_SESSIONS: usize = 8;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A dialer sends an empty frame this often, so a listener can tell a quiet peer from a
+/// dead one.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A session without a frame for this long is over.
+const SESSION_IDLE: Duration = Duration::from_secs(5);
+/// A frame a peer does not take within this time ends the session.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Records bound for every connected peer, shared by their queues.
+type Batch = Arc<Vec<Record>>;
+/// A peer's queue and counters, as the producer fills them.
+type PeerQueue = (mpsc::Sender<Batch>, Arc<PeerCounters>);
+
+#[derive(Default)]
+struct PeerCounters {
+    connected: AtomicBool,
+    /// Set when the queue overflowed: the dialer starts over with a snapshot.
+    resnapshot: AtomicBool,
+    sent: AtomicU64,
+    dropped: AtomicU64,
+    snapshots: AtomicU64,
+    last_snapshot_unix: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What the sync service counts, for `lb status` and the metrics.
+#[derive(Default)]
+pub struct Stats {
+    ready: AtomicBool,
+    peers: Vec<(SocketAddr, Arc<PeerCounters>)>,
+    inbound_sessions: AtomicU64,
+    received: AtomicU64,
+    refused_records: Mutex<BTreeMap<String, u64>>,
+    refused_sessions: Mutex<BTreeMap<String, u64>>,
+}
+
+fn count(map: &Mutex<BTreeMap<String, u64>>, reason: &str) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    *map.entry(reason.to_string()).or_default() += 1;
+}
+
+fn refusal_name(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Malformed => "malformed",
+        Refusal::WrongVersion => "wrong_version",
+        Refusal::Unauthenticated => "unauthenticated",
+    }
+}
+
+impl Stats {
+    pub fn report(&self) -> SyncStatus {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SyncStatus {
+            ready: self.ready.load(Ordering::Relaxed),
+            peers: self
+                .peers
+                .iter()
+                .map(|(address, c)| SyncPeer {
+                    address: *address,
+                    connected: c.connected.load(Ordering::Relaxed),
+                    records_sent: load(&c.sent),
+                    records_dropped: load(&c.dropped),
+                    snapshots_sent: load(&c.snapshots),
+                    last_snapshot_unix: load(&c.last_snapshot_unix),
+                    last_error: c
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
+                })
+                .collect(),
+            inbound_sessions: load(&self.inbound_sessions),
+            records_received: load(&self.received),
+            records_refused: self
+                .refused_records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            sessions_refused: self
+                .refused_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// The daemon's side of the sync service.
+pub struct Handle {
+    directory: watch::Sender<Arc<Directory>>,
+    removals: mpsc::Sender<Vec<FlowKey>>,
+    stats: Arc<Stats>,
+}
+
+impl Handle {
+    /// The ids and names as they are now (after every change of the installation).
+    pub fn set_directory(&self, directory: Directory) {
+        self.directory.send_replace(Arc::new(directory));
+    }
+
+    /// Flows this node removed (closed or expired): the peers remove them too.
+    pub fn removed(&self, keys: Vec<FlowKey>) {
+        if !keys.is_empty() && self.removals.try_send(keys).is_err() {
+            // The peers' copies then expire on their own timers.
+            warn!("sync removal queue full; peers keep those flows until they expire");
+        }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+}
+
+/// Everything the sync service needs from the data plane.
+pub struct Tables {
+    pub events: RingBuf<MapData>,
+    pub reader: Arc<TableReader>,
+    pub peer_tables: PeerTables,
+}
+
+/// Reads the shared key, naming the config key when it cannot.
+pub fn read_key(path: &Path) -> Result<SharedKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("daemon.sync.key_file: read {}", path.display()))?;
+    SharedKey::parse(&text).with_context(|| format!("daemon.sync.key_file: {}", path.display()))
+}
+
+/// Starts the listener, the producer and a dialer per peer.
+pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) -> Result<Handle> {
+    let key = read_key(&config.key_file)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("daemon.sync.listen: bind {}", config.listen))?;
+    let stats = Arc::new(Stats {
+        peers: config
+            .peers
+            .iter()
+            .map(|p| (*p, Arc::new(PeerCounters::default())))
+            .collect(),
+        ..Stats::default()
+    });
+    let readiness = Readiness::new(config.track_file.clone(), stats.clone())?;
+    let (directory_tx, directory_rx) = watch::channel(Arc::new(directory));
+    let (removals_tx, removals_rx) = mpsc::channel(REMOVAL_QUEUE);
+    let mut queues = Vec::new();
+    for (address, counters) in &stats.peers {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        queues.push((tx, counters.clone()));
+        let dialer = Dialer {
+            address: *address,
+            key: key.clone(),
+            counters: counters.clone(),
+            reader: tables.reader.clone(),
+            directory: directory_rx.clone(),
+        };
+        tokio::spawn(dialer.run(rx));
+    }
+    tokio::spawn(produce(
+        tables.events,
+        tables.reader,
+        directory_rx.clone(),
+        removals_rx,
+        queues,
+    ));
+    let inbound = Inbound {
+        key,
+        stats: stats.clone(),
+        tables: Arc::new(Mutex::new(tables.peer_tables)),
+        directory: directory_rx,
+        readiness: readiness.clone(),
+    };
+    tokio::spawn(inbound.listen(listener));
+    tokio::spawn(
+        readiness
+            .clone()
+            .deadline(Duration::from_secs(u64::from(config.bulk_sync_timeout))),
+    );
+    info!(listen = %config.listen, peers = config.peers.len(), "state sync started");
+    Ok(Handle {
+        directory: directory_tx,
+        removals: removals_tx,
+        stats,
+    })
+}
+
+/// Whether this node may take addresses, as keepalived's track file says (0: may).
+#[derive(Clone)]
+struct Readiness {
+    track_file: Option<PathBuf>,
+    stats: Arc<Stats>,
+}
+
+impl Readiness {
+    fn new(track_file: Option<PathBuf>, stats: Arc<Stats>) -> Result<Self> {
+        let readiness = Self { track_file, stats };
+        readiness.write(false)?;
+        Ok(readiness)
+    }
+
+    fn write(&self, ready: bool) -> Result<()> {
+        let Some(path) = &self.track_file else {
+            return Ok(());
+        };
+        // Written whole, then renamed: keepalived never reads half a file.
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, if ready { "0\n" } else { "1\n" })
+            .and_then(|()| std::fs::rename(&temporary, path))
+            .with_context(|| format!("daemon.sync.track_file: write {}", path.display()))
+    }
+
+    fn set_ready(&self, why: &str) {
+        if self.stats.ready.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        info!(why, "sync ready: this node may take over addresses");
+        if let Err(e) = self.write(true) {
+            warn!(error = %format!("{e:#}"), "telling keepalived this node is ready");
+        }
+    }
+
+    /// After `wait`, a node that no peer has started a session with is alone: ready.
+    async fn deadline(self, wait: Duration) {
+        tokio::time::sleep(wait).await;
+        while !self.stats.ready.load(Ordering::Relaxed) {
+            if self.stats.inbound_sessions.load(Ordering::Relaxed) == 0 {
+                self.set_ready("no peer sent a snapshot in bulk_sync_timeout");
+                return;
+            }
+            // A session is under way: its snapshot decides.
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+/// Every flow (with both directions) and affinity seen since `since_ns` and still live, as
+/// records. Blocking: it walks the tables.
+fn records_since(tables: &TableReader, directory: &Directory, since_ns: u64) -> Vec<Record> {
+    let now = monotonic_ns();
+    let live = |e: &FlowEntry| is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now);
+    let flows: HashMap<FlowKey, FlowEntry> = tables.flows().collect();
+    let mut records = Vec::new();
+    for (key, forward) in &flows {
+        if forward.flags & FLOW_F_REVERSE != 0 || !live(forward) {
+            continue;
+        }
+        let Some(reverse) = flows.get(&forward.other_direction(key)) else {
+            continue;
+        };
+        if forward.last_seen_ns.max(reverse.last_seen_ns) < since_ns {
+            continue;
+        }
+        if let Some(flow) = directory.flow_record(key, forward, reverse, now) {
+            records.push(Record::Flow(flow));
+        }
+    }
+    for (key, entry) in tables.affinities() {
+        if entry.last_seen_ns < since_ns || entry.last_seen_ns == 0 {
+            continue;
+        }
+        if let Some(affinity) = directory.affinity_record(&key, &entry, now) {
+            records.push(Record::Affinity(affinity));
+        }
+    }
+    records
+}
+
+/// Turns the data plane's events, the daemon's removals and the reconciliation rounds into
+/// batches for every connected peer.
+async fn produce(
+    mut events: RingBuf<MapData>,
+    reader: Arc<TableReader>,
+    directory: watch::Receiver<Arc<Directory>>,
+    mut removals: mpsc::Receiver<Vec<FlowKey>>,
+    queues: Vec<PeerQueue>,
+) {
+    let fan_out = |records: Vec<Record>| {
+        if records.is_empty() {
+            return;
+        }
+        let batch = Arc::new(records);
+        for (queue, counters) in &queues {
+            if !counters.connected.load(Ordering::Relaxed) {
+                continue;
+            }
+            if queue.try_send(batch.clone()).is_err() {
+                counters
+                    .dropped
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                counters.resnapshot.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
+    reconcile.tick().await;
+    let mut last_round = monotonic_ns();
+    loop {
+        tokio::select! {
+            _ = drain.tick() => {
+                let directory = directory.borrow().clone();
+                let now = monotonic_ns();
+                let mut records = Vec::new();
+                while let Some(item) = events.next() {
+                    let Some(event) = parse_event(&item) else { continue };
+                    if let Some(flow) = directory.flow_record(&event.key, &event.forward, &event.reverse, now) {
+                        records.push(Record::Flow(flow));
+                    }
+                }
+                fan_out(records);
+            }
+            Some(keys) = removals.recv() => {
+                fan_out(keys.iter().map(|k| Record::FlowRemoved(tuple(k))).collect());
+            }
+            _ = reconcile.tick() => {
+                let (reader, since) = (reader.clone(), last_round);
+                let directory = directory.borrow().clone();
+                last_round = monotonic_ns();
+                match off_the_workers(move || Ok(records_since(&reader, &directory, since))).await {
+                    Ok(records) => fan_out(records),
+                    Err(e) => warn!(error = %format!("{e:#}"), "sync reconciliation"),
+                }
+            }
+        }
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<SyncEvent> {
+    (bytes.len() >= size_of::<SyncEvent>())
+        // SAFETY: SyncEvent is plain old data of that size; the read is unaligned-safe.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SyncEvent>()) })
+}
+
+/// Sends this node's state to one peer, reconnecting for as long as the daemon runs.
+struct Dialer {
+    address: SocketAddr,
+    key: SharedKey,
+    counters: Arc<PeerCounters>,
+    reader: Arc<TableReader>,
+    directory: watch::Receiver<Arc<Directory>>,
+}
+
+impl Dialer {
+    async fn run(self, mut queue: mpsc::Receiver<Batch>) {
+        let mut logged: Option<String> = None;
+        loop {
+            let result = self.session(&mut queue).await;
+            self.counters.connected.store(false, Ordering::Relaxed);
+            let error = format!(
+                "{:#}",
+                result.err().unwrap_or_else(|| anyhow::anyhow!("closed"))
+            );
+            if logged.as_ref() != Some(&error) {
+                warn!(peer = %self.address, error = %error, "sync session to peer ended; retrying every second");
+                logged = Some(error.clone());
+            }
+            *self
+                .counters
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(error);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn send(
+        &self,
+        sealer: &mut Sealer,
+        stream: &mut TcpStream,
+        records: &[Record],
+    ) -> Result<()> {
+        for chunk in records.chunks(RECORDS_PER_FRAME) {
+            let body = wire::encode(chunk)?;
+            timeout(SEND_TIMEOUT, sealer.send(stream, &body))
+                .await
+                .context("peer stopped taking frames")??;
+            self.counters
+                .sent
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self, sealer: &mut Sealer, stream: &mut TcpStream) -> Result<()> {
+        let (reader, directory) = (self.reader.clone(), self.directory.borrow().clone());
+        let mut records =
+            off_the_workers(move || Ok(records_since(&reader, &directory, 0))).await?;
+        records.push(Record::SnapshotDone);
+        self.send(sealer, stream, &records).await?;
+        self.counters.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .last_snapshot_unix
+            .store(unix_now(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn session(&self, queue: &mut mpsc::Receiver<Batch>) -> Result<()> {
+        let mut stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(self.address))
+            .await
+            .context("connect timed out")?
+            .context("connect")?;
+        stream.set_nodelay(true)?;
+        let mut sealer = timeout(HANDSHAKE_TIMEOUT, session::dial(&mut stream, &self.key))
+            .await
+            .context("handshake timed out")??;
+        // Queue from now on; what was queued before the snapshot is in it.
+        while queue.try_recv().is_ok() {}
+        self.counters.resnapshot.store(false, Ordering::Relaxed);
+        self.counters.connected.store(true, Ordering::Relaxed);
+        self.snapshot(&mut sealer, &mut stream).await?;
+        info!(peer = %self.address, "sync session to peer up; snapshot sent");
+        *self
+            .counters
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        loop {
+            if self.counters.resnapshot.swap(false, Ordering::Relaxed) {
+                while queue.try_recv().is_ok() {}
+                self.snapshot(&mut sealer, &mut stream).await?;
+            }
+            tokio::select! {
+                batch = queue.recv() => {
+                    let Some(batch) = batch else { return Ok(()) };
+                    self.send(&mut sealer, &mut stream, &batch).await?;
+                }
+                _ = keepalive.tick() => self.send(&mut sealer, &mut stream, &[]).await.map(|_| ())?,
+            }
+        }
+    }
+}
+
+/// Takes peers' sessions and installs what they send.
+#[derive(Clone)]
+struct Inbound {
+    key: SharedKey,
+    stats: Arc<Stats>,
+    tables: Arc<Mutex<PeerTables>>,
+    directory: watch::Receiver<Arc<Directory>>,
+    readiness: Readiness,
+}
+
+impl Inbound {
+    async fn listen(self, listener: TcpListener) {
+        let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept on the sync port");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                count(&self.stats.refused_sessions, "too_many_sessions");
+                continue;
+            };
+            let inbound = self.clone();
+            tokio::spawn(async move {
+                inbound
+                    .stats
+                    .inbound_sessions
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = inbound.session(stream).await {
+                    match refusal(&e) {
+                        Some(r) => {
+                            count(&inbound.stats.refused_sessions, refusal_name(r));
+                            warn!(%peer, error = %format!("{e:#}"), "sync session refused");
+                        }
+                        None => {
+                            info!(%peer, error = %format!("{e:#}"), "sync session from peer ended")
+                        }
+                    }
+                }
+                inbound
+                    .stats
+                    .inbound_sessions
+                    .fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+
+    async fn session(&self, mut stream: TcpStream) -> Result<()> {
+        let mut opener = timeout(HANDSHAKE_TIMEOUT, session::accept(&mut stream, &self.key))
+            .await
+            .context("handshake timed out")??;
+        loop {
+            let Some(body) = timeout(SESSION_IDLE, opener.receive(&mut stream))
+                .await
+                .context("peer silent")??
+            else {
+                return Ok(());
+            };
+            let records = match wire::decode(&body) {
+                Ok(records) => records,
+                Err(e) => {
+                    count(&self.stats.refused_sessions, "undecodable");
+                    return Err(e);
+                }
+            };
+            self.stats
+                .received
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            let snapshot_done = records.contains(&Record::SnapshotDone);
+            let (tables, directory, stats) = (
+                self.tables.clone(),
+                self.directory.borrow().clone(),
+                self.stats.clone(),
+            );
+            off_the_workers(move || {
+                let mut tables = tables.lock().unwrap_or_else(|e| e.into_inner());
+                for record in &records {
+                    if let Err(reason) = install(&mut tables, &directory, record) {
+                        count(&stats.refused_records, reason);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            if snapshot_done {
+                self.readiness.set_ready("holds a peer's snapshot");
+            }
+        }
+    }
+}
+
+/// Applies one record of a peer's to this node's tables.
+fn install(
+    tables: &mut PeerTables,
+    directory: &Directory,
+    record: &Record,
+) -> Result<(), directory::Refusal> {
+    let now = monotonic_ns();
+    match record {
+        Record::Flow(flow) => {
+            let directions = directory.flow_entries(flow, now)?;
+            if !tables.install_flow(&directions) {
+                return Err("flow table full");
+            }
+            let (key, forward) = &directions[0];
+            if let Some((akey, aentry)) = directory.flow_affinity(key, forward) {
+                if !tables.install_affinity(&akey, &aentry) {
+                    return Err("affinity table refused");
+                }
+            }
+        }
+        Record::FlowRemoved(t) => {
+            tables.remove_flow(&tuple_key(t)?);
+        }
+        Record::Affinity(affinity) => {
+            let (key, entry) = directory.affinity_entry(affinity, now)?;
+            if !tables.install_affinity(&key, &entry) {
+                return Err("affinity table refused");
+            }
+        }
+        Record::SnapshotDone => {}
+    }
+    Ok(())
+}

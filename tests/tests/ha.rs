@@ -1,0 +1,357 @@
+//! High availability end to end: an active/standby pair with real keepalived (VRRP) and lb's
+//! flow sync; and the sync port under hostile input. Needs root and keepalived (installed
+//! here if missing).
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use harness::{
+    client::Connection,
+    netns::run_cmd,
+    pair::{Pair, VIP},
+    server::Server,
+    wait::until,
+};
+use lb::daemon::sync::{
+    session::{self, SharedKey},
+    wire::{self, Record},
+};
+use tokio::io::AsyncWriteExt;
+
+const CLIENTS: usize = 100;
+const CONNECTIONS_PER_CLIENT: usize = 10;
+const PORT: u16 = 443;
+const BACKEND_PORT: u16 = 4443;
+/// The bound on a failover.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(3);
+const SYNC_WAIT: Duration = Duration::from_secs(30);
+const START_WAIT: Duration = Duration::from_secs(30);
+/// Broken connections the test waits for before it gives up on the rest.
+const REPORTED_BREAKS: usize = 5;
+
+fn ensure_keepalived() -> Result<()> {
+    if run_cmd("keepalived", &["--version"]).is_ok() {
+        return Ok(());
+    }
+    run_cmd(
+        "apt-get",
+        &[
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "keepalived",
+        ],
+    )
+    .context("install keepalived")
+    .map(drop)
+}
+
+fn services(pair: &Pair) -> String {
+    let list: Vec<String> = pair
+        .backends
+        .iter()
+        .map(|b| format!("{{ address = \"{}\" }}", b.address))
+        .collect();
+    format!(
+        "[[service]]\nname = \"web-ext\"\nvip = \"{VIP}\"\nport = {PORT}\nbackend_port = {BACKEND_PORT}\naffinity = \"source\"\naffinity_timeout = 1800\nidle_timeout = 3600\nbackends = [{}]\n",
+        list.join(", ")
+    )
+}
+
+fn start_servers(pair: &Pair) -> Result<Vec<Server>> {
+    pair.backends
+        .iter()
+        .map(|b| Server::start(&b.ns, &b.name, b.address, BACKEND_PORT))
+        .collect()
+}
+
+/// Confirmed connections a node holds (client directions).
+fn flows_held(pair: &Pair, k: usize) -> Result<u64> {
+    Ok(pair.daemon(k).status()?.tables.flows.entries / 2)
+}
+
+#[test]
+fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<()> {
+    ensure_keepalived()?;
+    let mut pair = Pair::build(3, CLIENTS)?;
+    let _servers = start_servers(&pair)?;
+    let services = services(&pair);
+    pair.start_node(0, &services)?;
+    pair.start_node(1, &services)?;
+    pair.wait_for_master(0, START_WAIT)?;
+    let vip = SocketAddr::new(VIP.into(), PORT);
+
+    // Long-lived connections through the active node, each answered once.
+    let mut connections = Vec::new();
+    let mut server_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for &c in &pair.client_addresses {
+        for _ in 0..CONNECTIONS_PER_CLIENT {
+            let mut connection = Connection::open(&pair.client, c, 0, vip)?;
+            let reply = connection.ask()?;
+            let server = server_of.entry(c).or_insert_with(|| reply.server.clone());
+            ensure!(
+                *server == reply.server,
+                "{c} reached {} and {server}",
+                reply.server
+            );
+            connections.push((c, connection, reply.server));
+        }
+    }
+    let total = connections.len() as u64;
+    ensure!(
+        flows_held(&pair, 0)? == total,
+        "the active node holds {} of {total} flows",
+        flows_held(&pair, 0)?
+    );
+    let synced = Instant::now();
+    until(
+        SYNC_WAIT,
+        Duration::from_millis(20),
+        "the standby to hold every flow",
+        || Ok(flows_held(&pair, 1)? == total),
+    )
+    .with_context(|| {
+        format!(
+            "standby holds {} of {total} flows",
+            flows_held(&pair, 1).unwrap_or(0)
+        )
+    })?;
+    eprintln!(
+        "standby holds all {total} flows {:?} after the last was opened",
+        synced.elapsed()
+    );
+    let sync = pair.daemon(1).status()?.sync.context("no sync status")?;
+    ensure!(sync.ready, "standby not ready: {sync:?}");
+    ensure!(
+        sync.records_refused.is_empty(),
+        "standby refused records: {sync:?}"
+    );
+
+    // Power cut on the active node; the standby takes the addresses.
+    let killed = Instant::now();
+    pair.nodes[0].die()?;
+    let failover = pair.wait_for_master(1, Duration::from_secs(10))?;
+    eprintln!("keepalived moved the VIP and the SNAT address in {failover:?}");
+    ensure!(failover <= FAILOVER_LIMIT, "failover took {failover:?}");
+
+    // Every connection keeps its server.
+    let mut broken = Vec::new();
+    for (c, connection, server) in &mut connections {
+        if broken.len() >= REPORTED_BREAKS {
+            // Each broken connection costs an I/O timeout: enough to tell what happened.
+            break;
+        }
+        match connection.ask() {
+            Ok(reply) if reply.server == *server => {}
+            Ok(reply) => broken.push(format!("{c}: now {} instead of {server}", reply.server)),
+            Err(e) => broken.push(format!("{c} {}: {e:#}", connection.local)),
+        }
+    }
+    eprintln!(
+        "{} of {total} connections answered after the failover ({:?} after the kill)",
+        total as usize - broken.len(),
+        killed.elapsed()
+    );
+    ensure!(
+        broken.is_empty(),
+        "connections broke (the first {REPORTED_BREAKS} shown at most): {broken:?}"
+    );
+
+    // New connections from the same clients reach the same servers: the affinities came over.
+    for (&c, server) in &server_of {
+        let reply = Connection::open(&pair.client, c, 0, vip)?.ask()?;
+        ensure!(
+            reply.server == *server,
+            "{c} now reaches {}, before {server}",
+            reply.server
+        );
+    }
+    let survivor = pair.daemon(1).status()?;
+    ensure!(
+        survivor.counters["drop_tcp_no_flow"] == 0,
+        "the survivor dropped packets of unknown flows: {:?}",
+        survivor.counters
+    );
+    Ok(())
+}
+
+/// A sync session from the test itself, with the group's key or another.
+async fn dial(
+    address: SocketAddr,
+    key: &SharedKey,
+) -> Result<(tokio::net::TcpStream, session::Sealer)> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let sealer = session::dial(&mut stream, key).await?;
+    Ok((stream, sealer))
+}
+
+fn refused(pair: &Pair, reason: &str) -> u64 {
+    pair.daemon(0)
+        .status()
+        .ok()
+        .and_then(|s| s.sync)
+        .and_then(|s| s.sessions_refused.get(reason).copied())
+        .unwrap_or(0)
+}
+
+#[test]
+fn forged_replayed_truncated_and_wrong_version_sync_traffic_changes_nothing() -> Result<()> {
+    let mut pair = Pair::build(1, 0)?;
+    let _servers = start_servers(&pair)?;
+    let services = services(&pair);
+    // Node 0 alone, without keepalived: its sync port is what is under attack.
+    let extra = pair.sync_keys(0);
+    pair.nodes[0].daemon = Some(harness::daemon::Daemon::start_binary(
+        &pair.nodes[0].site,
+        &harness::daemon::lb_binary()?,
+        &extra,
+        &services,
+    )?);
+    let target = pair.nodes[0].sync_address();
+    let key = lb::daemon::sync::read_key(&pair.key_file)?;
+    let wrong_key = SharedKey::parse(&"5a".repeat(32))?;
+    let flow = |port: u16| {
+        Record::Flow(wire::Flow {
+            service: "web-ext".into(),
+            protocol: 6,
+            client: SocketAddr::new(IpAddr::from([10, 1, 1, 1]), port),
+            vip: SocketAddr::new(VIP.into(), PORT),
+            snat: SocketAddr::new(harness::pair::SNAT.into(), 20000 + port),
+            server: SocketAddr::new(pair.backends[0].address.into(), BACKEND_PORT),
+            server_port: BACKEND_PORT,
+            idle_timeout_s: 3600,
+            forward: wire::Direction {
+                flags: 0,
+                timeout_s: 3600,
+                seq_next: 1,
+                handshake_ack: 0,
+                idle_ms: 0,
+                interface: 0,
+            },
+            reverse: wire::Direction {
+                flags: 0,
+                timeout_s: 3600,
+                seq_next: 1,
+                handshake_ack: 0,
+                idle_ms: 0,
+                interface: 1,
+            },
+        })
+    };
+    let holds = |pair: &Pair| -> Result<u64> { Ok(pair.daemon(0).status()?.tables.flows.entries) };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The test's sockets live in node 1's namespace, a host on the sync segment.
+    let in_ns = |f: &(dyn Fn() -> Result<()> + Sync)| -> Result<()> { pair.nodes[1].ns.run(f)? };
+
+    // A genuine session installs a flow, and its bytes are recorded.
+    let recorded = std::sync::Mutex::new(Vec::new());
+    in_ns(&|| {
+        runtime.block_on(async {
+            let (mut stream, mut sealer) = dial(target, &key).await?;
+            let mut tape = Vec::new();
+            sealer.send(&mut tape, &wire::encode(&[flow(1)])?).await?;
+            stream.write_all(&tape).await?;
+            stream.flush().await?;
+            *recorded.lock().unwrap() = tape;
+            Ok(())
+        })
+    })?;
+    until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the genuine flow",
+        || Ok(holds(&pair)? == 2),
+    )?;
+
+    // Garbage, another version, a frame cut short, a wrong key, and the genuine frame
+    // replayed into a new session.
+    let hostile: Vec<(&str, Vec<u8>)> = {
+        let mut hello_v9 = b"LBSY".to_vec();
+        hello_v9.extend_from_slice(&9u16.to_be_bytes());
+        hello_v9.extend_from_slice(&[0; 16]);
+        let mut hello = b"LBSY".to_vec();
+        hello.extend_from_slice(&session::VERSION.to_be_bytes());
+        hello.extend_from_slice(&[1; 16]);
+        let mut truncated = hello.clone();
+        truncated.extend_from_slice(&200u32.to_be_bytes());
+        truncated.extend_from_slice(&[0; 50]);
+        let mut replayed = hello.clone();
+        replayed.extend_from_slice(&recorded.lock().unwrap());
+        vec![
+            ("malformed", b"GET / HTTP/1.1\r\n\r\n".repeat(2)),
+            ("wrong_version", hello_v9),
+            ("malformed", truncated),
+            ("unauthenticated", replayed),
+        ]
+    };
+    for (reason, bytes) in &hostile {
+        let before = refused(&pair, reason);
+        in_ns(&|| {
+            runtime.block_on(async {
+                let mut stream = tokio::net::TcpStream::connect(target).await?;
+                stream.write_all(bytes).await?;
+                stream.shutdown().await?;
+                Ok(())
+            })
+        })?;
+        until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            reason,
+            || Ok(refused(&pair, reason) > before),
+        )
+        .with_context(|| format!("a {reason} session was not counted"))?;
+    }
+    let before = refused(&pair, "unauthenticated");
+    in_ns(&|| {
+        runtime.block_on(async {
+            let (mut stream, mut sealer) = dial(target, &wrong_key).await?;
+            sealer.send(&mut stream, &wire::encode(&[flow(2)])?).await?;
+            stream.shutdown().await?;
+            Ok(())
+        })
+    })?;
+    until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the forged session",
+        || Ok(refused(&pair, "unauthenticated") > before),
+    )?;
+
+    // A genuine record naming a service this node does not have is refused and counted.
+    in_ns(&|| {
+        runtime.block_on(async {
+            let (mut stream, mut sealer) = dial(target, &key).await?;
+            let Record::Flow(mut other) = flow(3) else {
+                unreachable!()
+            };
+            other.service = "no-such-service".into();
+            sealer
+                .send(&mut stream, &wire::encode(&[Record::Flow(other)])?)
+                .await?;
+            stream.shutdown().await?;
+            Ok(())
+        })
+    })?;
+    until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the refused record",
+        || {
+            let sync = pair.daemon(0).status()?.sync.context("no sync status")?;
+            Ok(sync.records_refused.get("unknown service") == Some(&1))
+        },
+    )?;
+    ensure!(
+        holds(&pair)? == 2,
+        "hostile sessions changed the flow table: {} entries",
+        holds(&pair)?
+    );
+    Ok(())
+}
