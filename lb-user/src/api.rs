@@ -66,6 +66,13 @@ pub enum Request {
     NodeDrain {
         drained: bool,
     },
+    /// Tell keepalived (through the sync track file) that this node must not be active;
+    /// refused while no peer is connected unless `force`.
+    HaHandover {
+        force: bool,
+    },
+    /// Undo `HaHandover`.
+    HaResume,
     /// The live Maglev table of a service, to compare nodes.
     MaglevTable {
         service: String,
@@ -176,6 +183,9 @@ pub struct SyncStatus {
     /// This node holds a peer's snapshot, or no peer answered within
     /// `daemon.sync.bulk_sync_timeout`: keepalived may give it the addresses.
     pub ready: bool,
+    /// `lb ha handover` is in force: keepalived keeps this node out of MASTER.
+    #[serde(default)]
+    pub handed_over: bool,
     /// Where this node's state goes, one entry per `daemon.sync.peers`.
     pub peers: Vec<SyncPeer>,
     /// Sessions in which peers send their state to this node, open now.
@@ -567,6 +577,7 @@ pub(crate) mod tests {
     pub(crate) fn sample_sync() -> SyncStatus {
         SyncStatus {
             ready: true,
+            handed_over: false,
             peers: vec![SyncPeer {
                 address: "10.2.0.3:7946".parse().unwrap(),
                 connected: true,

@@ -65,6 +65,15 @@ enum Command {
         #[arg(value_enum)]
         action: NodeAction,
     },
+    /// The HA pair (docs/ha.md): sync state and peers; hand the active role over on purpose.
+    Ha {
+        /// status (default), handover or resume.
+        #[arg(value_enum, default_value_t = HaAction::Status)]
+        action: HaAction,
+        /// handover: even with no peer connected (the peer may be cold or absent).
+        #[arg(long)]
+        force: bool,
+    },
     /// A service's live Maglev table: slots per server and a digest to compare nodes.
     Maglev {
         /// The service, by its name in the config.
@@ -214,6 +223,16 @@ enum AffinityCommand {
 enum NodeAction {
     Drain,
     Undrain,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum HaAction {
+    /// Readiness, peers and what the sync refused.
+    Status,
+    /// Tell keepalived this node must not be active: the peer takes the addresses.
+    Handover,
+    /// Let keepalived make this node active or backup again.
+    Resume,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -443,6 +462,26 @@ fn run(cli: Cli) -> Result<()> {
             };
             done(Request::NodeDrain { drained }, what.into())
         }
+        Command::Ha { action, force } => match action {
+            HaAction::Status => {
+                let Response::Status(report) = call(Request::Status)? else {
+                    bail!("unexpected response to a status request");
+                };
+                let sync = report
+                    .sync
+                    .context("this node has no [daemon.sync]: it is not part of an HA pair")?;
+                print!("{}", status::render_sync(&sync));
+                Ok(())
+            }
+            HaAction::Handover => done(
+                Request::HaHandover { force },
+                "handed over: keepalived releases this node's addresses and the peer takes them; `lb ha resume` undoes it".into(),
+            ),
+            HaAction::Resume => done(
+                Request::HaResume,
+                "resumed: keepalived may make this node active or backup again".into(),
+            ),
+        },
         Command::Maglev {
             service,
             client,

@@ -189,6 +189,12 @@ impl Daemon {
     /// same config; returns when the new one answers.
     pub fn kill_and_restart(&mut self) -> Result<()> {
         self.kill()?;
+        self.restart()
+    }
+
+    /// Starts the daemon again with the same config after it was killed; returns when it
+    /// answers.
+    pub fn restart(&mut self) -> Result<()> {
         self.child = spawn(
             &self.binary,
             &self.site.netns,

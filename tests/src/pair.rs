@@ -269,6 +269,22 @@ impl Pair {
         )
     }
 
+    /// Brings a dead node back: links up, its lb daemon restarted (it adopts its pinned
+    /// tables), keepalived started again.
+    pub fn revive(&mut self, k: usize) -> Result<()> {
+        let node = &mut self.nodes[k];
+        node.ns.ip(&["link", "set", "front", "up"])?;
+        node.ns.ip(&["link", "set", "back", "up"])?;
+        node.dead = false;
+        node.daemon
+            .as_mut()
+            .context("node never started")?
+            .restart()?;
+        let config = self.dir.join(format!("keepalived{k}.conf"));
+        node.keepalived = Some(Keepalived::start(&node.ns, &config, &self.dir, k)?);
+        Ok(())
+    }
+
     /// Starts lb (with `services`) and keepalived on node `k`.
     pub fn start_node(&mut self, k: usize, services: &str) -> Result<()> {
         let extra = self.sync_keys(k);

@@ -139,26 +139,10 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     ensure!(failover <= FAILOVER_LIMIT, "failover took {failover:?}");
 
     // Every connection keeps its server.
-    let mut broken = Vec::new();
-    for (c, connection, server) in &mut connections {
-        if broken.len() >= REPORTED_BREAKS {
-            // Each broken connection costs an I/O timeout: enough to tell what happened.
-            break;
-        }
-        match connection.ask() {
-            Ok(reply) if reply.server == *server => {}
-            Ok(reply) => broken.push(format!("{c}: now {} instead of {server}", reply.server)),
-            Err(e) => broken.push(format!("{c} {}: {e:#}", connection.local)),
-        }
-    }
+    answer_on_the_same_servers(&mut connections)?;
     eprintln!(
-        "{} of {total} connections answered after the failover ({:?} after the kill)",
-        total as usize - broken.len(),
+        "all {total} connections answered by their servers {:?} after the kill",
         killed.elapsed()
-    );
-    ensure!(
-        broken.is_empty(),
-        "connections broke (the first {REPORTED_BREAKS} shown at most): {broken:?}"
     );
 
     // New connections from the same clients reach the same servers: the affinities came over.
@@ -175,6 +159,58 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
         survivor.counters["drop_tcp_no_flow"] == 0,
         "the survivor dropped packets of unknown flows: {:?}",
         survivor.counters
+    );
+
+    // The old node returns, takes a snapshot, stays backup; handed the role, it carries
+    // every connection on.
+    pair.revive(0)?;
+    until(
+        SYNC_WAIT,
+        Duration::from_millis(50),
+        "the returned node to be warm",
+        || {
+            let sync = pair.daemon(0).status()?.sync.context("no sync status")?;
+            Ok(sync.ready && flows_held(&pair, 0)? >= flows_held(&pair, 1)?)
+        },
+    )?;
+    ensure!(
+        pair.nodes[1].holds_vip()? && !pair.nodes[0].holds_vip()?,
+        "the returned node took the addresses unasked"
+    );
+    let refused = pair.daemon(1).cli(&["ha", "handover"])?;
+    ensure!(
+        refused.status.success(),
+        "lb ha handover failed: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let handover = pair.wait_for_master(0, Duration::from_secs(10))?;
+    eprintln!("lb ha handover moved the addresses back in {handover:?}");
+    answer_on_the_same_servers(&mut connections)?;
+    pair.daemon(1).cli_ok(&["ha", "resume"])?;
+    ensure!(pair
+        .daemon(1)
+        .cli_ok(&["ha"])?
+        .contains("state sync: ready"));
+    Ok(())
+}
+
+/// Asks on every connection; fails with the first few that break or moved.
+fn answer_on_the_same_servers(connections: &mut [(Ipv4Addr, Connection, String)]) -> Result<()> {
+    let mut broken = Vec::new();
+    for (c, connection, server) in connections.iter_mut() {
+        if broken.len() >= REPORTED_BREAKS {
+            // Each broken connection costs an I/O timeout: enough to tell what happened.
+            break;
+        }
+        match connection.ask() {
+            Ok(reply) if reply.server == *server => {}
+            Ok(reply) => broken.push(format!("{c}: now {} instead of {server}", reply.server)),
+            Err(e) => broken.push(format!("{c} {}: {e:#}", connection.local)),
+        }
+    }
+    ensure!(
+        broken.is_empty(),
+        "connections broke (the first {REPORTED_BREAKS} shown at most): {broken:?}"
     );
     Ok(())
 }

@@ -133,10 +133,12 @@ pub fn render(report: &StatusReport) -> String {
 }
 
 /// The sync section of `lb status`: readiness, one row per peer, what came in.
-fn render_sync(sync: &crate::api::SyncStatus) -> String {
+pub fn render_sync(sync: &crate::api::SyncStatus) -> String {
     let mut out = format!(
         "state sync: {}  inbound sessions {}  records received {}\n",
-        if sync.ready {
+        if sync.handed_over {
+            "HANDED OVER (lb ha resume lets this node be active again)"
+        } else if sync.ready {
             "ready"
         } else {
             "NOT READY (no peer snapshot yet; keepalived keeps this node backup)"

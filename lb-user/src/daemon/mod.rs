@@ -112,6 +112,12 @@ impl State {
         Ok(())
     }
 
+    fn sync_handle(&self) -> Result<&sync::Handle> {
+        self.sync
+            .as_ref()
+            .context("this node has no [daemon.sync]: it is not part of an HA pair")
+    }
+
     /// Tells the peers of flows this node removed.
     fn removed(&self, keys: Vec<lb_common::FlowKey>) {
         if let Some(sync) = &self.sync {
@@ -156,6 +162,8 @@ impl State {
                 | Request::AffinityList { .. }
                 | Request::DebugLog { .. }
                 | Request::NodeDrain { .. }
+                | Request::HaHandover { .. }
+                | Request::HaResume
                 | Request::MaglevTable { .. }
         );
         let dp = &mut self.dataplane;
@@ -207,6 +215,20 @@ impl State {
                     "node drain switched; routes follow within a second"
                 );
                 done(pool.set_node_drained(drained))
+            }
+            Request::HaHandover { force } => {
+                let result = self.sync_handle().and_then(|sync| sync.hand_over(force));
+                if result.is_ok() {
+                    info!("handed over: keepalived keeps this node out of MASTER until `lb ha resume`");
+                }
+                done(result)
+            }
+            Request::HaResume => {
+                let result = self.sync_handle().and_then(sync::Handle::resume);
+                if result.is_ok() {
+                    info!("resumed: keepalived may make this node active again");
+                }
+                done(result)
             }
             Request::MaglevTable { service } => {
                 pool.maglev_table(dp, &service).map(Response::MaglevTable)

@@ -94,6 +94,8 @@ struct PeerCounters {
 #[derive(Default)]
 pub struct Stats {
     ready: AtomicBool,
+    /// `lb ha handover` is in force.
+    handed_over: AtomicBool,
     peers: Vec<(SocketAddr, Arc<PeerCounters>)>,
     inbound_sessions: AtomicU64,
     received: AtomicU64,
@@ -119,6 +121,7 @@ impl Stats {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         SyncStatus {
             ready: self.ready.load(Ordering::Relaxed),
+            handed_over: self.handed_over.load(Ordering::Relaxed),
             peers: self
                 .peers
                 .iter()
@@ -157,6 +160,7 @@ pub struct Handle {
     directory: watch::Sender<Arc<Directory>>,
     removals: mpsc::Sender<Vec<FlowKey>>,
     stats: Arc<Stats>,
+    readiness: Readiness,
 }
 
 impl Handle {
@@ -175,6 +179,32 @@ impl Handle {
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// `lb ha handover`: keepalived must not keep or make this node active. Refused while
+    /// no peer takes this node's state, unless `force`: the peer would be cold or absent.
+    pub fn hand_over(&self, force: bool) -> Result<()> {
+        let connected = self
+            .stats
+            .peers
+            .iter()
+            .any(|(_, c)| c.connected.load(Ordering::Relaxed));
+        if !connected && !force {
+            anyhow::bail!("no peer is connected, so none holds this node's connections; handing over would break them (lb ha shows the peers; --force hands over anyway)");
+        }
+        if self.readiness.track_file.is_none() {
+            anyhow::bail!(
+                "daemon.sync.track_file is not set, so keepalived cannot hear of a handover"
+            );
+        }
+        self.stats.handed_over.store(true, Ordering::Relaxed);
+        self.readiness.update()
+    }
+
+    /// `lb ha resume`: undoes a handover.
+    pub fn resume(&self) -> Result<()> {
+        self.stats.handed_over.store(false, Ordering::Relaxed);
+        self.readiness.update()
     }
 }
 
@@ -247,6 +277,7 @@ pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) ->
         directory: directory_tx,
         removals: removals_tx,
         stats,
+        readiness,
     })
 }
 
@@ -260,14 +291,17 @@ struct Readiness {
 impl Readiness {
     fn new(track_file: Option<PathBuf>, stats: Arc<Stats>) -> Result<Self> {
         let readiness = Self { track_file, stats };
-        readiness.write(false)?;
+        readiness.update()?;
         Ok(readiness)
     }
 
-    fn write(&self, ready: bool) -> Result<()> {
+    /// Writes what keepalived should know now: 0 when this node may be active.
+    fn update(&self) -> Result<()> {
         let Some(path) = &self.track_file else {
             return Ok(());
         };
+        let ready = self.stats.ready.load(Ordering::Relaxed)
+            && !self.stats.handed_over.load(Ordering::Relaxed);
         // Written whole, then renamed: keepalived never reads half a file.
         let temporary = path.with_extension("tmp");
         std::fs::write(&temporary, if ready { "0\n" } else { "1\n" })
@@ -280,7 +314,7 @@ impl Readiness {
             return;
         }
         info!(why, "sync ready: this node may take over addresses");
-        if let Err(e) = self.write(true) {
+        if let Err(e) = self.update() {
             warn!(error = %format!("{e:#}"), "telling keepalived this node is ready");
         }
     }
