@@ -130,6 +130,11 @@ pub struct SyncConfig {
     /// alone (no peer is up).
     #[serde(default = "default_bulk_sync_timeout")]
     pub bulk_sync_timeout: u32,
+    /// Active/active behind ECMP: the peers' SNAT addresses this node takes over when their
+    /// node dies (keepalived moves them here); their flows' return traffic is then this
+    /// node's. Never used for new connections.
+    #[serde(default)]
+    pub backup_snat_addresses: Vec<IpAddr>,
 }
 
 fn default_bulk_sync_timeout() -> u32 {
@@ -141,7 +146,7 @@ fn default_bird_reload() -> Vec<String> {
 }
 
 impl SyncConfig {
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, own_snat: &[IpAddr]) -> Result<()> {
         if self.peers.is_empty() {
             bail!("daemon.sync.peers: name at least one other node's sync address");
         }
@@ -162,6 +167,20 @@ impl SyncConfig {
         }
         if self.bulk_sync_timeout == 0 {
             bail!("daemon.sync.bulk_sync_timeout: must be at least 1 second");
+        }
+        let mut backed = HashSet::new();
+        for (i, address) in self.backup_snat_addresses.iter().enumerate() {
+            if own_snat.contains(address) {
+                bail!("daemon.sync.backup_snat_addresses[{i}]: {address} is this node's own SNAT address (daemon.snat_addresses)");
+            }
+            if unusable_address(*address) {
+                bail!(
+                    "daemon.sync.backup_snat_addresses[{i}]: {address} cannot be a source address"
+                );
+            }
+            if !backed.insert(address) {
+                bail!("daemon.sync.backup_snat_addresses[{i}]: duplicate address {address}");
+            }
         }
         Ok(())
     }
@@ -601,7 +620,7 @@ impl DaemonConfig {
             bail!("daemon.announce.reload_command: must name a program");
         }
         if let Some(sync) = &d.sync {
-            sync.validate()?;
+            sync.validate(&d.snat_addresses)?;
         }
         if d.snat_port_min == 0 || d.snat_port_min > d.snat_port_max {
             bail!(
@@ -846,6 +865,37 @@ pub(crate) mod tests {
             e.contains(".backends[1].address") && e.contains("is a VIP"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sync_settings_that_cannot_work_are_named() {
+        let with_sync = |table: &str| {
+            MINIMAL.replace(
+                "\n        [[service]]",
+                &format!("\n        [daemon.sync]\n{table}\n        [[service]]"),
+            )
+        };
+        let good = "listen = \"10.2.0.2:7946\"\npeers = [\"10.2.0.3:7946\"]\nkey_file = \"/etc/lb/sync.key\"\n";
+        let c = Config::parse(&with_sync(good)).unwrap();
+        assert_eq!(c.daemon.sync.unwrap().bulk_sync_timeout, 10);
+        for (table, named) in [
+            (good.replace("\"10.2.0.3:7946\"", ""), "daemon.sync.peers"),
+            (
+                good.replace("10.2.0.3:7946", "10.2.0.2:7946"),
+                "daemon.sync.peers[0]",
+            ),
+            (
+                good.replace("/etc/lb/sync.key", "sync.key"),
+                "daemon.sync.key_file",
+            ),
+            (
+                format!("{good}backup_snat_addresses = [\"10.2.0.100\"]\n"),
+                "daemon.sync.backup_snat_addresses[0]",
+            ),
+        ] {
+            let e = error_of(&with_sync(&table));
+            assert!(e.contains(named), "{named}: {e}");
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ const NODE_AS: u32 = 65001;
 /// BGP sessions come up within seconds; BIRD retries a refused connection after 5 s.
 pub const ROUTE_TIMEOUT: Duration = Duration::from_secs(60);
 const ROUTE_POLL: Duration = Duration::from_millis(50);
+/// BGP's shortest hold time: the router withdraws a dead node's route within 3 s.
+const BGP_TIMERS: &str = "hold time 3; keepalive time 1;";
 
 /// A BIRD daemon in the foreground, stopped on drop.
 struct Bird {
@@ -207,7 +209,7 @@ impl Cluster {
         );
         for (k, (_, _, router_side, node_side)) in node_list.iter().enumerate() {
             router_conf += &format!(
-                "protocol bgp node{k} {{ local {router_side} as {ROUTER_AS}; neighbor {node_side} as {NODE_AS}; ipv4 {{ import all; export none; }}; }}\n"
+                "protocol bgp node{k} {{ local {router_side} as {ROUTER_AS}; neighbor {node_side} as {NODE_AS}; {BGP_TIMERS} ipv4 {{ import all; export none; }}; }}\n"
             );
         }
         let router_conf_path = dir.join("router.conf");
@@ -226,7 +228,7 @@ impl Cluster {
                 lb::daemon::announce::fragment(&Default::default()),
             )?;
             let conf = format!(
-                "router id {node_side};\nprotocol device {{}}\ninclude {:?};\nprotocol bgp uplink {{ local {node_side} as {NODE_AS}; neighbor {router_side} as {ROUTER_AS}; ipv4 {{ import none; export where proto = \"lb_vips4\"; next hop self; }}; }}\n",
+                "router id {node_side};\nprotocol device {{}}\ninclude {:?};\nprotocol bgp uplink {{ local {node_side} as {NODE_AS}; neighbor {router_side} as {ROUTER_AS}; {BGP_TIMERS} ipv4 {{ import none; export where proto = \"lb_vips4\"; next hop self; }}; }}\n",
                 bird_fragment.display().to_string()
             );
             let conf_path = dir.join(format!("node{k}.conf"));

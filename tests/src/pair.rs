@@ -39,7 +39,8 @@ pub struct Keepalived {
 }
 
 impl Keepalived {
-    fn start(
+    /// Starts keepalived in `ns` with `config`; its pid files go to `dir`, named by `k`.
+    pub fn start(
         ns: &Netns,
         config: &std::path::Path,
         dir: &std::path::Path,

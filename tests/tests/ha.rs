@@ -10,9 +10,13 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use harness::{
     client::Connection,
+    cluster::Cluster,
+    daemon::{lb_binary, Daemon},
+    fixture::ServiceSpec,
     netns::run_cmd,
-    pair::{Pair, VIP},
+    pair::{Keepalived, Pair, VIP},
     server::Server,
+    topology,
     wait::until,
 };
 use lb::daemon::sync::{
@@ -212,6 +216,137 @@ fn answer_on_the_same_servers(connections: &mut [(Ipv4Addr, Connection, String)]
         broken.is_empty(),
         "connections broke (the first {REPORTED_BREAKS} shown at most): {broken:?}"
     );
+    Ok(())
+}
+
+/// keepalived for an ECMP node: one VRRP instance per node's SNAT address on the server
+/// segment, each node MASTER for its own and BACKUP for the other's.
+fn snat_backup_config(cluster: &Cluster, k: usize, track_file: &std::path::Path) -> String {
+    let mut config = format!(
+        "global_defs {{\n  router_id lb{k}\n  vrrp_garp_master_delay 0\n}}\nvrrp_track_file lb_sync {{\n  file {:?}\n}}\n",
+        track_file.display().to_string()
+    );
+    for (owner, node) in cluster.nodes.iter().enumerate() {
+        let snat = node.site.snat[0];
+        config += &format!(
+            "vrrp_instance snat{owner} {{\n  state BACKUP\n  interface back\n  virtual_router_id {}\n  version 3\n  priority {}\n  advert_int 0.1\n  track_file {{\n    lb_sync weight 0\n  }}\n  virtual_ipaddress {{\n    {snat}/32 dev back\n  }}\n}}\n",
+            60 + owner,
+            if owner == k { 150 } else { 100 },
+        );
+    }
+    config
+}
+
+#[test]
+fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<()> {
+    ensure_keepalived()?;
+    let cluster = Cluster::build(2, 3, CLIENTS)?;
+    let service = ServiceSpec::default();
+    let backends: Vec<Ipv4Addr> = cluster.backends.iter().map(|b| b.address).collect();
+    let _servers = cluster
+        .backends
+        .iter()
+        .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
+        .collect::<Result<Vec<_>>>()?;
+    let key_file = cluster.dir.join("sync.key");
+    std::fs::write(&key_file, "3c".repeat(32))?;
+    let sync_address = |k: usize| SocketAddr::new(IpAddr::from([10, 2, 0, 2 + k as u8]), 7946);
+    let mut daemons = Vec::new();
+    let mut keepaliveds = Vec::new();
+    for (k, node) in cluster.nodes.iter().enumerate() {
+        // keepalived owns the SNAT addresses from now on.
+        let snat = node.site.snat[0];
+        node.ns
+            .ip(&["addr", "del", &format!("{snat}/32"), "dev", "back"])?;
+        let track_file = cluster.dir.join(format!("track{k}"));
+        let other = &cluster.nodes[1 - k];
+        let extra = format!(
+            "{}[daemon.sync]\nlisten = \"{}\"\npeers = [\"{}\"]\nkey_file = {:?}\ntrack_file = {:?}\nbulk_sync_timeout = 3\nbackup_snat_addresses = [\"{}\"]\n",
+            node.announce_keys(),
+            sync_address(k),
+            sync_address(1 - k),
+            key_file.display().to_string(),
+            track_file.display().to_string(),
+            other.site.snat[0],
+        );
+        daemons.push(Daemon::start_binary(
+            &node.site,
+            &lb_binary()?,
+            &extra,
+            &service.toml(&backends),
+        )?);
+        let config = cluster.dir.join(format!("keepalived{k}.conf"));
+        std::fs::write(&config, snat_backup_config(&cluster, k, &track_file))?;
+        keepaliveds.push(Keepalived::start(&node.ns, &config, &cluster.dir, k)?);
+    }
+    cluster.wait_for_next_hops(&[0, 1])?;
+    let owns = |k: usize, snat: IpAddr| -> Result<bool> {
+        let addresses = cluster.nodes[k]
+            .ns
+            .ip(&["-4", "addr", "show", "dev", "back"])?;
+        Ok(addresses.contains(&format!("inet {snat}/")))
+    };
+    until(
+        START_WAIT,
+        Duration::from_millis(50),
+        "each node to own its SNAT address",
+        || Ok(owns(0, cluster.nodes[0].site.snat[0])? && owns(1, cluster.nodes[1].site.snat[0])?),
+    )?;
+
+    // Connections spread over both nodes by the router's hash.
+    let vip = SocketAddr::new(topology::VIP.into(), service.port);
+    let mut connections = Vec::new();
+    for &c in &cluster.client_addresses {
+        for _ in 0..CONNECTIONS_PER_CLIENT {
+            let mut connection = Connection::open(&cluster.client, c, 0, vip)?;
+            let server = connection.ask()?.server;
+            connections.push((c, connection, server));
+        }
+    }
+    let total = connections.len() as u64;
+    let per_node: Vec<u64> = daemons
+        .iter()
+        .map(|d| Ok(d.status()?.counters["new_flows"]))
+        .collect::<Result<_>>()?;
+    ensure!(
+        per_node.iter().all(|&n| n > total / 5),
+        "ECMP did not spread {total} connections: {per_node:?}"
+    );
+    until(
+        SYNC_WAIT,
+        Duration::from_millis(20),
+        "each node to hold every flow",
+        || {
+            Ok(daemons.iter().all(|d| {
+                d.status()
+                    .is_ok_and(|s| s.tables.flows.entries / 2 == total)
+            }))
+        },
+    )?;
+
+    // Node 0 dies; the router drops its route when BGP's hold time runs out, and node 1's
+    // keepalived takes node 0's SNAT address.
+    let killed = Instant::now();
+    let node0_snat = cluster.nodes[0].site.snat[0];
+    let mut dead = daemons.remove(0);
+    dead.kill()?;
+    keepaliveds[0].kill();
+    cluster.nodes[0].ns.ip(&["link", "set", "uplink", "down"])?;
+    cluster.nodes[0].ns.ip(&["link", "set", "back", "down"])?;
+    cluster.wait_for_next_hops(&[1])?;
+    until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "node 1 to take node 0's SNAT address",
+        || owns(1, node0_snat),
+    )?;
+    eprintln!(
+        "{:?} from the kill until the router sends everything to node 1 and node 1 owns {node0_snat} (per node before: {per_node:?})",
+        killed.elapsed()
+    );
+    answer_on_the_same_servers(&mut connections)?;
+    eprintln!("all {total} connections answered by their servers through node 1");
+    drop(dead);
     Ok(())
 }
 

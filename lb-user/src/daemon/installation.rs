@@ -265,13 +265,20 @@ impl Installation {
     }
 
     /// Makes `LB_VIPS` hold exactly the VIPs (with their service counts) and the SNAT
-    /// addresses: the data plane passes traffic to any other address after one lookup.
+    /// addresses, this node's and those it backs for its peers (their flows' return
+    /// traffic arrives here once keepalived moves those addresses): the data plane passes
+    /// traffic to any other address after one lookup.
     fn sync_addresses(&mut self, dp: &mut Dataplane, config: &Config) -> Result<()> {
         let mut wanted: BTreeMap<IpAddr, VipInfo> = BTreeMap::new();
         for s in &config.services {
             wanted.entry(s.vip).or_default().services += 1;
         }
-        for snat in &config.daemon.snat_addresses {
+        let backed = config
+            .daemon
+            .sync
+            .iter()
+            .flat_map(|s| &s.backup_snat_addresses);
+        for snat in config.daemon.snat_addresses.iter().chain(backed) {
             wanted.entry(*snat).or_default().flags |= ADDR_F_SNAT;
         }
         for old in &self.addresses {
