@@ -178,6 +178,11 @@ impl Daemon {
             .join("lb.sock")
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the daemon with SIGKILL (no chance to clean up); the data plane stays.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;

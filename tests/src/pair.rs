@@ -36,6 +36,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// keepalived in the foreground, killed on drop.
 pub struct Keepalived {
     child: Option<Child>,
+    /// Where keepalived writes its VRRP process's pid.
+    vrrp_pid_file: PathBuf,
 }
 
 impl Keepalived {
@@ -69,17 +71,37 @@ impl Keepalived {
             .stderr(Stdio::null())
             .spawn()
             .context("start keepalived (Debian package keepalived)")?;
-        Ok(Self { child: Some(child) })
+        Ok(Self {
+            child: Some(child),
+            vrrp_pid_file: dir.join(format!("vrrp{k}.pid")),
+        })
     }
 
     /// SIGKILL: no VRRP priority-0 advert goes out, as when the node dies.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // `ip netns exec` execs keepalived, so the group is keepalived and its VRRP
-            // process.
-            // SAFETY: plain kill(2) of the process group we created.
+            // The VRRP process leaves keepalived's process group: killed by its pid file,
+            // else it lives on and takes the addresses back when the links return.
+            let vrrp = std::fs::read_to_string(&self.vrrp_pid_file)
+                .ok()
+                .and_then(|pid| pid.trim().parse::<i32>().ok());
+            if let Some(pid) = vrrp {
+                // SAFETY: plain kill(2) of the VRRP process keepalived started for us.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            // SAFETY: plain kill(2) of the process group we created (`ip netns exec`
+            // execs keepalived, so the group is keepalived).
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
+            if let Some(pid) = vrrp {
+                // Gone before the next keepalived starts, or it refuses to ("already running").
+                let _ = until(
+                    Duration::from_secs(5),
+                    POLL,
+                    "keepalived's VRRP process to die",
+                    || Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()),
+                );
+            }
         }
     }
 }
@@ -258,16 +280,35 @@ impl Pair {
     }
 
     /// keepalived's configuration for node `k`: one VRRP instance that floats the VIP and
-    /// the SNAT address together, kept out of MASTER while lb's track file says 1.
+    /// the SNAT address together, kept out of MASTER while lb's track file says 1. Both
+    /// nodes have the same priority: a node that returns never preempts the active one
+    /// (with different priorities keepalived may, `nopreempt` notwithstanding).
     pub fn keepalived_config(&self, k: usize) -> String {
         let node = &self.nodes[k];
         format!(
             "global_defs {{\n  router_id lb{k}\n  vrrp_garp_master_delay 0\n  vrrp_garp_master_repeat 3\n}}\n\
              vrrp_track_file lb_sync {{\n  file {:?}\n}}\n\
-             vrrp_instance lb {{\n  state BACKUP\n  interface front\n  virtual_router_id 51\n  version 3\n  priority {}\n  advert_int {ADVERT_INTERVAL}\n  nopreempt\n  track_interface {{\n    back\n  }}\n  track_file {{\n    lb_sync weight 0\n  }}\n  virtual_ipaddress {{\n    {VIP}/16 dev front\n    {SNAT}/24 dev back\n  }}\n}}\n",
+             vrrp_instance lb {{\n  state BACKUP\n  interface front\n  virtual_router_id 51\n  version 3\n  priority 100\n  advert_int {ADVERT_INTERVAL}\n  nopreempt\n  track_interface {{\n    back\n  }}\n  track_file {{\n    lb_sync weight 0\n  }}\n  virtual_ipaddress {{\n    {VIP}/16 dev front\n    {SNAT}/24 dev back\n  }}\n}}\n",
             node.track_file.display().to_string(),
-            150 - 50 * k,
         )
+    }
+
+    /// Gives node 0 the VIP and the SNAT address for good (a test of the sync alone, without
+    /// keepalived).
+    pub fn pin_addresses_on_node0(&self) -> Result<()> {
+        let ns = &self.nodes[0].ns;
+        ns.ip(&["addr", "add", &format!("{VIP}/16"), "dev", "front"])?;
+        ns.ip(&["addr", "add", &format!("{SNAT}/24"), "dev", "back"])?;
+        Ok(())
+    }
+
+    /// Starts lb alone on node `k` (no keepalived), with extra `[daemon]` keys before its
+    /// sync table.
+    pub fn start_lb(&mut self, k: usize, daemon_extra: &str, services: &str) -> Result<()> {
+        let extra = format!("{daemon_extra}{}", self.sync_keys(k));
+        let daemon = Daemon::start_binary(&self.nodes[k].site, &lb_binary()?, &extra, services)?;
+        self.nodes[k].daemon = Some(daemon);
+        Ok(())
     }
 
     /// Brings a dead node back: links up, its lb daemon restarted (it adopts its pinned
@@ -288,9 +329,7 @@ impl Pair {
 
     /// Starts lb (with `services`) and keepalived on node `k`.
     pub fn start_node(&mut self, k: usize, services: &str) -> Result<()> {
-        let extra = self.sync_keys(k);
-        let daemon = Daemon::start_binary(&self.nodes[k].site, &lb_binary()?, &extra, services)?;
-        self.nodes[k].daemon = Some(daemon);
+        self.start_lb(k, "", services)?;
         let config = self.dir.join(format!("keepalived{k}.conf"));
         std::fs::write(&config, self.keepalived_config(k))?;
         self.nodes[k].keepalived =
@@ -300,6 +339,20 @@ impl Pair {
 
     pub fn daemon(&self, k: usize) -> &Daemon {
         self.nodes[k].daemon.as_ref().expect("node started")
+    }
+
+    /// Waits until exactly one node holds the VIP; returns (it, the other).
+    pub fn wait_for_one_master(&self, within: Duration) -> Result<(usize, usize)> {
+        let mut master = None;
+        until(within, POLL, "a keepalived MASTER", || {
+            let holders: Vec<usize> = (0..self.nodes.len())
+                .filter(|&k| self.nodes[k].holds_vip().unwrap_or(false))
+                .collect();
+            master = (holders.len() == 1).then(|| holders[0]);
+            Ok(master.is_some())
+        })?;
+        let k = master.expect("found above");
+        Ok((k, 1 - k))
     }
 
     /// Waits until node `k`, and only it, holds the VIP; returns how long that took.

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 
 use crate::netns::Netns;
 
-/// How long the accept loop sleeps between polls of its stop flag.
+/// How long the accept loop waits for a connection before it looks at its stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
@@ -36,7 +36,10 @@ impl Server {
         let listener = ns
             .run(|| TcpListener::bind(bind))?
             .with_context(|| format!("bind {bind} in {}", ns.name()))?;
-        listener.set_nonblocking(true)?;
+        // Blocking accept with a timeout: a connection is taken the moment it arrives (a
+        // polled non-blocking accept adds up to a poll interval to every connection), and
+        // the loop still sees its stop flag every ACCEPT_POLL.
+        socket2::SockRef::from(&listener).set_read_timeout(Some(ACCEPT_POLL))?;
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let thread = {
@@ -76,7 +79,7 @@ fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, accepted: &
                     let _ = serve(stream, peer, &name);
                 });
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => std::thread::sleep(ACCEPT_POLL),
         }
     }

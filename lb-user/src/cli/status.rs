@@ -146,6 +146,12 @@ pub fn render_sync(sync: &crate::api::SyncStatus) -> String {
         sync.inbound_sessions,
         sync.records_received,
     );
+    if let (Some(p50), Some(p99)) = (sync.latency_p50_ms, sync.latency_p99_ms) {
+        out.push_str(&format!(
+            "peers' new connections installed here {} ms after confirmation (p50), {} ms (p99), of {}\n",
+            p50, p99, sync.latency_samples
+        ));
+    }
     let mut peers = new_table();
     peers.set_header([
         "peer",
@@ -160,6 +166,7 @@ pub fn render_sync(sync: &crate::api::SyncStatus) -> String {
             p.address.to_string(),
             if p.connected { "yes" } else { "NO" }.to_string(),
             p.records_sent.to_string(),
+            p.bytes_sent.to_string(),
             p.records_dropped.to_string(),
             p.snapshots_sent.to_string(),
             p.last_error.clone().unwrap_or_default(),

@@ -362,6 +362,18 @@ fn register_sync(registry: &mut Registry, sync: &crate::api::SyncStatus) {
         Unit::Seconds,
         last_snapshot,
     );
+    let bytes_sent = Family::<Labels, Counter>::default();
+    for p in &sync.peers {
+        bytes_sent
+            .get_or_create(&labels(&[("peer", &p.address.to_string())]))
+            .inc_by(p.bytes_sent);
+    }
+    registry.register_with_unit(
+        "sync_sent",
+        "Sealed bytes sent to the peer",
+        Unit::Bytes,
+        bytes_sent,
+    );
     let received = Counter::<u64, AtomicU64>::default();
     received.inc_by(sync.records_received);
     registry.register(
@@ -369,6 +381,32 @@ fn register_sync(registry: &mut Registry, sync: &crate::api::SyncStatus) {
         "Records received from the peers",
         received,
     );
+    let bytes_received = Counter::<u64, AtomicU64>::default();
+    bytes_received.inc_by(sync.bytes_received);
+    registry.register_with_unit(
+        "sync_received",
+        "Sealed bytes received from the peers",
+        Unit::Bytes,
+        bytes_received,
+    );
+    for (name, help, value) in [
+        (
+            "sync_latency_p50",
+            "Median time from a peer's confirmation of a connection to its installation here",
+            sync.latency_p50_ms,
+        ),
+        (
+            "sync_latency_p99",
+            "99th percentile of the time from a peer's confirmation of a connection to its installation here",
+            sync.latency_p99_ms,
+        ),
+    ] {
+        if let Some(ms) = value {
+            let gauge = Gauge::<f64, AtomicU64>::default();
+            gauge.set(ms / 1000.0);
+            registry.register_with_unit(name, help, Unit::Seconds, gauge);
+        }
+    }
     let inbound = Gauge::<i64, AtomicI64>::default();
     inbound.set(sync.inbound_sessions as i64);
     registry.register("sync_inbound_sessions", "Peers' sessions open now", inbound);
@@ -524,6 +562,8 @@ mod tests {
             r#"lb_sync_records_sent_total{peer="10.2.0.3:7946"} 12"#,
             r#"lb_sync_sessions_refused_total{reason="unauthenticated"} 2"#,
             "lb_sync_records_received_total 9",
+            "lb_sync_latency_p99_seconds 0.032",
+            r#"lb_sync_sent_bytes_total{peer="10.2.0.3:7946"} 1200"#,
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }

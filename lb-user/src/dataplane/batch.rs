@@ -1,5 +1,5 @@
 //! Whole-table reads and deletes of hash maps with `BPF_MAP_LOOKUP_BATCH` and
-//! `BPF_MAP_DELETE_BATCH`, and array writes with `BPF_MAP_UPDATE_BATCH`: thousands of
+//! `BPF_MAP_DELETE_BATCH`, and writes with `BPF_MAP_UPDATE_BATCH`: thousands of
 //! entries per syscall, where aya's key-by-key calls cost one or two syscalls per entry
 //! (about a second per million). Garbage collection and `lb status` read the flow and
 //! affinity tables this way; a Maglev table (65,537 slots) is written in eight calls.
@@ -155,6 +155,33 @@ pub fn write_array<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) 
         }
     }
     Ok(())
+}
+
+/// Writes `entries` into the hash map, in batches; returns how many went in before the
+/// kernel refused one (a full table), with the refusal.
+pub fn write_hash<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    entries: &[(K, V)],
+) -> (usize, Option<std::io::Error>) {
+    let fd = map_fd(map);
+    let mut written = 0;
+    for chunk in entries.chunks(BATCH) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        written += attr.count as usize;
+        if let Err(e) = result {
+            return (written, Some(e));
+        }
+    }
+    (written, None)
 }
 
 /// Reads `count` values of `array` from index `first` on, in batches.

@@ -254,11 +254,14 @@ pub struct PeerTables {
 }
 
 impl PeerTables {
-    /// Writes both directions of a flow; false if the table refused (full).
-    pub fn install_flow(&mut self, directions: &[(FlowKey, FlowEntry); 2]) -> bool {
-        directions
-            .iter()
-            .all(|(key, entry)| self.flows.insert(key, entry, 0).is_ok())
+    /// Writes flow directions, in batches; returns how many the table took (it refuses
+    /// the rest when full).
+    pub fn install_flows(&mut self, entries: &[(FlowKey, FlowEntry)]) -> usize {
+        let (written, refused) = batch::write_hash(&self.flows, entries);
+        if let Some(e) = refused {
+            warn!(error = %e, refused = entries.len() - written, "installing a peer's flows");
+        }
+        written
     }
 
     /// Writes an affinity unless this node holds a fresher one for the client.
@@ -271,13 +274,10 @@ impl PeerTables {
         self.affinity.insert(key, entry, 0).is_ok()
     }
 
-    /// Removes a flow direction and the flow's other direction; how many entries went.
-    pub fn remove_flow(&mut self, key: &FlowKey) -> usize {
-        let Ok(entry) = self.flows.get(key, 0) else {
-            return 0;
-        };
-        let other = entry.other_direction(key);
-        usize::from(self.flows.remove(key).is_ok()) + usize::from(self.flows.remove(&other).is_ok())
+    /// Removes one flow direction, as the peer removed it (a direction may close and go
+    /// before the other); false if it was not here.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> bool {
+        self.flows.remove(key).is_ok()
     }
 }
 

@@ -7,7 +7,8 @@
 //!   every `RECONCILE_INTERVAL`, the flows and affinities that saw traffic since the last
 //!   round (their timers, sequence numbers and closing state; a record lost on the way is
 //!   made good there). Each peer has a dialer task: it connects, sends a full snapshot,
-//!   then the queue. A peer too slow for its bounded queue gets a fresh snapshot instead.
+//!   then its two lanes (`Lanes`). A peer too slow for its bounded live queue gets a fresh
+//!   snapshot instead.
 //! - In: a listener takes up to `MAX_SESSIONS` peers' sessions (`session`) and installs
 //!   their records (`directory`) through table handles of its own, never the daemon's
 //!   lock. Anything that does not authenticate, decode or resolve changes nothing and is
@@ -15,6 +16,7 @@
 //! - Readiness: with `track_file`, keepalived keeps this node's VRRP instances out of
 //!   MASTER until it holds a peer's snapshot (or none answered in `bulk_sync_timeout`).
 pub mod directory;
+pub mod latency;
 pub mod session;
 pub mod wire;
 
@@ -56,8 +58,15 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the flows and affinities that saw traffic are sent again (far below any idle
 /// timeout, so a peer's copies never expire while the flow lives here).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
-/// Batches queued per peer; beyond that the peer is too slow and gets a new snapshot.
+/// Live batches (new connections, removals) queued per peer; beyond that the peer is too
+/// slow and gets a new snapshot.
 const PEER_QUEUE: usize = 256;
+/// Pieces of reconciliation rounds queued per peer; beyond that the rest of the round is
+/// dropped (the next round sends it again).
+const BULK_QUEUE: usize = 2048;
+/// Records per piece of a round: small, so that the peer installs one in a few
+/// milliseconds and a new connection queued behind it waits no longer.
+const BULK_RECORDS: usize = 256;
 /// Removal batches the daemon may have waiting for the producer.
 const REMOVAL_QUEUE: usize = 1024;
 /// Peers' sessions open at once; more are refused (a flood of connections costs a count).
@@ -72,11 +81,29 @@ const SESSION_IDLE: Duration = Duration::from_secs(5);
 /// A frame a peer does not take within this time ends the session.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY: Duration = Duration::from_secs(1);
+/// A live flow record sent within this many milliseconds of its connection's last packet
+/// counts as a new connection's for the latency figures (a drain interval is 20 ms).
+const FRESH_MS: u32 = 100;
 
 /// Records bound for every connected peer, shared by their queues.
 type Batch = Arc<Vec<Record>>;
-/// A peer's queue and counters, as the producer fills them.
-type PeerQueue = (mpsc::Sender<Batch>, Arc<PeerCounters>);
+/// A peer's live and bulk queues and its counters, as the producer fills them.
+type PeerQueue = (mpsc::Sender<Batch>, mpsc::Sender<Batch>, Arc<PeerCounters>);
+
+/// What a dialer sends: the live lane (new connections and removals) always first, the
+/// bulk lane (reconciliation rounds, a frame at a time) in between, so that a round of
+/// thousands of records never holds a new connection back.
+struct Lanes {
+    live: mpsc::Receiver<Batch>,
+    bulk: mpsc::Receiver<Batch>,
+}
+
+impl Lanes {
+    fn clear(&mut self) {
+        while self.live.try_recv().is_ok() {}
+        while self.bulk.try_recv().is_ok() {}
+    }
+}
 
 #[derive(Default)]
 struct PeerCounters {
@@ -84,6 +111,8 @@ struct PeerCounters {
     /// Set when the queue overflowed: the dialer starts over with a snapshot.
     resnapshot: AtomicBool,
     sent: AtomicU64,
+    /// Sealed bytes on the link, headers included.
+    bytes: AtomicU64,
     dropped: AtomicU64,
     snapshots: AtomicU64,
     last_snapshot_unix: AtomicU64,
@@ -99,6 +128,9 @@ pub struct Stats {
     peers: Vec<(SocketAddr, Arc<PeerCounters>)>,
     inbound_sessions: AtomicU64,
     received: AtomicU64,
+    bytes_received: AtomicU64,
+    /// Confirmation to installation here, of the peers' new connections.
+    latency: latency::Latency,
     refused_records: Mutex<BTreeMap<String, u64>>,
     refused_sessions: Mutex<BTreeMap<String, u64>>,
 }
@@ -129,6 +161,7 @@ impl Stats {
                     address: *address,
                     connected: c.connected.load(Ordering::Relaxed),
                     records_sent: load(&c.sent),
+                    bytes_sent: load(&c.bytes),
                     records_dropped: load(&c.dropped),
                     snapshots_sent: load(&c.snapshots),
                     last_snapshot_unix: load(&c.last_snapshot_unix),
@@ -141,6 +174,10 @@ impl Stats {
                 .collect(),
             inbound_sessions: load(&self.inbound_sessions),
             records_received: load(&self.received),
+            bytes_received: load(&self.bytes_received),
+            latency_samples: self.latency.samples(),
+            latency_p50_ms: self.latency.quantile(0.5).map(|us| us as f64 / 1000.0),
+            latency_p99_ms: self.latency.quantile(0.99).map(|us| us as f64 / 1000.0),
             records_refused: self
                 .refused_records
                 .lock()
@@ -241,8 +278,9 @@ pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) ->
     let (removals_tx, removals_rx) = mpsc::channel(REMOVAL_QUEUE);
     let mut queues = Vec::new();
     for (address, counters) in &stats.peers {
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        queues.push((tx, counters.clone()));
+        let (live, live_rx) = mpsc::channel(PEER_QUEUE);
+        let (bulk, bulk_rx) = mpsc::channel(BULK_QUEUE);
+        queues.push((live, bulk, counters.clone()));
         let dialer = Dialer {
             address: *address,
             key: key.clone(),
@@ -250,7 +288,10 @@ pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) ->
             reader: tables.reader.clone(),
             directory: directory_rx.clone(),
         };
-        tokio::spawn(dialer.run(rx));
+        tokio::spawn(dialer.run(Lanes {
+            live: live_rx,
+            bulk: bulk_rx,
+        }));
     }
     tokio::spawn(produce(
         tables.events,
@@ -333,8 +374,8 @@ impl Readiness {
     }
 }
 
-/// Every flow (with both directions) and affinity seen since `since_ns` and still live, as
-/// records. Blocking: it walks the tables.
+/// Every flow (with both directions) this node carried and affinity seen since `since_ns`
+/// and still live, as records. Blocking: it walks the tables.
 fn records_since(tables: &TableReader, directory: &Directory, since_ns: u64) -> Vec<Record> {
     let now = monotonic_ns();
     let live = |e: &FlowEntry| is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now);
@@ -348,6 +389,12 @@ fn records_since(tables: &TableReader, directory: &Directory, since_ns: u64) -> 
             continue;
         };
         if forward.last_seen_ns.max(reverse.last_seen_ns) < since_ns {
+            continue;
+        }
+        // A flow a peer sent and this node never carried (no next hop was ever cached
+        // here) is the peer's to send: sent back, it would overwrite the peer's own, newer
+        // state (a closing flow would come back open).
+        if forward.next_hop.generation == 0 && reverse.next_hop.generation == 0 {
             continue;
         }
         if let Some(flow) = directory.flow_record(key, forward, reverse, now) {
@@ -379,11 +426,11 @@ async fn produce(
             return;
         }
         let batch = Arc::new(records);
-        for (queue, counters) in &queues {
+        for (live, _, counters) in &queues {
             if !counters.connected.load(Ordering::Relaxed) {
                 continue;
             }
-            if queue.try_send(batch.clone()).is_err() {
+            if live.try_send(batch.clone()).is_err() {
                 counters
                     .dropped
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -391,6 +438,11 @@ async fn produce(
             }
         }
     };
+    let bulk_lanes: Vec<(mpsc::Sender<Batch>, Arc<PeerCounters>)> = queues
+        .iter()
+        .map(|(_, b, c)| (b.clone(), c.clone()))
+        .collect();
+    let round_running = Arc::new(AtomicBool::new(false));
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
     reconcile.tick().await;
@@ -413,13 +465,42 @@ async fn produce(
                 fan_out(keys.iter().map(|k| Record::FlowRemoved(tuple(k))).collect());
             }
             _ = reconcile.tick() => {
+                // A task of its own: the walk takes long at many flows, and the drain goes on.
+                if round_running.swap(true, Ordering::Relaxed) {
+                    continue;
+                }
                 let (reader, since) = (reader.clone(), last_round);
                 let directory = directory.borrow().clone();
                 last_round = monotonic_ns();
-                match off_the_workers(move || Ok(records_since(&reader, &directory, since))).await {
-                    Ok(records) => fan_out(records),
-                    Err(e) => warn!(error = %format!("{e:#}"), "sync reconciliation"),
-                }
+                let (lanes, running) = (bulk_lanes.clone(), round_running.clone());
+                tokio::spawn(async move {
+                    match off_the_workers(move || Ok(records_since(&reader, &directory, since))).await {
+                        Ok(records) => queue_bulk(&lanes, &records),
+                        Err(e) => warn!(error = %format!("{e:#}"), "sync reconciliation"),
+                    }
+                    running.store(false, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+}
+
+/// Queues a reconciliation round for every connected peer in `BULK_RECORDS` pieces; what
+/// does not fit waits for the next round.
+fn queue_bulk(lanes: &[(mpsc::Sender<Batch>, Arc<PeerCounters>)], records: &[Record]) {
+    let pieces: Vec<Batch> = records
+        .chunks(BULK_RECORDS)
+        .map(|c| Arc::new(c.to_vec()))
+        .collect();
+    for (bulk, counters) in lanes {
+        if !counters.connected.load(Ordering::Relaxed) {
+            continue;
+        }
+        for piece in &pieces {
+            if bulk.try_send(piece.clone()).is_err() {
+                counters
+                    .dropped
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -441,10 +522,10 @@ struct Dialer {
 }
 
 impl Dialer {
-    async fn run(self, mut queue: mpsc::Receiver<Batch>) {
+    async fn run(self, mut lanes: Lanes) {
         let mut logged: Option<String> = None;
         loop {
-            let result = self.session(&mut queue).await;
+            let result = self.session(&mut lanes).await;
             self.counters.connected.store(false, Ordering::Relaxed);
             let error = format!(
                 "{:#}",
@@ -468,15 +549,19 @@ impl Dialer {
         sealer: &mut Sealer,
         stream: &mut TcpStream,
         records: &[Record],
+        bulk: bool,
     ) -> Result<()> {
         for chunk in records.chunks(RECORDS_PER_FRAME) {
-            let body = wire::encode(chunk)?;
+            let body = wire::encode(chunk, bulk)?;
             timeout(SEND_TIMEOUT, sealer.send(stream, &body))
                 .await
                 .context("peer stopped taking frames")??;
             self.counters
                 .sent
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.counters
+                .bytes
+                .fetch_add(session::sealed_size(body.len()) as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -486,7 +571,7 @@ impl Dialer {
         let mut records =
             off_the_workers(move || Ok(records_since(&reader, &directory, 0))).await?;
         records.push(Record::SnapshotDone);
-        self.send(sealer, stream, &records).await?;
+        self.send(sealer, stream, &records, true).await?;
         self.counters.snapshots.fetch_add(1, Ordering::Relaxed);
         self.counters
             .last_snapshot_unix
@@ -494,7 +579,7 @@ impl Dialer {
         Ok(())
     }
 
-    async fn session(&self, queue: &mut mpsc::Receiver<Batch>) -> Result<()> {
+    async fn session(&self, lanes: &mut Lanes) -> Result<()> {
         let mut stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(self.address))
             .await
             .context("connect timed out")?
@@ -504,7 +589,7 @@ impl Dialer {
             .await
             .context("handshake timed out")??;
         // Queue from now on; what was queued before the snapshot is in it.
-        while queue.try_recv().is_ok() {}
+        lanes.clear();
         self.counters.resnapshot.store(false, Ordering::Relaxed);
         self.counters.connected.store(true, Ordering::Relaxed);
         self.snapshot(&mut sealer, &mut stream).await?;
@@ -517,15 +602,20 @@ impl Dialer {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         loop {
             if self.counters.resnapshot.swap(false, Ordering::Relaxed) {
-                while queue.try_recv().is_ok() {}
+                lanes.clear();
                 self.snapshot(&mut sealer, &mut stream).await?;
             }
             tokio::select! {
-                batch = queue.recv() => {
+                biased;
+                batch = lanes.live.recv() => {
                     let Some(batch) = batch else { return Ok(()) };
-                    self.send(&mut sealer, &mut stream, &batch).await?;
+                    self.send(&mut sealer, &mut stream, &batch, false).await?;
                 }
-                _ = keepalive.tick() => self.send(&mut sealer, &mut stream, &[]).await.map(|_| ())?,
+                batch = lanes.bulk.recv() => {
+                    let Some(batch) = batch else { return Ok(()) };
+                    self.send(&mut sealer, &mut stream, &batch, true).await?;
+                }
+                _ = keepalive.tick() => self.send(&mut sealer, &mut stream, &[], false).await?,
             }
         }
     }
@@ -583,6 +673,24 @@ impl Inbound {
         }
     }
 
+    /// A new connection's record (in a live frame, confirmed less than `FRESH_MS` before it
+    /// was sent) tells how long it took to get here: its wait at the sender plus the
+    /// frame's transit.
+    fn record_latency(&self, frame: &wire::Frame) {
+        if frame.bulk {
+            return;
+        }
+        let transit_us = wire::unix_now_us().saturating_sub(frame.sent_unix_us);
+        for record in &frame.records {
+            if let Record::Flow(flow) = record {
+                if flow.forward.idle_ms < FRESH_MS {
+                    let waited_us = u64::from(flow.forward.idle_ms) * 1000;
+                    self.stats.latency.record(waited_us + transit_us);
+                }
+            }
+        }
+    }
+
     async fn session(&self, mut stream: TcpStream) -> Result<()> {
         let mut opener = timeout(HANDSHAKE_TIMEOUT, session::accept(&mut stream, &self.key))
             .await
@@ -594,17 +702,21 @@ impl Inbound {
             else {
                 return Ok(());
             };
-            let records = match wire::decode(&body) {
-                Ok(records) => records,
+            self.stats
+                .bytes_received
+                .fetch_add(session::sealed_size(body.len()) as u64, Ordering::Relaxed);
+            let frame = match wire::decode(&body) {
+                Ok(frame) => frame,
                 Err(e) => {
                     count(&self.stats.refused_sessions, "undecodable");
                     return Err(e);
                 }
             };
+            self.record_latency(&frame);
             self.stats
                 .received
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            let snapshot_done = records.contains(&Record::SnapshotDone);
+                .fetch_add(frame.records.len() as u64, Ordering::Relaxed);
+            let snapshot_done = frame.records.contains(&Record::SnapshotDone);
             let (tables, directory, stats) = (
                 self.tables.clone(),
                 self.directory.borrow().clone(),
@@ -612,11 +724,7 @@ impl Inbound {
             );
             off_the_workers(move || {
                 let mut tables = tables.lock().unwrap_or_else(|e| e.into_inner());
-                for record in &records {
-                    if let Err(reason) = install(&mut tables, &directory, record) {
-                        count(&stats.refused_records, reason);
-                    }
-                }
+                install(&mut tables, &directory, &frame, &stats);
                 Ok(())
             })
             .await?;
@@ -627,36 +735,54 @@ impl Inbound {
     }
 }
 
-/// Applies one record of a peer's to this node's tables.
-fn install(
-    tables: &mut PeerTables,
-    directory: &Directory,
-    record: &Record,
-) -> Result<(), directory::Refusal> {
+/// Applies a frame's records to this node's tables, in order; flows go in batches (one
+/// syscall for many), flushed before a removal so that a removal never precedes the
+/// install it follows.
+fn install(tables: &mut PeerTables, directory: &Directory, frame: &wire::Frame, stats: &Stats) {
     let now = monotonic_ns();
-    match record {
-        Record::Flow(flow) => {
-            let directions = directory.flow_entries(flow, now)?;
-            if !tables.install_flow(&directions) {
-                return Err("flow table full");
-            }
-            let (key, forward) = &directions[0];
-            if let Some((akey, aentry)) = directory.flow_affinity(key, forward) {
-                if !tables.install_affinity(&akey, &aentry) {
-                    return Err("affinity table refused");
+    let mut pending: Vec<(FlowKey, FlowEntry)> = Vec::new();
+    let flush = |tables: &mut PeerTables, pending: &mut Vec<(FlowKey, FlowEntry)>| {
+        let refused = pending.len() - tables.install_flows(pending);
+        for _ in 0..refused.div_ceil(2) {
+            count(&stats.refused_records, "flow table full");
+        }
+        pending.clear();
+    };
+    for record in &frame.records {
+        let result = match record {
+            Record::Flow(flow) => directory.flow_entries(flow, now).map(|directions| {
+                let (key, forward) = &directions[0];
+                // A snapshot or round carries the affinities themselves.
+                let implied = (!frame.bulk)
+                    .then(|| directory.flow_affinity(key, forward))
+                    .flatten();
+                if let Some((akey, aentry)) = implied {
+                    if !tables.install_affinity(&akey, &aentry) {
+                        count(&stats.refused_records, "affinity table refused");
+                    }
                 }
+                pending.extend(directions);
+            }),
+            Record::FlowRemoved(t) => tuple_key(t).map(|key| {
+                flush(tables, &mut pending);
+                tables.remove_flow(&key);
+            }),
+            Record::Affinity(affinity) => {
+                directory
+                    .affinity_entry(affinity, now)
+                    .and_then(|(key, entry)| {
+                        if tables.install_affinity(&key, &entry) {
+                            Ok(())
+                        } else {
+                            Err("affinity table refused")
+                        }
+                    })
             }
+            Record::SnapshotDone => Ok(()),
+        };
+        if let Err(reason) = result {
+            count(&stats.refused_records, reason);
         }
-        Record::FlowRemoved(t) => {
-            tables.remove_flow(&tuple_key(t)?);
-        }
-        Record::Affinity(affinity) => {
-            let (key, entry) = directory.affinity_entry(affinity, now)?;
-            if !tables.install_affinity(&key, &entry) {
-                return Err("affinity table refused");
-            }
-        }
-        Record::SnapshotDone => {}
     }
-    Ok(())
+    flush(tables, &mut pending);
 }

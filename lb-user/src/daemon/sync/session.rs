@@ -193,6 +193,11 @@ impl Sealer {
     }
 }
 
+/// Bytes a body of `body_len` takes on the link: length header, ciphertext, tag.
+pub fn sealed_size(body_len: usize) -> usize {
+    4 + body_len + TAG_BYTES
+}
+
 /// The dialer's side of the handshake: returns the sealer for its frames.
 pub async fn dial(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),

@@ -66,25 +66,49 @@ pub struct Affinity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     Flow(Flow),
-    /// The flow with this direction is gone (closed or expired on the sender).
+    /// This flow direction is gone (closed or expired on the sender).
     FlowRemoved(Tuple),
     Affinity(Affinity),
     /// The records before this one were a full snapshot of the sender's state.
     SnapshotDone,
 }
 
-pub fn encode(records: &[Record]) -> Result<Vec<u8>> {
-    postcard::to_allocvec(records).context("encoding sync records")
+/// What one sealed frame carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// The sender's clock when it sent the frame (Unix microseconds): with a flow's
+    /// `idle_ms`, how long the peer's view lags (nodes keep their clocks by NTP).
+    pub sent_unix_us: u64,
+    /// A piece of a snapshot or reconciliation round, not new state: its records' age says
+    /// nothing of the sync's latency.
+    pub bulk: bool,
+    pub records: Vec<Record>,
 }
 
-/// The records of an authenticated frame; an error if they do not decode (a sender of
+pub fn unix_now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A frame of `records`, stamped now.
+pub fn encode(records: &[Record], bulk: bool) -> Result<Vec<u8>> {
+    let frame = Frame {
+        sent_unix_us: unix_now_us(),
+        bulk,
+        records: records.to_vec(),
+    };
+    postcard::to_allocvec(&frame).context("encoding sync records")
+}
+
+/// An authenticated frame's contents; an error if they do not decode (a sender of
 /// another build that kept the version, or a bug): the frame changes nothing.
-pub fn decode(body: &[u8]) -> Result<Vec<Record>> {
-    let records: Vec<Record> = postcard::from_bytes(body).context("decoding sync records")?;
-    if records.len() > RECORDS_PER_FRAME {
-        anyhow::bail!("{} records in one frame", records.len());
+pub fn decode(body: &[u8]) -> Result<Frame> {
+    let frame: Frame = postcard::from_bytes(body).context("decoding sync records")?;
+    if frame.records.len() > RECORDS_PER_FRAME {
+        anyhow::bail!("{} records in one frame", frame.records.len());
     }
-    Ok(records)
+    Ok(frame)
 }
 
 #[cfg(test)]
@@ -128,12 +152,14 @@ pub(super) mod tests {
             }),
             Record::SnapshotDone,
         ];
-        assert_eq!(decode(&encode(&records).unwrap()).unwrap(), records);
+        let frame = decode(&encode(&records, false).unwrap()).unwrap();
+        assert_eq!(frame.records, records);
+        assert!(frame.sent_unix_us.abs_diff(unix_now_us()) < 60_000_000);
     }
 
     #[test]
     fn garbage_and_truncation_do_not_decode() {
-        let body = encode(&[Record::Flow(flow())]).unwrap();
+        let body = encode(&[Record::Flow(flow())], true).unwrap();
         assert!(decode(&body[..body.len() - 3]).is_err());
         assert!(decode(&[0xff; 64]).is_err());
     }
