@@ -1,6 +1,7 @@
 //! The veth / network-namespace harness: real clients, the real XDP program, real servers.
 //! Every namespace, link and process a test creates is removed when its owner is dropped,
 //! also when the test fails.
+pub mod churn;
 pub mod client;
 pub mod cluster;
 pub mod daemon;

@@ -36,6 +36,20 @@ pub fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Installs the Debian `package` unless `program --version` runs already (the tests that
+/// need BIRD or keepalived install them on a machine that lacks them).
+pub fn ensure_program(program: &str, package: &str) -> Result<()> {
+    if run_cmd(program, &["--version"]).is_ok() {
+        return Ok(());
+    }
+    run_cmd(
+        "apt-get",
+        &["install", "-y", "-qq", "--no-install-recommends", package],
+    )
+    .with_context(|| format!("install {package}"))
+    .map(drop)
+}
+
 /// A veth pair from `a_dev` in `a` to `b_dev` in `b`, both ends up.
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     run_cmd(

@@ -22,6 +22,7 @@ use anyhow::{Context, Result};
 use crate::{
     daemon::{lb_binary, Daemon, Site},
     netns::{unique_prefix, veth, Netns},
+    server::Server,
     topology::{attach_peer_program, tune_endpoint, BackendHost, PeerProgram},
     wait::until,
 };
@@ -29,6 +30,9 @@ use crate::{
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
 pub const SNAT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 100);
 pub const SYNC_PORT: u16 = 7946;
+/// The external Web Services VIP's port, and the servers' (443 -> 4443).
+pub const PORT: u16 = 443;
+pub const BACKEND_PORT: u16 = 4443;
 /// VRRP adverts every 100 ms (VRRPv3): a backup takes over about 350 ms after the last.
 const ADVERT_INTERVAL: &str = "0.1";
 const POLL: Duration = Duration::from_millis(20);
@@ -48,6 +52,16 @@ impl Keepalived {
         dir: &std::path::Path,
         k: usize,
     ) -> Result<Self> {
+        let (pid_file, vrrp_pid_file) = (
+            dir.join(format!("keepalived{k}.pid")),
+            dir.join(format!("vrrp{k}.pid")),
+        );
+        // A killed instance's VRRP process may linger as a zombie (nothing reaps orphans
+        // in a container), and keepalived refuses to start while its pid file names a
+        // process that exists.
+        for file in [&pid_file, &vrrp_pid_file] {
+            let _ = std::fs::remove_file(file);
+        }
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -63,9 +77,9 @@ impl Keepalived {
             .arg("--use-file")
             .arg(config)
             .arg("--pid")
-            .arg(dir.join(format!("keepalived{k}.pid")))
+            .arg(&pid_file)
             .arg("--vrrp_pid")
-            .arg(dir.join(format!("vrrp{k}.pid")))
+            .arg(&vrrp_pid_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -73,7 +87,7 @@ impl Keepalived {
             .context("start keepalived (Debian package keepalived)")?;
         Ok(Self {
             child: Some(child),
-            vrrp_pid_file: dir.join(format!("vrrp{k}.pid")),
+            vrrp_pid_file,
         })
     }
 
@@ -93,15 +107,6 @@ impl Keepalived {
             // execs keepalived, so the group is keepalived).
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
-            if let Some(pid) = vrrp {
-                // Gone before the next keepalived starts, or it refuses to ("already running").
-                let _ = until(
-                    Duration::from_secs(5),
-                    POLL,
-                    "keepalived's VRRP process to die",
-                    || Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()),
-                );
-            }
         }
     }
 }
@@ -266,6 +271,48 @@ impl Pair {
         })
     }
 
+    /// The service both nodes balance: the VIP's port to every backend, source affinity.
+    pub fn services(&self) -> String {
+        let list: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("{{ address = \"{}\" }}", b.address))
+            .collect();
+        format!(
+            "[[service]]\nname = \"web-ext\"\nvip = \"{VIP}\"\nport = {PORT}\nbackend_port = {BACKEND_PORT}\naffinity = \"source\"\naffinity_timeout = 1800\nidle_timeout = 3600\nbackends = [{}]\n",
+            list.join(", ")
+        )
+    }
+
+    /// A test server on every backend.
+    pub fn start_servers(&self) -> Result<Vec<Server>> {
+        self.backends
+            .iter()
+            .map(|b| Server::start(&b.ns, &b.name, b.address, BACKEND_PORT))
+            .collect()
+    }
+
+    /// Node 0 active for good (its addresses pinned, no keepalived), node 1 its standby,
+    /// both running lb with `daemon_extra`; returns once each sends to the other.
+    pub fn start_synced(
+        &mut self,
+        daemon_extra: &str,
+        services: &str,
+        within: Duration,
+    ) -> Result<()> {
+        self.pin_addresses_on_node0()?;
+        self.start_lb(0, daemon_extra, services)?;
+        self.start_lb(1, daemon_extra, services)?;
+        until(within, POLL, "the sync sessions", || {
+            let up = |k: usize| -> Result<bool> {
+                let sync = self.daemon(k).status()?.sync.context("no sync status")?;
+                Ok(sync.ready && sync.peers.iter().all(|p| p.connected))
+            };
+            Ok(up(0)? && up(1)?)
+        })
+        .map(drop)
+    }
+
     /// The `[daemon.sync]` table of node `k`.
     pub fn sync_keys(&self, k: usize) -> String {
         let node = &self.nodes[k];
@@ -295,7 +342,7 @@ impl Pair {
 
     /// Gives node 0 the VIP and the SNAT address for good (a test of the sync alone, without
     /// keepalived).
-    pub fn pin_addresses_on_node0(&self) -> Result<()> {
+    fn pin_addresses_on_node0(&self) -> Result<()> {
         let ns = &self.nodes[0].ns;
         ns.ip(&["addr", "add", &format!("{VIP}/16"), "dev", "front"])?;
         ns.ip(&["addr", "add", &format!("{SNAT}/24"), "dev", "back"])?;

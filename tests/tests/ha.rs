@@ -9,12 +9,13 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use harness::{
+    churn::{self, cpu_seconds},
     client::Connection,
     cluster::Cluster,
     daemon::{lb_binary, Daemon},
     fixture::ServiceSpec,
-    netns::run_cmd,
-    pair::{Keepalived, Pair, VIP},
+    netns::ensure_program,
+    pair::{Keepalived, Pair, BACKEND_PORT, PORT, VIP},
     server::Server,
     topology,
     wait::until,
@@ -35,8 +36,6 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
 
 const CLIENTS: usize = 100;
 const CONNECTIONS_PER_CLIENT: usize = 10;
-const PORT: u16 = 443;
-const BACKEND_PORT: u16 = 4443;
 /// The bound on a failover.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(3);
 const SYNC_WAIT: Duration = Duration::from_secs(30);
@@ -46,43 +45,6 @@ const LATENCY_BOUND_MS: f64 = 131.072;
 /// Broken connections the test waits for before it gives up on the rest.
 const REPORTED_BREAKS: usize = 5;
 
-fn ensure_keepalived() -> Result<()> {
-    if run_cmd("keepalived", &["--version"]).is_ok() {
-        return Ok(());
-    }
-    run_cmd(
-        "apt-get",
-        &[
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "keepalived",
-        ],
-    )
-    .context("install keepalived")
-    .map(drop)
-}
-
-fn services(pair: &Pair) -> String {
-    let list: Vec<String> = pair
-        .backends
-        .iter()
-        .map(|b| format!("{{ address = \"{}\" }}", b.address))
-        .collect();
-    format!(
-        "[[service]]\nname = \"web-ext\"\nvip = \"{VIP}\"\nport = {PORT}\nbackend_port = {BACKEND_PORT}\naffinity = \"source\"\naffinity_timeout = 1800\nidle_timeout = 3600\nbackends = [{}]\n",
-        list.join(", ")
-    )
-}
-
-fn start_servers(pair: &Pair) -> Result<Vec<Server>> {
-    pair.backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, b.address, BACKEND_PORT))
-        .collect()
-}
-
 /// Confirmed connections a node holds (client directions).
 fn flows_held(pair: &Pair, k: usize) -> Result<u64> {
     Ok(pair.daemon(k).status()?.tables.flows.entries / 2)
@@ -91,10 +53,10 @@ fn flows_held(pair: &Pair, k: usize) -> Result<u64> {
 #[test]
 fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<()> {
     let _alone = alone();
-    ensure_keepalived()?;
+    ensure_program("keepalived", "keepalived")?;
     let mut pair = Pair::build(3, CLIENTS)?;
-    let _servers = start_servers(&pair)?;
-    let services = services(&pair);
+    let _servers = pair.start_servers()?;
+    let services = pair.services();
     pair.start_node(0, &services)?;
     pair.start_node(1, &services)?;
     // Equal priorities: VRRP elects one (the higher address); call it the active node.
@@ -185,6 +147,7 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     // The old node returns, takes a snapshot, stays backup; handed the role, it carries
     // every connection on.
     pair.revive(active)?;
+
     until(
         SYNC_WAIT,
         Duration::from_millis(50),
@@ -246,64 +209,14 @@ const LOAD_TIME: Duration = Duration::from_secs(10);
 /// Connections held open through the load.
 const PERSISTENT: usize = 200;
 
-/// One connection from `source`, one request, closed; inside the client namespace.
-fn one_request(source: IpAddr, target: SocketAddr) -> Result<()> {
-    use std::io::{Read, Write};
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(source, 0).into())?;
-    socket.connect_timeout(&target.into(), Duration::from_secs(5))?;
-    let mut stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: lb-test\r\nConnection: close\r\n\r\n")?;
-    let mut reply = Vec::new();
-    // The test server keeps the connection open: read until the body's end.
-    let mut buf = [0; 512];
-    while !reply.ends_with(b"\n") || !String::from_utf8_lossy(&reply).contains("server=") {
-        let n = stream.read(&mut buf)?;
-        ensure!(n > 0, "closed before a reply");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    Ok(())
-}
-
-/// CPU time (user + system) a process has used, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / per_second)
-}
-
 #[test]
 fn sync_keeps_up_with_a_stream_of_new_connections() -> Result<()> {
     let _alone = alone();
     let mut pair = Pair::build(3, 20)?;
-    let _servers = start_servers(&pair)?;
-    let services = services(&pair);
-    pair.pin_addresses_on_node0()?;
+    let _servers = pair.start_servers()?;
+    let services = pair.services();
     // A short closing timeout: removals flow while connections are opened.
-    let extra = "closing_timeout = 2\n";
-    pair.start_lb(0, extra, &services)?;
-    pair.start_lb(1, extra, &services)?;
-    until(
-        START_WAIT,
-        Duration::from_millis(50),
-        "the sync sessions",
-        || {
-            let connected = |k: usize| -> Result<bool> {
-                let sync = pair.daemon(k).status()?.sync.context("no sync status")?;
-                Ok(sync.ready && sync.peers.iter().all(|p| p.connected))
-            };
-            Ok(connected(0)? && connected(1)?)
-        },
-    )?;
+    pair.start_synced("closing_timeout = 2\n", &services, START_WAIT)?;
     let vip = SocketAddr::new(VIP.into(), PORT);
     // Connections that stay open through the load, from every client.
     let persistent = (0..PERSISTENT)
@@ -318,45 +231,25 @@ fn sync_keeps_up_with_a_stream_of_new_connections() -> Result<()> {
         cpu_seconds(pair.daemon(0).pid())?,
         cpu_seconds(pair.daemon(1).pid())?,
     ];
-    let started = Instant::now();
-    let opened = std::sync::atomic::AtomicU64::new(0);
-    let failed = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for t in 0..LOAD_THREADS {
-            let (pair, opened, failed) = (&pair, &opened, &failed);
-            scope.spawn(move || {
-                let result = pair.client.run(|| {
-                    let mut i = t;
-                    while started.elapsed() < LOAD_TIME {
-                        let source =
-                            IpAddr::from(pair.client_addresses[i % pair.client_addresses.len()]);
-                        if let Err(e) = one_request(source, vip) {
-                            failed.lock().unwrap().push(format!("{source}: {e:#}"));
-                        }
-                        opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        i += LOAD_THREADS;
-                    }
-                });
-                if let Err(e) = result {
-                    failed.lock().unwrap().push(format!("load thread: {e:#}"));
-                }
-            });
-        }
-    });
-    let elapsed = started.elapsed();
+    let churn = churn::run(
+        &pair.client,
+        &pair.client_addresses,
+        vip,
+        LOAD_THREADS,
+        LOAD_TIME,
+        None,
+    );
     let cpu_after = [
         cpu_seconds(pair.daemon(0).pid())?,
         cpu_seconds(pair.daemon(1).pid())?,
     ];
-    let opened = opened.into_inner();
-    let failed = failed.into_inner().unwrap();
+    let (opened, elapsed, rate) = (churn.opened, churn.elapsed, churn.rate());
     ensure!(
-        failed.is_empty(),
+        churn.failed.is_empty(),
         "{} of {opened} connections failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
+        churn.failed.len(),
+        &churn.failed[..churn.failed.len().min(5)]
     );
-    let rate = opened as f64 / elapsed.as_secs_f64();
 
     // Once the closed connections are gone (closing timeout), the standby holds what the
     // active node holds: the open connections, and every client's affinity.
@@ -466,7 +359,7 @@ fn snat_backup_config(cluster: &Cluster, k: usize, track_file: &std::path::Path)
 #[test]
 fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<()> {
     let _alone = alone();
-    ensure_keepalived()?;
+    ensure_program("keepalived", "keepalived")?;
     let cluster = Cluster::build(2, 3, CLIENTS)?;
     let service = ServiceSpec::default();
     let backends: Vec<Ipv4Addr> = cluster.backends.iter().map(|b| b.address).collect();
@@ -600,8 +493,8 @@ fn refused(pair: &Pair, reason: &str) -> u64 {
 fn forged_replayed_truncated_and_wrong_version_sync_traffic_changes_nothing() -> Result<()> {
     let _alone = alone();
     let mut pair = Pair::build(1, 0)?;
-    let _servers = start_servers(&pair)?;
-    let services = services(&pair);
+    let _servers = pair.start_servers()?;
+    let services = pair.services();
     // Node 0 alone, without keepalived: its sync port is what is under attack.
     let extra = pair.sync_keys(0);
     pair.nodes[0].daemon = Some(harness::daemon::Daemon::start_binary(

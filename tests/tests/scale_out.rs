@@ -13,7 +13,7 @@ use harness::{
     cluster::Cluster,
     daemon::{lb_binary, Daemon},
     fixture::ServiceSpec,
-    netns::run_cmd,
+    netns::{ensure_program, run_cmd},
     server::Server,
     topology::VIP,
 };
@@ -24,18 +24,6 @@ const CLIENTS: usize = 40;
 /// them over both nodes.
 const CONNECTIONS_PER_CLIENT: usize = 6;
 const CHOICES_COMPARED: u32 = 10_000;
-
-fn ensure_bird() -> Result<()> {
-    if run_cmd("bird", &["--version"]).is_ok() {
-        return Ok(());
-    }
-    run_cmd(
-        "apt-get",
-        &["install", "-y", "-qq", "--no-install-recommends", "bird2"],
-    )
-    .context("install bird2")
-    .map(drop)
-}
 
 fn maglev(daemon: &Daemon) -> Result<MaglevTable> {
     let json = daemon.cli_ok(&["maglev", "web-ext", "--json"])?;
@@ -65,7 +53,7 @@ fn connect_all(
 
 #[test]
 fn two_nodes_behind_ecmp_send_each_client_to_one_server() -> Result<()> {
-    ensure_bird()?;
+    ensure_program("bird", "bird2")?;
     let cluster = Cluster::build(2, 3, CLIENTS * 2)?;
     let service = ServiceSpec::default();
     let backends: Vec<Ipv4Addr> = cluster.backends.iter().map(|b| b.address).collect();

@@ -74,13 +74,15 @@ const DEBIAN_RUST_PACKAGES: &[&str] = &[
 /// tests' VRRP.
 const TEST_PACKAGES: &[&str] = &["systemd", "man-db", "bird2", "keepalived"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// What the benchmarks compare lb with, load and serve from, plus the plot's font.
+/// What the benchmarks compare lb with, load and serve from, the HA pair's VRRP, plus the
+/// plot's font.
 const BENCH_PACKAGES: &[&str] = &[
     "wrk",
     "nginx",
     "nftables",
     "conntrack",
     "haproxy",
+    "keepalived",
     "fonts-dejavu-core",
 ];
 

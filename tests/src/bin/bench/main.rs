@@ -1,8 +1,10 @@
 //! `cargo xtask bench [--quick]`: lb's data plane against its limit (BPF_PROG_TEST_RUN),
-//! end to end against nftables and HAProxy through veth, and the control plane. Writes
+//! end to end against nftables and HAProxy through veth, the control plane, and an HA
+//! pair (failover, flow sync). Writes
 //! BENCHMARKS.md, the raw figures (bench/results.json) and a plot (bench/packet-cost.png)
 //! under the current directory. Needs root.
 mod control;
+mod ha;
 mod load;
 mod packet_cost;
 mod plot;
@@ -22,12 +24,18 @@ pub struct Results {
     pub packet_cost: packet_cost::PacketCost,
     pub veth: veth::Veth,
     pub control: control::Control,
+    pub ha: ha::Ha,
     pub total_seconds: f64,
 }
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let started = Instant::now();
+    let (ha_connections, ha_churn) = if quick {
+        (200, Duration::from_secs(3))
+    } else {
+        (1000, Duration::from_secs(10))
+    };
     let (cost_plan, veth_plan, maglev_rounds, health_rounds) = if quick {
         (
             packet_cost::Plan {
@@ -75,21 +83,30 @@ fn main() -> Result<()> {
         println!("{}", report::packet_cost_table(&packet_cost));
         return Ok(());
     }
-    eprintln!("1/3 per-packet cost (BPF_PROG_TEST_RUN)");
+    if std::env::args().any(|a| a == "--ha-only") {
+        // A development aid: section 4 alone, printed, nothing written.
+        let ha = ha::run(ha_connections, ha_churn).context("high availability")?;
+        println!("{}", report::ha_section(&ha));
+        return Ok(());
+    }
+    eprintln!("1/4 per-packet cost (BPF_PROG_TEST_RUN)");
     let packet_cost = packet_cost::run(&cost_plan).context("per-packet cost")?;
-    eprintln!("2/3 end to end through veth");
+    eprintln!("2/4 end to end through veth");
     let veth = veth::run(&veth_plan).context("veth end to end")?;
-    eprintln!("3/3 control plane");
+    eprintln!("3/4 control plane");
     let control = control::Control {
         maglev: control::maglev(maglev_rounds),
         health: control::health(health_rounds).context("health and drain timing")?,
     };
+    eprintln!("4/4 high availability");
+    let ha = ha::run(ha_connections, ha_churn).context("high availability")?;
     let results = Results {
         mode: if quick { "quick" } else { "full" },
         machine: report::Machine::describe(),
         packet_cost,
         veth,
         control,
+        ha,
         total_seconds: started.elapsed().as_secs_f64(),
     };
     let dir = Path::new("bench");

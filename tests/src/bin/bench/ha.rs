@@ -1,0 +1,140 @@
+//! Section 4: high availability (docs/ha.md). An active/standby pair with real keepalived:
+//! how long a failover takes and how many connections it breaks; and the flow sync at set
+//! rates of new connections: latency, bytes on the sync link and daemon CPU.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use harness::{
+    churn::{self, cpu_seconds},
+    client::Connection,
+    pair::{Pair, PORT, VIP},
+    wait::until,
+};
+use serde::Serialize;
+
+const START_WAIT: Duration = Duration::from_secs(30);
+/// Churn threads: enough to reach the higher rate on two cores.
+const THREADS: usize = 4;
+
+#[derive(Serialize, Clone)]
+pub struct Failover {
+    pub connections: usize,
+    /// From the kill (SIGKILL of lb and keepalived, links down) to the standby holding
+    /// the VIP and the SNAT address.
+    pub takeover_s: f64,
+    /// From the kill until every connection had answered again (or broken).
+    pub all_answered_s: f64,
+    pub broken: usize,
+}
+
+#[derive(Serialize, Clone)]
+pub struct SyncPoint {
+    pub target_per_s: f64,
+    pub achieved_per_s: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub bytes_per_connection: f64,
+    /// Daemon CPU (seconds per second) per 1,000 new connections/s.
+    pub sender_cpu: f64,
+    pub receiver_cpu: f64,
+    pub records_dropped: u64,
+}
+
+#[derive(Serialize, Clone)]
+pub struct Ha {
+    pub failover: Failover,
+    pub sync: Vec<SyncPoint>,
+}
+
+fn failover(connections: usize) -> Result<Failover> {
+    let mut pair = Pair::build(3, 20)?;
+    let _servers = pair.start_servers()?;
+    let services = pair.services();
+    pair.start_node(0, &services)?;
+    pair.start_node(1, &services)?;
+    let (active, standby) = pair.wait_for_one_master(START_WAIT)?;
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let mut open = (0..connections)
+        .map(|i| {
+            let source = pair.client_addresses[i % pair.client_addresses.len()];
+            let mut connection = Connection::open(&pair.client, source, 0, vip)?;
+            let server = connection.ask()?.server;
+            Ok((connection, server))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    until(
+        START_WAIT,
+        Duration::from_millis(20),
+        "the standby's copy",
+        || Ok(pair.daemon(standby).status()?.tables.flows.entries == 2 * connections as u64),
+    )?;
+    let killed = Instant::now();
+    pair.nodes[active].die()?;
+    pair.wait_for_master(standby, Duration::from_secs(10))?;
+    let takeover_s = killed.elapsed().as_secs_f64();
+    let mut broken = 0;
+    for (connection, server) in &mut open {
+        if !connection.ask().is_ok_and(|r| r.server == *server) {
+            broken += 1;
+        }
+    }
+    Ok(Failover {
+        connections,
+        takeover_s,
+        all_answered_s: killed.elapsed().as_secs_f64(),
+        broken,
+    })
+}
+
+fn sync_at(rate: f64, duration: Duration) -> Result<SyncPoint> {
+    let mut pair = Pair::build(3, 20)?;
+    let _servers = pair.start_servers()?;
+    let services = pair.services();
+    pair.start_synced("closing_timeout = 2\n", &services, START_WAIT)?;
+    let pids = [pair.daemon(0).pid(), pair.daemon(1).pid()];
+    let cpu_before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let churn = churn::run(
+        &pair.client,
+        &pair.client_addresses,
+        vip,
+        THREADS,
+        duration,
+        Some(rate),
+    );
+    let cpu_after = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
+    ensure!(
+        churn.failed.is_empty(),
+        "{} connections failed: {:?}",
+        churn.failed.len(),
+        churn.failed.first()
+    );
+    let sender = pair.daemon(0).status()?.sync.context("no sync status")?;
+    let receiver = pair.daemon(1).status()?.sync.context("no sync status")?;
+    let peer = sender.peers.first().context("no peer")?;
+    let per_thousand = |k: usize| {
+        (cpu_after[k] - cpu_before[k]) / churn.elapsed.as_secs_f64() / (churn.rate() / 1000.0)
+    };
+    Ok(SyncPoint {
+        target_per_s: rate,
+        achieved_per_s: churn.rate(),
+        latency_p50_ms: receiver.latency_p50_ms,
+        latency_p99_ms: receiver.latency_p99_ms,
+        bytes_per_connection: peer.bytes_sent as f64 / churn.opened as f64,
+        sender_cpu: per_thousand(0),
+        receiver_cpu: per_thousand(1),
+        records_dropped: peer.records_dropped,
+    })
+}
+
+pub fn run(connections: usize, duration: Duration) -> Result<Ha> {
+    let failover = failover(connections).context("failover")?;
+    let sync = [1_000.0, 5_000.0]
+        .into_iter()
+        .map(|rate| sync_at(rate, duration).with_context(|| format!("sync at {rate}/s")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Ha { failover, sync })
+}
