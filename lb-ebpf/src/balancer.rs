@@ -305,15 +305,7 @@ fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
         }
     }
     let event = CloseEvent {
-        key: FlowKey {
-            src_be: copy::words(&pkt.key.src_be),
-            dst_be: copy::words(&pkt.key.dst_be),
-            src_port_be: pkt.key.src_port_be,
-            dst_port_be: pkt.key.dst_port_be,
-            proto: pkt.key.proto,
-            family: pkt.key.family,
-            _pad: 0,
-        },
+        key: copy::key(pkt.key),
         at_ns: now,
     };
     // No wakeup: the daemon drains the ring on a timer, so a busy balancer does not wake

@@ -5,7 +5,7 @@
 //! becomes `memset`. Volatile accesses keep LLVM from merging the words back into one.
 use core::ptr::{read_volatile, write_volatile};
 
-use lb_common::FlowEntry;
+use lb_common::{FlowEntry, FlowKey};
 
 /// An address (four words) read out of memory that may alias the destination.
 #[inline(always)]
@@ -18,6 +18,21 @@ pub fn words(src: &[u32; 4]) -> [u32; 4] {
             read_volatile(&src[2]),
             read_volatile(&src[3]),
         ]
+    }
+}
+
+/// A flow key read out of memory that may alias the destination (a map value, a scratch
+/// slot).
+#[inline(always)]
+pub fn key(src: &FlowKey) -> FlowKey {
+    FlowKey {
+        src_be: words(&src.src_be),
+        dst_be: words(&src.dst_be),
+        src_port_be: src.src_port_be,
+        dst_port_be: src.dst_port_be,
+        proto: src.proto,
+        family: src.family,
+        _pad: 0,
     }
 }
 

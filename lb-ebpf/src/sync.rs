@@ -28,15 +28,7 @@ pub fn flow_confirmed(
     // SAFETY: the reservation is a whole, 8-aligned SyncEvent; every field is written below
     // before it is submitted.
     let event = unsafe { &mut *slot.as_mut_ptr() };
-    event.key = FlowKey {
-        src_be: copy::words(&key.src_be),
-        dst_be: copy::words(&key.dst_be),
-        src_port_be: key.src_port_be,
-        dst_port_be: key.dst_port_be,
-        proto: key.proto,
-        family: key.family,
-        _pad: 0,
-    };
+    event.key = copy::key(key);
     copy::entry(&mut event.forward, forward);
     copy::entry(&mut event.reverse, reverse);
     slot.submit(u64::from(BPF_RB_NO_WAKEUP));
