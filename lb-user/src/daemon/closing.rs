@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use aya::maps::{MapData, RingBuf};
 use lb_common::{CloseEvent, FlowKey, NS_PER_SEC};
 
+use crate::dataplane::ring_record;
+
 /// Close events held at most: beyond that, flows wait for the next garbage collection.
 pub const MAX_QUEUED: usize = 1 << 20;
 /// Margin past the closing timeout, for the coarse clock the data plane stamps with.
@@ -58,16 +60,10 @@ impl CloseQueue {
 /// drains the ring on its closing tick.
 pub fn drain(ring: &mut RingBuf<MapData>, queue: &mut CloseQueue, closing_timeout_s: u32) {
     while let Some(item) = ring.next() {
-        if let Some(event) = parse(&item) {
+        if let Some(event) = ring_record::<CloseEvent>(&item) {
             queue.push(&event, closing_timeout_s);
         }
     }
-}
-
-fn parse(bytes: &[u8]) -> Option<CloseEvent> {
-    (bytes.len() >= size_of::<CloseEvent>())
-        // SAFETY: CloseEvent is plain old data of that size; the read is unaligned-safe.
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CloseEvent>()) })
 }
 
 #[cfg(test)]
@@ -108,8 +104,8 @@ mod tests {
 
     #[test]
     fn short_records_are_ignored() {
-        assert!(parse(&[0u8; 8]).is_none());
+        assert!(ring_record::<CloseEvent>(&[0u8; 8]).is_none());
         let whole = [0u8; size_of::<CloseEvent>()];
-        assert_eq!(parse(&whole), Some(CloseEvent::default()));
+        assert_eq!(ring_record(&whole), Some(CloseEvent::default()));
     }
 }

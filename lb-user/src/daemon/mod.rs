@@ -69,7 +69,7 @@ impl State {
     /// Hands readers of the status the pool as it is now.
     fn publish(&self) {
         if let Some(sync) = &self.sync {
-            sync.set_directory(self.directory());
+            sync.set_directory(self.pool.installation());
         }
         match Basis::of(&self.pool, self.announced.clone()) {
             Ok(basis) => {
@@ -77,19 +77,6 @@ impl State {
             }
             Err(e) => error!(error = %format!("{e:#}"), "publishing the status"),
         }
-    }
-
-    /// The names behind this node's ids, for the sync records.
-    fn directory(&self) -> sync::directory::Directory {
-        let interfaces = self
-            .pool
-            .config()
-            .daemon
-            .interfaces
-            .iter()
-            .map(|name| crate::dataplane::ifindex(name).unwrap_or(0))
-            .collect();
-        sync::directory::Directory::of(self.pool.installation(), interfaces)
     }
 
     /// Starts state sync with the peers (`daemon.sync`); the status reports it from then on.
@@ -106,7 +93,15 @@ impl State {
             reader: Arc::new(self.dataplane.open_reader()?),
             peer_tables: self.dataplane.open_peer_tables()?,
         };
-        let handle = sync::start(&config, self.directory(), tables).await?;
+        let interfaces = self
+            .pool
+            .config()
+            .daemon
+            .interfaces
+            .iter()
+            .map(|name| crate::dataplane::ifindex(name))
+            .collect::<Result<Vec<_>>>()?;
+        let handle = sync::start(&config, self.pool.installation(), interfaces, tables).await?;
         status.set_sync(handle.stats());
         self.sync = Some(handle);
         Ok(())

@@ -137,20 +137,28 @@ pub fn delete<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, keys: &[K]) -> Resul
     Ok(deleted)
 }
 
+/// One `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (as many of each): the call's
+/// result and how many entries went in.
+fn update_batch<K, V>(fd: u32, keys: &[K], values: &[V]) -> (std::io::Result<()>, usize) {
+    debug_assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd,
+        ..BatchAttr::default()
+    };
+    let result = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+    (result, attr.count as usize)
+}
+
 /// Writes `values` into `array` from index `first` on, in batches.
 pub fn write_array<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) -> Result<()> {
     let fd = array.map().fd().as_fd().as_raw_fd() as u32;
     for (n, chunk) in values.chunks(BATCH).enumerate() {
         let start = first + (n * BATCH) as u32;
         let keys: Vec<u32> = (start..start + chunk.len() as u32).collect();
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: chunk.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: fd,
-            ..BatchAttr::default()
-        };
-        if let Err(e) = bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        if let (Err(e), _) = update_batch(fd, &keys, chunk) {
             bail!("BPF_MAP_UPDATE_BATCH at index {start}: {e}");
         }
     }
@@ -168,15 +176,8 @@ pub fn write_hash<K: Pod, V: Pod>(
     for chunk in entries.chunks(BATCH) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: fd,
-            ..BatchAttr::default()
-        };
-        let result = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
-        written += attr.count as usize;
+        let (result, count) = update_batch(fd, &keys, &values);
+        written += count;
         if let Err(e) = result {
             return (written, Some(e));
         }

@@ -884,6 +884,15 @@ pub fn ifindex(iface: &str) -> Result<u32> {
 }
 
 /// Monotonic clock in the data plane's unit (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
+/// A record of a ring buffer (`LB_EVENTS`, `LB_SYNC`) as its plain-old-data type; None
+/// for a record too short to be one.
+pub fn ring_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>())
+        // SAFETY: T is plain old data (any bytes are a value) and `bytes` holds at least
+        // one; the read is unaligned-safe.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

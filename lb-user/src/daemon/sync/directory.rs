@@ -27,7 +27,7 @@ const WIRE_FLAGS: u32 = FLOW_F_CLOSING
 /// Why a record was not installed (counted, per reason, as refused records).
 pub type Refusal = &'static str;
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Directory {
     service_ids: BTreeMap<String, u32>,
     service_names: BTreeMap<u32, String>,

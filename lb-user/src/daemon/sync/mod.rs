@@ -49,8 +49,8 @@ use self::{
 use crate::{
     api::{unix_now, SyncPeer, SyncStatus},
     config::SyncConfig,
-    daemon::off_the_workers,
-    dataplane::{monotonic_ns, PeerTables, TableReader},
+    daemon::{installation::Installation, off_the_workers},
+    dataplane::{monotonic_ns, ring_record, PeerTables, TableReader},
 };
 
 /// How often confirmed flows leave for the peers: well inside the 100 ms a peer may lag.
@@ -87,8 +87,29 @@ const FRESH_MS: u32 = 100;
 
 /// Records bound for every connected peer, shared by their queues.
 type Batch = Arc<Vec<Record>>;
-/// A peer's live and bulk queues and its counters, as the producer fills them.
-type PeerQueue = (mpsc::Sender<Batch>, mpsc::Sender<Batch>, Arc<PeerCounters>);
+/// A peer as the producer feeds it: its live and bulk queues and its counters.
+struct PeerFeed {
+    live: mpsc::Sender<Batch>,
+    bulk: mpsc::Sender<Batch>,
+    counters: Arc<PeerCounters>,
+}
+
+impl PeerFeed {
+    /// Queues `batch` on `lane` (one of this peer's) while the peer is connected; a full
+    /// lane counts the batch as dropped. False only when it was dropped.
+    fn offer(&self, lane: &mpsc::Sender<Batch>, batch: &Batch) -> bool {
+        if !self.counters.connected.load(Ordering::Relaxed) {
+            return true;
+        }
+        let queued = lane.try_send(batch.clone()).is_ok();
+        if !queued {
+            self.counters
+                .dropped
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        queued
+    }
+}
 
 /// What a dialer sends: the live lane (new connections and removals) always first, the
 /// bulk lane (reconciliation rounds, a frame at a time) in between, so that a round of
@@ -195,15 +216,26 @@ impl Stats {
 /// The daemon's side of the sync service.
 pub struct Handle {
     directory: watch::Sender<Arc<Directory>>,
+    /// Ifindex of each `daemon.interfaces` entry, resolved once (they change only with a
+    /// restart).
+    interfaces: Vec<u32>,
     removals: mpsc::Sender<Vec<FlowKey>>,
     stats: Arc<Stats>,
     readiness: Readiness,
 }
 
 impl Handle {
-    /// The ids and names as they are now (after every change of the installation).
-    pub fn set_directory(&self, directory: Directory) {
-        self.directory.send_replace(Arc::new(directory));
+    /// The ids and names as `installation` has them now; the sync tasks see a new
+    /// directory only when they changed.
+    pub fn set_directory(&self, installation: &Installation) {
+        let directory = Directory::of(installation, self.interfaces.clone());
+        self.directory.send_if_modified(|current| {
+            let changed = **current != directory;
+            if changed {
+                *current = Arc::new(directory);
+            }
+            changed
+        });
     }
 
     /// Flows this node removed (closed or expired): the peers remove them too.
@@ -259,8 +291,15 @@ pub fn read_key(path: &Path) -> Result<SharedKey> {
     SharedKey::parse(&text).with_context(|| format!("daemon.sync.key_file: {}", path.display()))
 }
 
-/// Starts the listener, the producer and a dialer per peer.
-pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) -> Result<Handle> {
+/// Starts the listener, the producer and a dialer per peer; `interfaces` are the ifindexes
+/// of `daemon.interfaces`, in order.
+pub async fn start(
+    config: &SyncConfig,
+    installation: &Installation,
+    interfaces: Vec<u32>,
+    tables: Tables,
+) -> Result<Handle> {
+    let directory = Directory::of(installation, interfaces.clone());
     let key = read_key(&config.key_file)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -276,11 +315,15 @@ pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) ->
     let readiness = Readiness::new(config.track_file.clone(), stats.clone())?;
     let (directory_tx, directory_rx) = watch::channel(Arc::new(directory));
     let (removals_tx, removals_rx) = mpsc::channel(REMOVAL_QUEUE);
-    let mut queues = Vec::new();
+    let mut feeds = Vec::new();
     for (address, counters) in &stats.peers {
         let (live, live_rx) = mpsc::channel(PEER_QUEUE);
         let (bulk, bulk_rx) = mpsc::channel(BULK_QUEUE);
-        queues.push((live, bulk, counters.clone()));
+        feeds.push(PeerFeed {
+            live,
+            bulk,
+            counters: counters.clone(),
+        });
         let dialer = Dialer {
             address: *address,
             key: key.clone(),
@@ -298,7 +341,7 @@ pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) ->
         tables.reader,
         directory_rx.clone(),
         removals_rx,
-        queues,
+        Arc::new(feeds),
     ));
     let inbound = Inbound {
         key,
@@ -316,6 +359,7 @@ pub async fn start(config: &SyncConfig, directory: Directory, tables: Tables) ->
     info!(listen = %config.listen, peers = config.peers.len(), "state sync started");
     Ok(Handle {
         directory: directory_tx,
+        interfaces,
         removals: removals_tx,
         stats,
         readiness,
@@ -419,29 +463,19 @@ async fn produce(
     reader: Arc<TableReader>,
     directory: watch::Receiver<Arc<Directory>>,
     mut removals: mpsc::Receiver<Vec<FlowKey>>,
-    queues: Vec<PeerQueue>,
+    feeds: Arc<Vec<PeerFeed>>,
 ) {
     let fan_out = |records: Vec<Record>| {
         if records.is_empty() {
             return;
         }
         let batch = Arc::new(records);
-        for (live, _, counters) in &queues {
-            if !counters.connected.load(Ordering::Relaxed) {
-                continue;
-            }
-            if live.try_send(batch.clone()).is_err() {
-                counters
-                    .dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                counters.resnapshot.store(true, Ordering::Relaxed);
+        for peer in feeds.iter() {
+            if !peer.offer(&peer.live, &batch) {
+                peer.counters.resnapshot.store(true, Ordering::Relaxed);
             }
         }
     };
-    let bulk_lanes: Vec<(mpsc::Sender<Batch>, Arc<PeerCounters>)> = queues
-        .iter()
-        .map(|(_, b, c)| (b.clone(), c.clone()))
-        .collect();
     let round_running = Arc::new(AtomicBool::new(false));
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
@@ -454,7 +488,7 @@ async fn produce(
                 let now = monotonic_ns();
                 let mut records = Vec::new();
                 while let Some(item) = events.next() {
-                    let Some(event) = parse_event(&item) else { continue };
+                    let Some(event) = ring_record::<SyncEvent>(&item) else { continue };
                     if let Some(flow) = directory.flow_record(&event.key, &event.forward, &event.reverse, now) {
                         records.push(Record::Flow(flow));
                     }
@@ -472,10 +506,10 @@ async fn produce(
                 let (reader, since) = (reader.clone(), last_round);
                 let directory = directory.borrow().clone();
                 last_round = monotonic_ns();
-                let (lanes, running) = (bulk_lanes.clone(), round_running.clone());
+                let (feeds, running) = (feeds.clone(), round_running.clone());
                 tokio::spawn(async move {
                     match off_the_workers(move || Ok(records_since(&reader, &directory, since))).await {
-                        Ok(records) => queue_bulk(&lanes, &records),
+                        Ok(records) => queue_bulk(&feeds, &records),
                         Err(e) => warn!(error = %format!("{e:#}"), "sync reconciliation"),
                     }
                     running.store(false, Ordering::Relaxed);
@@ -487,29 +521,16 @@ async fn produce(
 
 /// Queues a reconciliation round for every connected peer in `BULK_RECORDS` pieces; what
 /// does not fit waits for the next round.
-fn queue_bulk(lanes: &[(mpsc::Sender<Batch>, Arc<PeerCounters>)], records: &[Record]) {
+fn queue_bulk(feeds: &[PeerFeed], records: &[Record]) {
     let pieces: Vec<Batch> = records
         .chunks(BULK_RECORDS)
         .map(|c| Arc::new(c.to_vec()))
         .collect();
-    for (bulk, counters) in lanes {
-        if !counters.connected.load(Ordering::Relaxed) {
-            continue;
-        }
+    for peer in feeds {
         for piece in &pieces {
-            if bulk.try_send(piece.clone()).is_err() {
-                counters
-                    .dropped
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
-            }
+            peer.offer(&peer.bulk, piece);
         }
     }
-}
-
-fn parse_event(bytes: &[u8]) -> Option<SyncEvent> {
-    (bytes.len() >= size_of::<SyncEvent>())
-        // SAFETY: SyncEvent is plain old data of that size; the read is unaligned-safe.
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SyncEvent>()) })
 }
 
 /// Sends this node's state to one peer, reconnecting for as long as the daemon runs.
