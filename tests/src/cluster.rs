@@ -23,7 +23,10 @@ use anyhow::{Context, Result};
 use crate::{
     daemon::Site,
     netns::{unique_prefix, veth, Netns},
-    topology::{attach_peer_program, tune_endpoint, BackendHost, PeerProgram, VIP},
+    server::Server,
+    topology::{
+        attach_peer_program, client_address, tune_endpoint, Arms, BackendHost, PeerProgram, VIP,
+    },
     wait::until,
 };
 
@@ -123,15 +126,9 @@ impl Cluster {
         client.ip(&["addr", "add", "10.1.0.2/16", "dev", "eth0"])?;
         router.ip(&["addr", "add", "10.1.0.1/16", "dev", "c0"])?;
         client.ip(&["route", "add", "default", "via", "10.1.0.1"])?;
-        let client_addresses: Vec<Ipv4Addr> = (0..clients)
-            .map(|i| Ipv4Addr::new(10, 1, 1 + (i / 250) as u8, 1 + (i % 250) as u8))
-            .collect();
-        client.ip_batch(
-            &client_addresses
-                .iter()
-                .map(|a| format!("addr add {a}/16 dev eth0"))
-                .collect::<Vec<_>>(),
-        )?;
+        let client_addresses: Vec<Ipv4Addr> =
+            (0..clients).map(|i| client_address(Arms::Two, i)).collect();
+        client.add_addresses("eth0", &client_addresses, 16)?;
         router.sysctl("net.ipv4.ip_forward", "1")?;
         // ECMP over addresses and ports: one client's connections spread over the nodes.
         router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
@@ -256,6 +253,14 @@ impl Cluster {
             backends: backend_list,
             client_addresses,
         })
+    }
+
+    /// A test server on every backend, on `port`.
+    pub fn start_servers(&self, port: u16) -> Result<Vec<Server>> {
+        self.backends
+            .iter()
+            .map(|b| Server::start(&b.ns, &b.name, b.address, port))
+            .collect()
     }
 
     /// The nodes the router's route to the VIP currently goes through.

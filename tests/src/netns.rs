@@ -4,6 +4,7 @@
 //! made inside `Netns::run` can be used from any thread afterwards.
 use std::{
     fs::File,
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -112,6 +113,16 @@ impl Netns {
         let result = self.ip(&["-batch", file.to_str().unwrap()]);
         let _ = std::fs::remove_file(&file);
         result.map(drop)
+    }
+
+    /// Adds `addresses` (with prefix length `prefix`) to `dev`, in one `ip` process.
+    pub fn add_addresses(&self, dev: &str, addresses: &[Ipv4Addr], prefix: u8) -> Result<()> {
+        self.ip_batch(
+            &addresses
+                .iter()
+                .map(|a| format!("addr add {a}/{prefix} dev {dev}"))
+                .collect::<Vec<_>>(),
+        )
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {

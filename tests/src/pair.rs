@@ -23,7 +23,9 @@ use crate::{
     daemon::{lb_binary, Daemon, Site},
     netns::{unique_prefix, veth, Netns},
     server::Server,
-    topology::{attach_peer_program, tune_endpoint, BackendHost, PeerProgram},
+    topology::{
+        attach_peer_program, client_address, tune_endpoint, Arms, BackendHost, PeerProgram,
+    },
     wait::until,
 };
 
@@ -209,15 +211,9 @@ impl Pair {
             };
         plug(&client, "eth0", "p-cl", "cbr", false)?;
         client.ip(&["addr", "add", "10.1.0.2/16", "dev", "eth0"])?;
-        let client_addresses: Vec<Ipv4Addr> = (0..clients)
-            .map(|i| Ipv4Addr::new(10, 1, 1 + (i / 250) as u8, 1 + (i % 250) as u8))
-            .collect();
-        client.ip_batch(
-            &client_addresses
-                .iter()
-                .map(|a| format!("addr add {a}/16 dev eth0"))
-                .collect::<Vec<_>>(),
-        )?;
+        let client_addresses: Vec<Ipv4Addr> =
+            (0..clients).map(|i| client_address(Arms::Two, i)).collect();
+        client.add_addresses("eth0", &client_addresses, 16)?;
 
         let mut nodes = Vec::new();
         for k in 0..2 {
@@ -372,6 +368,17 @@ impl Pair {
         let config = self.dir.join(format!("keepalived{k}.conf"));
         node.keepalived = Some(Keepalived::start(&node.ns, &config, &self.dir, k)?);
         Ok(())
+    }
+
+    /// Starts lb and keepalived on both nodes; returns (the node VRRP elected, the other).
+    pub fn start_active_standby(
+        &mut self,
+        services: &str,
+        within: Duration,
+    ) -> Result<(usize, usize)> {
+        self.start_node(0, services)?;
+        self.start_node(1, services)?;
+        self.wait_for_one_master(within)
     }
 
     /// Starts lb (with `services`) and keepalived on node `k`.

@@ -171,7 +171,7 @@ pub(crate) fn tune_endpoint(ns: &Netns, dev: &str) -> Result<()> {
 
 /// Client source addresses: 10.1.1.x behind the front arm, or 10.0.3.x on the shared
 /// segment of the one-armed topology.
-fn client_address(arms: Arms, i: usize) -> Ipv4Addr {
+pub fn client_address(arms: Arms, i: usize) -> Ipv4Addr {
     let (second, third) = match arms {
         Arms::Two => (1, 1),
         Arms::One => (0, 3),
@@ -242,12 +242,7 @@ impl Topology {
         let client_addresses: Vec<Ipv4Addr> = (0..spec.clients)
             .map(|i| client_address(spec.arms, i))
             .collect();
-        client.ip_batch(
-            &client_addresses
-                .iter()
-                .map(|a| format!("addr add {a}/16 dev eth0"))
-                .collect::<Vec<_>>(),
-        )?;
+        client.add_addresses("eth0", &client_addresses, 16)?;
 
         let snat_addresses: Vec<Ipv4Addr> = (0..spec.snat_addresses)
             .map(|i| Ipv4Addr::from(u32::from(snat_base) + i as u32))

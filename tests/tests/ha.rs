@@ -16,7 +16,6 @@ use harness::{
     fixture::ServiceSpec,
     netns::ensure_program,
     pair::{Keepalived, Pair, BACKEND_PORT, PORT, VIP},
-    server::Server,
     topology,
     wait::until,
 };
@@ -57,10 +56,8 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     let mut pair = Pair::build(3, CLIENTS)?;
     let _servers = pair.start_servers()?;
     let services = pair.services();
-    pair.start_node(0, &services)?;
-    pair.start_node(1, &services)?;
     // Equal priorities: VRRP elects one (the higher address); call it the active node.
-    let (active, standby) = pair.wait_for_one_master(START_WAIT)?;
+    let (active, standby) = pair.start_active_standby(&services, START_WAIT)?;
     let vip = SocketAddr::new(VIP.into(), PORT);
 
     // Long-lived connections through the active node, each answered once.
@@ -363,11 +360,7 @@ fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<
     let cluster = Cluster::build(2, 3, CLIENTS)?;
     let service = ServiceSpec::default();
     let backends: Vec<Ipv4Addr> = cluster.backends.iter().map(|b| b.address).collect();
-    let _servers = cluster
-        .backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
-        .collect::<Result<Vec<_>>>()?;
+    let _servers = cluster.start_servers(service.backend_port)?;
     let key_file = cluster.dir.join("sync.key");
     std::fs::write(&key_file, "3c".repeat(32))?;
     let sync_address = |k: usize| SocketAddr::new(IpAddr::from([10, 2, 0, 2 + k as u8]), 7946);
@@ -506,6 +499,14 @@ fn forged_replayed_truncated_and_wrong_version_sync_traffic_changes_nothing() ->
     let target = pair.nodes[0].sync_address();
     let key = lb::daemon::sync::read_key(&pair.key_file)?;
     let wrong_key = SharedKey::parse(&"5a".repeat(32))?;
+    let direction = |interface: u8| wire::Direction {
+        flags: 0,
+        timeout_s: 3600,
+        seq_next: 1,
+        handshake_ack: 0,
+        idle_ms: 0,
+        interface,
+    };
     let flow = |port: u16| {
         Record::Flow(wire::Flow {
             service: "web-ext".into(),
@@ -516,22 +517,8 @@ fn forged_replayed_truncated_and_wrong_version_sync_traffic_changes_nothing() ->
             server: SocketAddr::new(pair.backends[0].address.into(), BACKEND_PORT),
             server_port: BACKEND_PORT,
             idle_timeout_s: 3600,
-            forward: wire::Direction {
-                flags: 0,
-                timeout_s: 3600,
-                seq_next: 1,
-                handshake_ack: 0,
-                idle_ms: 0,
-                interface: 0,
-            },
-            reverse: wire::Direction {
-                flags: 0,
-                timeout_s: 3600,
-                seq_next: 1,
-                handshake_ack: 0,
-                idle_ms: 0,
-                interface: 1,
-            },
+            forward: direction(0),
+            reverse: direction(1),
         })
     };
     let holds = |pair: &Pair| -> Result<u64> { Ok(pair.daemon(0).status()?.tables.flows.entries) };

@@ -14,7 +14,6 @@ use harness::{
     daemon::{lb_binary, Daemon},
     fixture::ServiceSpec,
     netns::{ensure_program, run_cmd},
-    server::Server,
     topology::VIP,
 };
 use lb::api::MaglevTable;
@@ -57,11 +56,7 @@ fn two_nodes_behind_ecmp_send_each_client_to_one_server() -> Result<()> {
     let cluster = Cluster::build(2, 3, CLIENTS * 2)?;
     let service = ServiceSpec::default();
     let backends: Vec<Ipv4Addr> = cluster.backends.iter().map(|b| b.address).collect();
-    let _servers = cluster
-        .backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
-        .collect::<Result<Vec<_>>>()?;
+    let _servers = cluster.start_servers(service.backend_port)?;
     let started = Instant::now();
     let daemons = cluster
         .nodes

@@ -53,9 +53,7 @@ fn failover(connections: usize) -> Result<Failover> {
     let mut pair = Pair::build(3, 20)?;
     let _servers = pair.start_servers()?;
     let services = pair.services();
-    pair.start_node(0, &services)?;
-    pair.start_node(1, &services)?;
-    let (active, standby) = pair.wait_for_one_master(START_WAIT)?;
+    let (active, standby) = pair.start_active_standby(&services, START_WAIT)?;
     let vip = SocketAddr::new(VIP.into(), PORT);
     let mut open = (0..connections)
         .map(|i| {
