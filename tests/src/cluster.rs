@@ -22,10 +22,10 @@ use anyhow::{Context, Result};
 
 use crate::{
     daemon::Site,
-    netns::{unique_prefix, veth, Netns},
+    netns::{unique_prefix, Netns},
     server::Server,
     topology::{
-        attach_peer_program, client_address, tune_endpoint, Arms, BackendHost, PeerProgram, VIP,
+        attach_peer_program, client_address, tuned_veth, Arms, BackendHost, PeerProgram, VIP,
     },
     wait::until,
 };
@@ -103,13 +103,6 @@ pub struct Cluster {
     pub client_addresses: Vec<Ipv4Addr>,
 }
 
-/// A veth pair with both ends tuned like every endpoint of the harness.
-fn link(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    veth(a, a_dev, b, b_dev)?;
-    tune_endpoint(a, a_dev)?;
-    tune_endpoint(b, b_dev)
-}
-
 impl Cluster {
     pub fn build(nodes: usize, backends: usize, clients: usize) -> Result<Self> {
         let prefix = unique_prefix();
@@ -122,7 +115,7 @@ impl Cluster {
         switch.ip(&["link", "set", "br0", "up"])?;
         let mut peer_programs = Vec::new();
 
-        link(&client, "eth0", &router, "c0")?;
+        tuned_veth(&client, "eth0", &router, "c0")?;
         client.ip(&["addr", "add", "10.1.0.2/16", "dev", "eth0"])?;
         router.ip(&["addr", "add", "10.1.0.1/16", "dev", "c0"])?;
         client.ip(&["route", "add", "default", "via", "10.1.0.1"])?;
@@ -134,7 +127,7 @@ impl Cluster {
         router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
 
         let plug = |ns: &Netns, dev: &str, port: &str| -> Result<()> {
-            link(ns, dev, &switch, port)?;
+            tuned_veth(ns, dev, &switch, port)?;
             switch.ip(&["link", "set", port, "master", "br0"])?;
             Ok(())
         };
@@ -142,7 +135,7 @@ impl Cluster {
         for k in 0..nodes {
             let ns = Netns::create(&format!("{prefix}-n{k}"))?;
             let link_name = format!("n{k}");
-            link(&router, &link_name, &ns, "uplink")?;
+            tuned_veth(&router, &link_name, &ns, "uplink")?;
             let (router_side, node_side) = (
                 Ipv4Addr::new(10, 3, k as u8, 1),
                 Ipv4Addr::new(10, 3, k as u8, 2),
@@ -187,16 +180,9 @@ impl Cluster {
 
         let mut backend_list = Vec::new();
         for i in 0..backends {
-            let ns = Netns::create(&format!("{prefix}-b{i}"))?;
-            plug(&ns, "eth0", &format!("p-b{i}"))?;
-            let address = Ipv4Addr::new(10, 2, 0, 11 + i as u8);
-            ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
-            backend_list.push(BackendHost {
-                ns,
-                address,
-                address6: None,
-                name: format!("fe{}", i + 1),
-            });
+            backend_list.push(BackendHost::on_server_segment(&prefix, i, |ns| {
+                plug(ns, "eth0", &format!("p-b{i}"))
+            })?);
         }
 
         // BIRD: the router imports the VIP from every node and installs all paths (ECMP).

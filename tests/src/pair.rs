@@ -21,11 +21,9 @@ use anyhow::{Context, Result};
 
 use crate::{
     daemon::{lb_binary, Daemon, Site},
-    netns::{unique_prefix, veth, Netns},
+    netns::{unique_prefix, Netns},
     server::Server,
-    topology::{
-        attach_peer_program, client_address, tune_endpoint, Arms, BackendHost, PeerProgram,
-    },
+    topology::{attach_peer_program, client_address, tuned_veth, Arms, BackendHost, PeerProgram},
     wait::until,
 };
 
@@ -174,12 +172,6 @@ pub struct Pair {
     pub key_file: PathBuf,
 }
 
-fn link(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    veth(a, a_dev, b, b_dev)?;
-    tune_endpoint(a, a_dev)?;
-    tune_endpoint(b, b_dev)
-}
-
 impl Pair {
     pub fn build(backends: usize, clients: usize) -> Result<Self> {
         let prefix = unique_prefix();
@@ -202,7 +194,7 @@ impl Pair {
         let mut peer_programs = Vec::new();
         let mut plug =
             |ns: &Netns, dev: &str, port: &str, bridge: &str, xdp_peer: bool| -> Result<()> {
-                link(ns, dev, &switch, port)?;
+                tuned_veth(ns, dev, &switch, port)?;
                 switch.ip(&["link", "set", port, "master", bridge])?;
                 if xdp_peer {
                     peer_programs.push(attach_peer_program(&switch, port)?);
@@ -244,16 +236,9 @@ impl Pair {
         }
         let mut backend_list = Vec::new();
         for i in 0..backends {
-            let ns = Netns::create(&format!("{prefix}-b{i}"))?;
-            plug(&ns, "eth0", &format!("p-s{i}"), "sbr", false)?;
-            let address = Ipv4Addr::new(10, 2, 0, 11 + i as u8);
-            ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
-            backend_list.push(BackendHost {
-                ns,
-                address,
-                address6: None,
-                name: format!("fe{}", i + 1),
-            });
+            backend_list.push(BackendHost::on_server_segment(&prefix, i, |ns| {
+                plug(ns, "eth0", &format!("p-s{i}"), "sbr", false)
+            })?);
         }
         Ok(Self {
             nodes,

@@ -78,6 +78,27 @@ pub struct BackendHost {
     pub name: String,
 }
 
+impl BackendHost {
+    /// Server `i` of a multi-node harness (the scale-out cluster, the HA pair): "fe{i+1}"
+    /// at 10.2.0.(11+i)/24 on its `eth0`, which `plug` connects to the server segment.
+    pub(crate) fn on_server_segment(
+        prefix: &str,
+        i: usize,
+        plug: impl FnOnce(&Netns) -> Result<()>,
+    ) -> Result<Self> {
+        let ns = Netns::create(&format!("{prefix}-b{i}"))?;
+        plug(&ns)?;
+        let address = Ipv4Addr::new(10, 2, 0, 11 + i as u8);
+        ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+        Ok(Self {
+            ns,
+            address,
+            address6: None,
+            name: format!("fe{}", i + 1),
+        })
+    }
+}
+
 /// An `xdp_pass` program attached to an interface, detached on drop. On a veth peer of one
 /// of lb's interfaces: veth delivers frames that lb sends with XDP_TX only to a peer that
 /// has an XDP program of its own (GRO alone is enough for redirected frames); a real NIC
@@ -167,6 +188,13 @@ pub struct Topology {
 pub(crate) fn tune_endpoint(ns: &Netns, dev: &str) -> Result<()> {
     ns.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"])
         .map(drop)
+}
+
+/// A veth pair with both ends tuned like every endpoint of the harness.
+pub(crate) fn tuned_veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+    veth(a, a_dev, b, b_dev)?;
+    tune_endpoint(a, a_dev)?;
+    tune_endpoint(b, b_dev)
 }
 
 /// Client source addresses: 10.1.1.x behind the front arm, or 10.0.3.x on the shared

@@ -528,6 +528,30 @@ fn forged_replayed_truncated_and_wrong_version_sync_traffic_changes_nothing() ->
     // The test's sockets live in node 1's namespace, a host on the sync segment.
     let in_ns = |f: &(dyn Fn() -> Result<()> + Sync)| -> Result<()> { pair.nodes[1].ns.run(f)? };
 
+    // One session of `records` sealed under `key`, from a host on the sync segment.
+    let send_sealed = |key: &SharedKey, records: &[Record]| -> Result<()> {
+        in_ns(&|| {
+            runtime.block_on(async {
+                let (mut stream, mut sealer) = dial(target, key).await?;
+                sealer
+                    .send(&mut stream, &wire::encode(records, false)?)
+                    .await?;
+                stream.shutdown().await?;
+                Ok(())
+            })
+        })
+    };
+    // Waits until the node has refused one more session for `reason` than `before`.
+    let counted = |reason: &str, before: u64| -> Result<()> {
+        until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            reason,
+            || Ok(refused(&pair, reason) > before),
+        )
+        .map(drop)
+    };
+
     // A genuine session installs a flow, and its bytes are recorded.
     let recorded = std::sync::Mutex::new(Vec::new());
     in_ns(&|| {
@@ -581,47 +605,18 @@ fn forged_replayed_truncated_and_wrong_version_sync_traffic_changes_nothing() ->
                 Ok(())
             })
         })?;
-        until(
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            reason,
-            || Ok(refused(&pair, reason) > before),
-        )
-        .with_context(|| format!("a {reason} session was not counted"))?;
+        counted(reason, before).with_context(|| format!("a {reason} session was not counted"))?;
     }
     let before = refused(&pair, "unauthenticated");
-    in_ns(&|| {
-        runtime.block_on(async {
-            let (mut stream, mut sealer) = dial(target, &wrong_key).await?;
-            sealer
-                .send(&mut stream, &wire::encode(&[flow(2)], false)?)
-                .await?;
-            stream.shutdown().await?;
-            Ok(())
-        })
-    })?;
-    until(
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        "the forged session",
-        || Ok(refused(&pair, "unauthenticated") > before),
-    )?;
+    send_sealed(&wrong_key, &[flow(2)])?;
+    counted("unauthenticated", before).context("the forged session was not counted")?;
 
     // A genuine record naming a service this node does not have is refused and counted.
-    in_ns(&|| {
-        runtime.block_on(async {
-            let (mut stream, mut sealer) = dial(target, &key).await?;
-            let Record::Flow(mut other) = flow(3) else {
-                unreachable!()
-            };
-            other.service = "no-such-service".into();
-            sealer
-                .send(&mut stream, &wire::encode(&[Record::Flow(other)], false)?)
-                .await?;
-            stream.shutdown().await?;
-            Ok(())
-        })
-    })?;
+    let Record::Flow(mut other) = flow(3) else {
+        unreachable!()
+    };
+    other.service = "no-such-service".into();
+    send_sealed(&key, &[Record::Flow(other)])?;
     until(
         Duration::from_secs(10),
         Duration::from_millis(20),
