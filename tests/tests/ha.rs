@@ -9,14 +9,12 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use harness::{
+    active_active::ActiveActive,
     churn::{self, cpu_seconds},
     client::Connection,
-    cluster::Cluster,
-    daemon::{lb_binary, Daemon},
-    fixture::ServiceSpec,
+    heartbeat::{Beats, Heartbeat, Held},
     netns::ensure_program,
-    pair::{Keepalived, Pair, BACKEND_PORT, PORT, VIP},
-    topology,
+    pair::{Pair, BACKEND_PORT, PORT, VIP},
     wait::until,
 };
 use lb::daemon::sync::{
@@ -41,8 +39,10 @@ const SYNC_WAIT: Duration = Duration::from_secs(30);
 const START_WAIT: Duration = Duration::from_secs(30);
 /// The 100 ms, as the upper bound of the latency figures' power-of-two bucket.
 const LATENCY_BOUND_MS: f64 = 131.072;
-/// Broken connections the test waits for before it gives up on the rest.
-const REPORTED_BREAKS: usize = 5;
+/// Every held connection exchanges a request this often, through failover and handover.
+const BEAT: Duration = Duration::from_secs(1);
+/// Heartbeat rounds are 1 s apart; a round through a failover waits for TCP's retransmission.
+const ROUNDS_WAIT: Duration = Duration::from_secs(20);
 
 /// Confirmed connections a node holds (client directions).
 fn flows_held(pair: &Pair, k: usize) -> Result<u64> {
@@ -60,22 +60,9 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     let (active, standby) = pair.start_active_standby(&services, START_WAIT)?;
     let vip = SocketAddr::new(VIP.into(), PORT);
 
-    // Long-lived connections through the active node, each answered once.
-    let mut connections = Vec::new();
-    let mut server_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    for &c in &pair.client_addresses {
-        for _ in 0..CONNECTIONS_PER_CLIENT {
-            let mut connection = Connection::open(&pair.client, c, 0, vip)?;
-            let reply = connection.ask()?;
-            let server = server_of.entry(c).or_insert_with(|| reply.server.clone());
-            ensure!(
-                *server == reply.server,
-                "{c} reached {} and {server}",
-                reply.server
-            );
-            connections.push((c, connection, reply.server));
-        }
-    }
+    // Long-lived connections through the active node; one client's all reach one server.
+    let connections = hold_connections(&pair.client, &pair.client_addresses, vip)?;
+    let server_of = servers_of_clients(&connections)?;
     let total = connections.len() as u64;
     ensure!(
         flows_held(&pair, active)? == total,
@@ -109,6 +96,9 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
         sync.records_refused.is_empty(),
         "standby refused records: {sync:?}"
     );
+    // From here to the end every connection exchanges a request every second.
+    let heartbeat = Heartbeat::start(connections, BEAT);
+    heartbeat.wait_rounds(1, ROUNDS_WAIT)?;
 
     // Power cut on the active node; the standby takes the addresses.
     let killed = Instant::now();
@@ -117,11 +107,9 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     let failover = killed.elapsed();
     eprintln!("keepalived moved the VIP and the SNAT address {failover:?} after the kill");
     ensure!(failover <= FAILOVER_LIMIT, "failover took {failover:?}");
-
-    // Every connection keeps its server.
-    answer_on_the_same_servers(&mut connections)?;
+    heartbeat.wait_rounds(2, ROUNDS_WAIT)?;
     eprintln!(
-        "all {total} connections answered by their servers {:?} after the kill",
+        "every connection answered twice more {:?} after the kill",
         killed.elapsed()
     );
 
@@ -170,7 +158,9 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     );
     let handover = pair.wait_for_master(active, Duration::from_secs(10))?;
     eprintln!("lb ha handover moved the addresses back in {handover:?}");
-    answer_on_the_same_servers(&mut connections)?;
+    heartbeat.wait_rounds(2, ROUNDS_WAIT)?;
+    let beats = heartbeat.stop()?;
+    no_breaks(&beats)?;
     pair.daemon(standby).cli_ok(&["ha", "resume"])?;
     ensure!(pair
         .daemon(1)
@@ -179,30 +169,72 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     Ok(())
 }
 
-/// Asks on every connection; fails with the first few that break or moved.
-fn answer_on_the_same_servers(connections: &mut [(Ipv4Addr, Connection, String)]) -> Result<()> {
-    let mut broken = Vec::new();
-    for (c, connection, server) in connections.iter_mut() {
-        if broken.len() >= REPORTED_BREAKS {
-            // Each broken connection costs an I/O timeout: enough to tell what happened.
-            break;
-        }
-        match connection.ask() {
-            Ok(reply) if reply.server == *server => {}
-            Ok(reply) => broken.push(format!("{c}: now {} instead of {server}", reply.server)),
-            Err(e) => broken.push(format!("{c} {}: {e:#}", connection.local)),
+/// `CONNECTIONS_PER_CLIENT` connections from each of `clients` to `vip`, each answered once.
+fn hold_connections(
+    ns: &harness::netns::Netns,
+    clients: &[Ipv4Addr],
+    vip: SocketAddr,
+) -> Result<Vec<Held>> {
+    let mut connections = Vec::new();
+    for &source in clients {
+        for _ in 0..CONNECTIONS_PER_CLIENT {
+            let mut connection = Connection::open(ns, source, 0, vip)?;
+            let server = connection.ask()?.server;
+            connections.push(Held {
+                source,
+                connection,
+                server,
+            });
         }
     }
+    Ok(connections)
+}
+
+/// The one server each client's connections reached (source affinity).
+fn servers_of_clients(connections: &[Held]) -> Result<BTreeMap<Ipv4Addr, String>> {
+    let mut server_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for held in connections {
+        let server = server_of
+            .entry(held.source)
+            .or_insert_with(|| held.server.clone());
+        ensure!(
+            *server == held.server,
+            "{} reached {} and {server}",
+            held.source,
+            held.server
+        );
+    }
+    Ok(server_of)
+}
+
+/// Every connection answered by its own server in every round of `beats`, none silent for
+/// longer than a failover and two beats (a lost request waits for TCP's retransmission).
+fn no_breaks(beats: &Beats) -> Result<()> {
+    eprintln!(
+        "{} connections, {} rounds of one request each, {} broken; the longest a connection went unanswered: {:?}",
+        beats.connections, beats.rounds, beats.broken, beats.longest_silence
+    );
     ensure!(
-        broken.is_empty(),
-        "connections broke (the first {REPORTED_BREAKS} shown at most): {broken:?}"
+        beats.broken == 0,
+        "{} of {} connections broke (the first shown): {:?}",
+        beats.broken,
+        beats.connections,
+        beats.breaks
+    );
+    let bound = FAILOVER_LIMIT + 2 * BEAT;
+    ensure!(
+        beats.longest_silence <= bound,
+        "a connection went unanswered for {:?} (bound {bound:?})",
+        beats.longest_silence
     );
     Ok(())
 }
 
-/// Load threads opening connections one after another, and how long they run.
+/// The load: new connections per second, for how long, from how many threads
+/// (enough to reach the rate on two cores).
+const LOAD_RATE: f64 = 5_000.0;
+const LOAD_TIME: Duration = Duration::from_secs(30);
 const LOAD_THREADS: usize = 4;
-const LOAD_TIME: Duration = Duration::from_secs(10);
 /// Connections held open through the load.
 const PERSISTENT: usize = 200;
 
@@ -234,7 +266,7 @@ fn sync_keeps_up_with_a_stream_of_new_connections() -> Result<()> {
         vip,
         LOAD_THREADS,
         LOAD_TIME,
-        None,
+        Some(LOAD_RATE),
     );
     let cpu_after = [
         cpu_seconds(pair.daemon(0).pid())?,
@@ -335,91 +367,21 @@ fn sync_keeps_up_with_a_stream_of_new_connections() -> Result<()> {
     Ok(())
 }
 
-/// keepalived for an ECMP node: one VRRP instance per node's SNAT address on the server
-/// segment, each node MASTER for its own and BACKUP for the other's.
-fn snat_backup_config(cluster: &Cluster, k: usize, track_file: &std::path::Path) -> String {
-    let mut config = format!(
-        "global_defs {{\n  router_id lb{k}\n  vrrp_garp_master_delay 0\n}}\nvrrp_track_file lb_sync {{\n  file {:?}\n}}\n",
-        track_file.display().to_string()
-    );
-    for (owner, node) in cluster.nodes.iter().enumerate() {
-        let snat = node.site.snat[0];
-        config += &format!(
-            "vrrp_instance snat{owner} {{\n  state BACKUP\n  interface back\n  virtual_router_id {}\n  version 3\n  priority {}\n  advert_int 0.1\n  track_file {{\n    lb_sync weight 0\n  }}\n  virtual_ipaddress {{\n    {snat}/32 dev back\n  }}\n}}\n",
-            60 + owner,
-            if owner == k { 150 } else { 100 },
-        );
-    }
-    config
-}
-
 #[test]
 fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<()> {
     let _alone = alone();
     ensure_program("keepalived", "keepalived")?;
-    let cluster = Cluster::build(2, 3, CLIENTS)?;
-    let service = ServiceSpec::default();
-    let backends: Vec<Ipv4Addr> = cluster.backends.iter().map(|b| b.address).collect();
-    let _servers = cluster.start_servers(service.backend_port)?;
-    let key_file = cluster.dir.join("sync.key");
-    std::fs::write(&key_file, "3c".repeat(32))?;
-    let sync_address = |k: usize| SocketAddr::new(IpAddr::from([10, 2, 0, 2 + k as u8]), 7946);
-    let mut daemons = Vec::new();
-    let mut keepaliveds = Vec::new();
-    for (k, node) in cluster.nodes.iter().enumerate() {
-        // keepalived owns the SNAT addresses from now on.
-        let snat = node.site.snat[0];
-        node.ns
-            .ip(&["addr", "del", &format!("{snat}/32"), "dev", "back"])?;
-        let track_file = cluster.dir.join(format!("track{k}"));
-        let other = &cluster.nodes[1 - k];
-        let extra = format!(
-            "{}[daemon.sync]\nlisten = \"{}\"\npeers = [\"{}\"]\nkey_file = {:?}\ntrack_file = {:?}\nbulk_sync_timeout = 3\nbackup_snat_addresses = [\"{}\"]\n",
-            node.announce_keys(),
-            sync_address(k),
-            sync_address(1 - k),
-            key_file.display().to_string(),
-            track_file.display().to_string(),
-            other.site.snat[0],
-        );
-        daemons.push(Daemon::start_binary(
-            &node.site,
-            &lb_binary()?,
-            &extra,
-            &service.toml(&backends),
-        )?);
-        let config = cluster.dir.join(format!("keepalived{k}.conf"));
-        std::fs::write(&config, snat_backup_config(&cluster, k, &track_file))?;
-        keepaliveds.push(Keepalived::start(&node.ns, &config, &cluster.dir, k)?);
-    }
-    cluster.wait_for_next_hops(&[0, 1])?;
-    let owns = |k: usize, snat: IpAddr| -> Result<bool> {
-        let addresses = cluster.nodes[k]
-            .ns
-            .ip(&["-4", "addr", "show", "dev", "back"])?;
-        Ok(addresses.contains(&format!("inet {snat}/")))
-    };
-    until(
-        START_WAIT,
-        Duration::from_millis(50),
-        "each node to own its SNAT address",
-        || Ok(owns(0, cluster.nodes[0].site.snat[0])? && owns(1, cluster.nodes[1].site.snat[0])?),
-    )?;
+    let mut both = ActiveActive::start(CLIENTS, START_WAIT)?;
 
     // Connections spread over both nodes by the router's hash.
-    let vip = SocketAddr::new(topology::VIP.into(), service.port);
-    let mut connections = Vec::new();
-    for &c in &cluster.client_addresses {
-        for _ in 0..CONNECTIONS_PER_CLIENT {
-            let mut connection = Connection::open(&cluster.client, c, 0, vip)?;
-            let server = connection.ask()?.server;
-            connections.push((c, connection, server));
-        }
-    }
+    let connections = hold_connections(
+        &both.cluster.client,
+        &both.cluster.client_addresses,
+        both.vip(),
+    )?;
     let total = connections.len() as u64;
-    let per_node: Vec<u64> = daemons
-        .iter()
-        .map(|d| Ok(d.status()?.counters["new_flows"]))
+    let per_node: Vec<u64> = (0..2)
+        .map(|k| Ok(both.daemon(k).status()?.counters["new_flows"]))
         .collect::<Result<_>>()?;
     ensure!(
         per_node.iter().all(|&n| n > total / 5),
@@ -430,36 +392,24 @@ fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<
         Duration::from_millis(20),
         "each node to hold every flow",
         || {
-            Ok(daemons.iter().all(|d| {
-                d.status()
+            Ok((0..2).all(|k| {
+                both.daemon(k)
+                    .status()
                     .is_ok_and(|s| s.tables.flows.entries / 2 == total)
             }))
         },
     )?;
+    let heartbeat = Heartbeat::start(connections, BEAT);
+    heartbeat.wait_rounds(1, ROUNDS_WAIT)?;
 
     // Node 0 dies; the router drops its route when BGP's hold time runs out, and node 1's
     // keepalived takes node 0's SNAT address.
-    let killed = Instant::now();
-    let node0_snat = cluster.nodes[0].site.snat[0];
-    let mut dead = daemons.remove(0);
-    dead.kill()?;
-    keepaliveds[0].kill();
-    cluster.nodes[0].ns.ip(&["link", "set", "uplink", "down"])?;
-    cluster.nodes[0].ns.ip(&["link", "set", "back", "down"])?;
-    cluster.wait_for_next_hops(&[1])?;
-    until(
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        "node 1 to take node 0's SNAT address",
-        || owns(1, node0_snat),
-    )?;
+    let moved = both.kill(0)?;
     eprintln!(
-        "{:?} from the kill until the router sends everything to node 1 and node 1 owns {node0_snat} (per node before: {per_node:?})",
-        killed.elapsed()
+        "{moved:?} from the kill until the router sends everything to node 1 and node 1 owns node 0's SNAT address (per node before: {per_node:?})"
     );
-    answer_on_the_same_servers(&mut connections)?;
-    eprintln!("all {total} connections answered by their servers through node 1");
-    drop(dead);
+    heartbeat.wait_rounds(2, ROUNDS_WAIT)?;
+    no_breaks(&heartbeat.stop()?)?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -61,6 +61,9 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
 /// Live batches (new connections, removals) queued per peer; beyond that the peer is too
 /// slow and gets a new snapshot.
 const PEER_QUEUE: usize = 256;
+/// A reconciliation round's pieces are spaced over this part of the interval.
+const ROUND_SPREAD: Duration = Duration::from_secs(5);
+const _: () = assert!(ROUND_SPREAD.as_millis() < RECONCILE_INTERVAL.as_millis());
 /// Pieces of reconciliation rounds queued per peer; beyond that the rest of the round is
 /// dropped (the next round sends it again).
 const BULK_QUEUE: usize = 2048;
@@ -87,41 +90,95 @@ const FRESH_MS: u32 = 100;
 
 /// Records bound for every connected peer, shared by their queues.
 type Batch = Arc<Vec<Record>>;
+/// A piece of a reconciliation round, and when the round read the tables.
+#[derive(Clone)]
+struct BulkPiece {
+    read_at: Instant,
+    records: Batch,
+}
+
 /// A peer as the producer feeds it: its live and bulk queues and its counters.
 struct PeerFeed {
     live: mpsc::Sender<Batch>,
-    bulk: mpsc::Sender<Batch>,
+    bulk: mpsc::Sender<BulkPiece>,
     counters: Arc<PeerCounters>,
 }
 
 impl PeerFeed {
     /// Queues `batch` on `lane` (one of this peer's) while the peer is connected; a full
     /// lane counts the batch as dropped. False only when it was dropped.
-    fn offer(&self, lane: &mpsc::Sender<Batch>, batch: &Batch) -> bool {
+    fn offer<T: Clone>(&self, lane: &mpsc::Sender<T>, item: &T, records: usize) -> bool {
         if !self.counters.connected.load(Ordering::Relaxed) {
             return true;
         }
-        let queued = lane.try_send(batch.clone()).is_ok();
+        let queued = lane.try_send(item.clone()).is_ok();
         if !queued {
             self.counters
                 .dropped
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                .fetch_add(records as u64, Ordering::Relaxed);
         }
         queued
     }
 }
 
+/// Flows the dialer sent removals of since the oldest reconciliation piece it has still
+/// to send was read: that piece's copies of them are stale, and sent after the removal
+/// they would bring a closed connection back at the peer.
+#[derive(Default)]
+struct Tombstones(HashMap<wire::Tuple, Instant>);
+
+impl Tombstones {
+    fn bury(&mut self, sent: &[Record]) {
+        let now = Instant::now();
+        for record in sent {
+            if let Record::FlowRemoved(tuple) = record {
+                self.0.insert(*tuple, now);
+            }
+        }
+    }
+
+    /// `piece`'s records without the flows removed after it was read. Pieces come in the
+    /// order they were read (rounds never overlap), so older removals are forgotten.
+    fn unburied(&mut self, piece: &BulkPiece) -> Vec<Record> {
+        self.0.retain(|_, removed| *removed >= piece.read_at);
+        let removed = |protocol: u8, source: SocketAddr, destination: SocketAddr| {
+            self.0.contains_key(&wire::Tuple {
+                protocol,
+                source,
+                destination,
+            })
+        };
+        piece
+            .records
+            .iter()
+            .filter(|record| match record {
+                Record::Flow(f) => {
+                    !removed(f.protocol, f.client, f.vip) && !removed(f.protocol, f.server, f.snat)
+                }
+                _ => true,
+            })
+            .cloned()
+            .collect()
+    }
+}
+
 /// What a dialer sends: the live lane (new connections and removals) always first, the
-/// bulk lane (reconciliation rounds, a frame at a time) in between, so that a round of
-/// thousands of records never holds a new connection back.
+/// bulk lane (reconciliation rounds, a piece at a time as `spread_bulk` queues them) in
+/// between, so that a round of thousands of records never holds a new connection back.
 struct Lanes {
     live: mpsc::Receiver<Batch>,
-    bulk: mpsc::Receiver<Batch>,
+    bulk: mpsc::Receiver<BulkPiece>,
+    /// Kept across sessions: a round read before a reconnection may still be queued after.
+    tombstones: Tombstones,
 }
 
 impl Lanes {
+    /// Empties both lanes; the removals dropped unsent are buried as if sent (the snapshot
+    /// that follows has none of them).
     fn clear(&mut self) {
-        while self.live.try_recv().is_ok() {}
+        while let Ok(batch) = self.live.try_recv() {
+            self.tombstones.bury(&batch);
+        }
         while self.bulk.try_recv().is_ok() {}
     }
 }
@@ -334,6 +391,7 @@ pub async fn start(
         tokio::spawn(dialer.run(Lanes {
             live: live_rx,
             bulk: bulk_rx,
+            tombstones: Tombstones::default(),
         }));
     }
     tokio::spawn(produce(
@@ -471,7 +529,7 @@ async fn produce(
         }
         let batch = Arc::new(records);
         for peer in feeds.iter() {
-            if !peer.offer(&peer.live, &batch) {
+            if !peer.offer(&peer.live, &batch, batch.len()) {
                 peer.counters.resnapshot.store(true, Ordering::Relaxed);
             }
         }
@@ -508,8 +566,9 @@ async fn produce(
                 last_round = monotonic_ns();
                 let (feeds, running) = (feeds.clone(), round_running.clone());
                 tokio::spawn(async move {
+                    let read_at = Instant::now();
                     match off_the_workers(move || Ok(records_since(&reader, &directory, since))).await {
-                        Ok(records) => queue_bulk(&feeds, &records),
+                        Ok(records) => spread_bulk(&feeds, &records, read_at, ROUND_SPREAD).await,
                         Err(e) => warn!(error = %format!("{e:#}"), "sync reconciliation"),
                     }
                     running.store(false, Ordering::Relaxed);
@@ -519,16 +578,22 @@ async fn produce(
     }
 }
 
-/// Queues a reconciliation round for every connected peer in `BULK_RECORDS` pieces; what
-/// does not fit waits for the next round.
-fn queue_bulk(feeds: &[PeerFeed], records: &[Record]) {
-    let pieces: Vec<Batch> = records
-        .chunks(BULK_RECORDS)
-        .map(|c| Arc::new(c.to_vec()))
-        .collect();
-    for peer in feeds {
-        for piece in &pieces {
-            peer.offer(&peer.bulk, piece);
+/// Queues a reconciliation round for every connected peer in `BULK_RECORDS` pieces, evenly
+/// spaced over `spread`: a round queued at once reaches the peer's socket back to back, and
+/// every new connection's record behind it waits until the peer has installed all of it.
+/// What does not fit the queue waits for the next round.
+async fn spread_bulk(feeds: &[PeerFeed], records: &[Record], read_at: Instant, spread: Duration) {
+    let pieces = records.len().div_ceil(BULK_RECORDS);
+    let gap = spread / u32::try_from(pieces.max(1)).unwrap_or(u32::MAX);
+    let mut next = tokio::time::interval(gap.max(Duration::from_millis(1)));
+    for chunk in records.chunks(BULK_RECORDS) {
+        next.tick().await;
+        let piece = BulkPiece {
+            read_at,
+            records: Arc::new(chunk.to_vec()),
+        };
+        for peer in feeds {
+            peer.offer(&peer.bulk, &piece, chunk.len());
         }
     }
 }
@@ -630,11 +695,13 @@ impl Dialer {
                 biased;
                 batch = lanes.live.recv() => {
                     let Some(batch) = batch else { return Ok(()) };
+                    lanes.tombstones.bury(&batch);
                     self.send(&mut sealer, &mut stream, &batch, false).await?;
                 }
-                batch = lanes.bulk.recv() => {
-                    let Some(batch) = batch else { return Ok(()) };
-                    self.send(&mut sealer, &mut stream, &batch, true).await?;
+                piece = lanes.bulk.recv() => {
+                    let Some(piece) = piece else { return Ok(()) };
+                    let records = lanes.tombstones.unburied(&piece);
+                    self.send(&mut sealer, &mut stream, &records, true).await?;
                 }
                 _ = keepalive.tick() => self.send(&mut sealer, &mut stream, &[], false).await?,
             }
@@ -806,4 +873,77 @@ fn install(tables: &mut PeerTables, directory: &Directory, frame: &wire::Frame, 
         }
     }
     flush(tables, &mut pending);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconciliation_round_reaches_the_queue_spread_over_its_time() {
+        let (live, _live_rx) = mpsc::channel(1);
+        let (bulk, mut bulk_rx) = mpsc::channel(BULK_QUEUE);
+        let counters = Arc::new(PeerCounters::default());
+        counters.connected.store(true, Ordering::Relaxed);
+        let feeds = vec![PeerFeed {
+            live,
+            bulk,
+            counters,
+        }];
+        let records = vec![Record::SnapshotDone; 4 * BULK_RECORDS];
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            spread_bulk(&feeds, &records, Instant::now(), Duration::from_secs(4)).await
+        });
+        let mut arrivals = Vec::new();
+        while let Some(piece) = bulk_rx.recv().await {
+            assert_eq!(piece.records.len(), BULK_RECORDS);
+            arrivals.push(started.elapsed().as_secs());
+        }
+        assert_eq!(arrivals, [0, 1, 2, 3]);
+    }
+
+    fn flow(port: u16) -> wire::Flow {
+        let mut flow = wire::tests::flow();
+        flow.client.set_port(port);
+        flow.snat.set_port(port);
+        flow
+    }
+
+    #[test]
+    fn a_round_read_before_a_removal_does_not_bring_the_flow_back() {
+        let (closed, open) = (flow(40000), flow(40001));
+        let piece = BulkPiece {
+            read_at: Instant::now(),
+            records: Arc::new(vec![
+                Record::Flow(closed.clone()),
+                Record::Flow(open.clone()),
+            ]),
+        };
+        let mut tombstones = Tombstones::default();
+        // Removed after the read, by either direction's tuple.
+        for tuple in [
+            wire::Tuple {
+                protocol: 6,
+                source: closed.client,
+                destination: closed.vip,
+            },
+            wire::Tuple {
+                protocol: 6,
+                source: closed.server,
+                destination: closed.snat,
+            },
+        ] {
+            tombstones.0.clear();
+            tombstones.bury(&[Record::FlowRemoved(tuple)]);
+            assert_eq!(tombstones.unburied(&piece), [Record::Flow(open.clone())]);
+        }
+        // A round read after the removal sends the flow (the tuple was reused).
+        let later = BulkPiece {
+            read_at: Instant::now() + Duration::from_millis(1),
+            ..piece
+        };
+        assert_eq!(tombstones.unburied(&later).len(), 2);
+        assert!(tombstones.0.is_empty(), "older removals are forgotten");
+    }
 }

@@ -44,7 +44,7 @@ pub struct Flow {
 }
 
 /// A flow direction's tuple, as its packets carry it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Tuple {
     pub protocol: u8,
     pub source: SocketAddr,

@@ -1,15 +1,18 @@
-//! Section 4: high availability (docs/ha.md). An active/standby pair with real keepalived:
-//! how long a failover takes and how many connections it breaks; and the flow sync at set
+//! Section 4: high availability (docs/ha.md). Both deployments, with real keepalived (and
+//! BIRD for ECMP): how long a failover takes and how many connections it breaks; and the flow sync at set
 //! rates of new connections: latency, bytes on the sync link and daemon CPU.
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
 use harness::{
+    active_active::ActiveActive,
     churn::{self, cpu_seconds},
     client::Connection,
+    heartbeat::{Heartbeat, Held},
+    netns::Netns,
     pair::{Pair, PORT, VIP},
     wait::until,
 };
@@ -21,12 +24,13 @@ const THREADS: usize = 4;
 
 #[derive(Serialize, Clone)]
 pub struct Failover {
+    pub deployment: &'static str,
     pub connections: usize,
-    /// From the kill (SIGKILL of lb and keepalived, links down) to the standby holding
-    /// the VIP and the SNAT address.
+    /// From the kill (SIGKILL of lb and keepalived, links down) until the survivor owns
+    /// every address and route the dead node had.
     pub takeover_s: f64,
-    /// From the kill until every connection had answered again (or broken).
-    pub all_answered_s: f64,
+    /// The longest a connection went unanswered while each asked once a second.
+    pub longest_silence_s: f64,
     pub broken: usize,
 }
 
@@ -45,45 +49,101 @@ pub struct SyncPoint {
 
 #[derive(Serialize, Clone)]
 pub struct Ha {
-    pub failover: Failover,
+    pub failover: Vec<Failover>,
     pub sync: Vec<SyncPoint>,
 }
 
-fn failover(connections: usize) -> Result<Failover> {
-    let mut pair = Pair::build(3, 20)?;
+/// Clients the failover connections come from, as in tests/tests/ha.rs.
+const CLIENTS: usize = 100;
+/// Each held connection asks once per beat, before, through and after the kill.
+const BEAT: Duration = Duration::from_secs(1);
+const ROUNDS_WAIT: Duration = Duration::from_secs(20);
+
+/// `connections` connections from the clients in turn, each answered once.
+fn hold(
+    ns: &Netns,
+    clients: &[Ipv4Addr],
+    vip: SocketAddr,
+    connections: usize,
+) -> Result<Vec<Held>> {
+    (0..connections)
+        .map(|i| {
+            let source = clients[i % clients.len()];
+            let mut connection = Connection::open(ns, source, 0, vip)?;
+            let server = connection.ask()?.server;
+            Ok(Held {
+                source,
+                connection,
+                server,
+            })
+        })
+        .collect()
+}
+
+/// Runs the heartbeat over `held` through `kill` (which returns the takeover time).
+fn through_failover(
+    deployment: &'static str,
+    held: Vec<Held>,
+    kill: impl FnOnce() -> Result<Duration>,
+) -> Result<Failover> {
+    let connections = held.len();
+    let heartbeat = Heartbeat::start(held, BEAT);
+    heartbeat.wait_rounds(1, ROUNDS_WAIT)?;
+    let takeover = kill()?;
+    heartbeat.wait_rounds(2, ROUNDS_WAIT)?;
+    let beats = heartbeat.stop()?;
+    Ok(Failover {
+        deployment,
+        connections,
+        takeover_s: takeover.as_secs_f64(),
+        longest_silence_s: beats.longest_silence.as_secs_f64(),
+        broken: beats.broken,
+    })
+}
+
+fn active_standby(connections: usize) -> Result<Failover> {
+    let mut pair = Pair::build(3, CLIENTS)?;
     let _servers = pair.start_servers()?;
     let services = pair.services();
     let (active, standby) = pair.start_active_standby(&services, START_WAIT)?;
     let vip = SocketAddr::new(VIP.into(), PORT);
-    let mut open = (0..connections)
-        .map(|i| {
-            let source = pair.client_addresses[i % pair.client_addresses.len()];
-            let mut connection = Connection::open(&pair.client, source, 0, vip)?;
-            let server = connection.ask()?.server;
-            Ok((connection, server))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let held = hold(&pair.client, &pair.client_addresses, vip, connections)?;
     until(
         START_WAIT,
         Duration::from_millis(20),
         "the standby's copy",
         || Ok(pair.daemon(standby).status()?.tables.flows.entries == 2 * connections as u64),
     )?;
-    let killed = Instant::now();
-    pair.nodes[active].die()?;
-    pair.wait_for_master(standby, Duration::from_secs(10))?;
-    let takeover_s = killed.elapsed().as_secs_f64();
-    let mut broken = 0;
-    for (connection, server) in &mut open {
-        if !connection.ask().is_ok_and(|r| r.server == *server) {
-            broken += 1;
-        }
-    }
-    Ok(Failover {
+    through_failover("active/standby (keepalived VRRP)", held, || {
+        let killed = Instant::now();
+        pair.nodes[active].die()?;
+        pair.wait_for_master(standby, Duration::from_secs(10))?;
+        Ok(killed.elapsed())
+    })
+}
+
+fn active_active(connections: usize) -> Result<Failover> {
+    let mut both = ActiveActive::start(CLIENTS, START_WAIT)?;
+    let held = hold(
+        &both.cluster.client,
+        &both.cluster.client_addresses,
+        both.vip(),
         connections,
-        takeover_s,
-        all_answered_s: killed.elapsed().as_secs_f64(),
-        broken,
+    )?;
+    until(
+        START_WAIT,
+        Duration::from_millis(20),
+        "each node's copy",
+        || {
+            Ok((0..2).all(|k| {
+                both.daemon(k)
+                    .status()
+                    .is_ok_and(|s| s.tables.flows.entries == 2 * connections as u64)
+            }))
+        },
+    )?;
+    through_failover("active/active (BGP ECMP, hold time 3 s)", held, || {
+        both.kill(0)
     })
 }
 
@@ -129,7 +189,10 @@ fn sync_at(rate: f64, duration: Duration) -> Result<SyncPoint> {
 }
 
 pub fn run(connections: usize, duration: Duration) -> Result<Ha> {
-    let failover = failover(connections).context("failover")?;
+    let failover = vec![
+        active_standby(connections).context("active/standby failover")?,
+        active_active(connections).context("active/active failover")?,
+    ];
     let sync = [1_000.0, 5_000.0]
         .into_iter()
         .map(|rate| sync_at(rate, duration).with_context(|| format!("sync at {rate}/s")))
