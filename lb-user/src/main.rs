@@ -21,6 +21,10 @@ struct Cli {
     /// `lb --socket PATH status`). The daemon itself serves `daemon.control_socket`.
     #[arg(long, env = "LB_SOCKET")]
     socket: Option<PathBuf>,
+    /// Machine-readable output: JSON on stdout, for every command that talks to the daemon
+    /// or checks a config, errors included (`{"error": "..."}`, exit status 1).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,11 +38,7 @@ enum Command {
         config: PathBuf,
     },
     /// Services, servers with their state, live flows and affinities, counters.
-    Status {
-        /// Machine-readable output (JSON) instead of the tables.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Live view of services and servers, refreshed every second (q quits).
     Top {
         /// Seconds between refreshes.
@@ -46,11 +46,7 @@ enum Command {
         interval: f64,
     },
     /// Data-plane counters and traffic per service and server.
-    Stats {
-        /// Machine-readable output (JSON) instead of the tables.
-        #[arg(long)]
-        json: bool,
-    },
+    Stats,
     /// Re-read the config file and apply service changes (same as SIGHUP).
     Reload,
     /// Live changes to a service's servers (persisted across restarts).
@@ -81,9 +77,6 @@ enum Command {
         /// Also show the server the table picks for this client address.
         #[arg(long)]
         client: Option<IpAddr>,
-        /// Machine-readable output (JSON) instead of the tables.
-        #[arg(long)]
-        json: bool,
     },
     /// Inspect or reset client affinities.
     Affinity {
@@ -126,8 +119,12 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print lb's man page (roff).
-    Man,
+    /// Print lb's man page (roff), or write every page (one per subcommand) to a directory.
+    Man {
+        /// Write lb.1 and one lb-<subcommand>.1 per subcommand here instead of printing lb.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -202,9 +199,6 @@ enum AffinityCommand {
         /// Only this client's affinities.
         #[arg(long)]
         client: Option<IpAddr>,
-        /// Machine-readable output (JSON) instead of the tables.
-        #[arg(long)]
-        json: bool,
     },
     /// Forget affinities (all of a service, one client's, or those pointing at one server).
     Flush {
@@ -267,8 +261,13 @@ fn main() -> ExitCode {
         // SAFETY: setting a signal disposition before any thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("lb: {e:#}");
             ExitCode::FAILURE
@@ -277,6 +276,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if cli.json
+        && matches!(
+            cli.command,
+            Command::Daemon { .. } | Command::Completions { .. } | Command::Man { .. }
+        )
+    {
+        bail!("--json is for the commands that talk to the daemon, init, detach and config check");
+    }
     if matches!(cli.command, Command::Daemon { .. }) {
         if let Some(socket) = &cli.socket {
             bail!(
@@ -298,13 +305,28 @@ fn run(cli: Cli) -> Result<()> {
             other => Ok(other),
         }
     };
+    let json = cli.json;
+    // A change the daemon made: said in prose, or as the request it carried out.
     let done = |request: Request, what: String| -> Result<()> {
+        let carried_out = json.then(|| serde_json::to_value(&request)).transpose()?;
         match call(request)? {
             Response::Done => {
-                println!("{what}");
+                match carried_out {
+                    Some(request) => println!(
+                        "{}",
+                        serde_json::json!({ "done": request, "message": what })
+                    ),
+                    None => println!("{what}"),
+                }
                 Ok(())
             }
             other => unexpected(other),
+        }
+    };
+    let status = || -> Result<api::StatusReport> {
+        match call(Request::Status)? {
+            Response::Status(report) => Ok(report),
+            other => bail!("unexpected response from the daemon: {other:?}"),
         }
     };
     match cli.command {
@@ -325,32 +347,19 @@ fn run(cli: Cli) -> Result<()> {
             }
             runtime.block_on(lb::daemon::run(&config))
         }
-        Command::Status { json } | Command::Stats { json } if json => {
-            let Response::Status(report) = call(Request::Status)? else {
-                bail!("unexpected response")
-            };
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+        Command::Status => {
+            let report = status()?;
+            show(json, &report, || status::render(&report))
         }
-        Command::Status { .. } => {
-            let Response::Status(report) = call(Request::Status)? else {
-                bail!("unexpected response")
-            };
-            print!("{}", status::render(&report));
-            Ok(())
-        }
-        Command::Stats { .. } => {
-            let Response::Status(report) = call(Request::Status)? else {
-                bail!("unexpected response")
-            };
-            print!("{}", status::render_stats(&report));
-            Ok(())
+        Command::Stats => {
+            let report = status()?;
+            show(json, &report, || status::render_stats(&report))
         }
         Command::Top { interval } => {
             if !(0.1..=60.0).contains(&interval) {
                 bail!("--interval: 0.1 to 60 seconds, got {interval}");
             }
-            if !std::io::stdout().is_terminal() {
+            if json || !std::io::stdout().is_terminal() {
                 bail!("lb top draws on a terminal and stdout is not one; in scripts use `lb status` (or `lb status --json`)");
             }
             top::run(&socket, std::time::Duration::from_secs_f64(interval))
@@ -419,22 +428,13 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Affinity { command } => match command {
-            AffinityCommand::List {
-                service,
-                client,
-                json,
-            } => {
+            AffinityCommand::List { service, client } => {
                 let Response::Affinities { entries } =
                     call(Request::AffinityList { service, client })?
                 else {
                     bail!("unexpected response")
                 };
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&entries)?);
-                } else {
-                    print!("{}", status::render_affinities(&entries));
-                }
-                Ok(())
+                show(json, &entries, || status::render_affinities(&entries))
             }
             AffinityCommand::Flush {
                 service,
@@ -449,8 +449,9 @@ fn run(cli: Cli) -> Result<()> {
                 else {
                     bail!("unexpected response")
                 };
-                println!("{removed} affinities removed");
-                Ok(())
+                show(json, &serde_json::json!({ "removed": removed }), || {
+                    format!("{removed} affinities removed\n")
+                })
             }
         },
         Command::Node { action } => {
@@ -464,14 +465,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Ha { action, force } => match action {
             HaAction::Status => {
-                let Response::Status(report) = call(Request::Status)? else {
-                    bail!("unexpected response to a status request");
-                };
-                let sync = report
+                let sync = status()?
                     .sync
                     .context("this node has no [daemon.sync]: it is not part of an HA pair")?;
-                print!("{}", status::render_sync(&sync));
-                Ok(())
+                show(json, &sync, || status::render_sync(&sync))
             }
             HaAction::Handover => done(
                 Request::HaHandover { force },
@@ -482,24 +479,24 @@ fn run(cli: Cli) -> Result<()> {
                 "resumed: keepalived may make this node active or backup again".into(),
             ),
         },
-        Command::Maglev {
-            service,
-            client,
-            json,
-        } => {
+        Command::Maglev { service, client } => {
             let Response::MaglevTable(table) = call(Request::MaglevTable { service })? else {
                 bail!("unexpected response")
             };
-            if json {
-                println!("{}", serde_json::to_string(&table)?);
-            } else {
-                print!("{}", status::render_maglev(&table));
+            match client {
+                None => show(json, &table, || status::render_maglev(&table)),
+                Some(client) => {
+                    let server = table.server_for(client);
+                    let value = serde_json::json!({ "table": table, "client": client, "server": server });
+                    show(json, &value, || {
+                        format!(
+                            "{}a new client at {client} goes to {}\n",
+                            status::render_maglev(&table),
+                            server.unwrap_or("no server")
+                        )
+                    })
+                }
             }
-            if let Some(client) = client {
-                let server = table.server_for(client).unwrap_or("no server");
-                println!("a new client at {client} goes to {server}");
-            }
-            Ok(())
         }
         Command::Debug { state } => {
             let enabled = matches!(state, Switch::On);
@@ -535,25 +532,34 @@ fn run(cli: Cli) -> Result<()> {
             };
             let text = preset::render(preset, &site)?;
             match output {
-                None => print!("{text}"),
+                None => show(json, &serde_json::json!({ "config": text }), || text.clone()),
                 Some(path) => {
                     if path.exists() && !force {
                         bail!("{} exists; use --force to replace it", path.display());
                     }
                     std::fs::write(&path, text)
                         .with_context(|| format!("write {}", path.display()))?;
-                    eprintln!("wrote {}", path.display());
+                    if json {
+                        println!("{}", serde_json::json!({ "wrote": path }));
+                    } else {
+                        eprintln!("wrote {}", path.display());
+                    }
+                    Ok(())
                 }
             }
-            Ok(())
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("write the man pages to {}", dir.display()))
         }
         Command::Config {
             command:
@@ -571,19 +577,36 @@ fn run(cli: Cli) -> Result<()> {
             }
             let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
             let warnings = checks::warnings(&config);
-            for w in &warnings {
-                println!("warning: {w}");
-            }
             if strict && !warnings.is_empty() {
+                if json {
+                    bail!(
+                        "{}: {} warning(s): {}",
+                        file.display(),
+                        warnings.len(),
+                        warnings.join("; ")
+                    );
+                }
+                for w in &warnings {
+                    println!("warning: {w}");
+                }
                 bail!("{}: {} warning(s)", file.display(), warnings.len());
             }
-            println!(
-                "{}: ok ({} services, {backends} backends, {} warnings)",
-                file.display(),
-                config.services.len(),
-                warnings.len()
-            );
-            Ok(())
+            let value = serde_json::json!({
+                "file": file,
+                "services": config.services.len(),
+                "backends": backends,
+                "warnings": warnings,
+            });
+            show(json, &value, || {
+                let mut text: String = warnings.iter().map(|w| format!("warning: {w}\n")).collect();
+                text += &format!(
+                    "{}: ok ({} services, {backends} backends, {} warnings)\n",
+                    file.display(),
+                    config.services.len(),
+                    warnings.len()
+                );
+                text
+            })
         }
         Command::Detach { config } => {
             let config = Config::load(&config)?;
@@ -596,13 +619,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             dataplane::remove_pins(std::path::Path::new(&config.daemon.pin_dir))
                 .context("unpin the data plane")?;
-            println!(
-                "data plane detached: pins under {} removed",
-                config.daemon.pin_dir
-            );
-            Ok(())
+            let value = serde_json::json!({ "detached": config.daemon.pin_dir });
+            show(json, &value, || {
+                format!(
+                    "data plane detached: pins under {} removed\n",
+                    config.daemon.pin_dir
+                )
+            })
         }
     }
+}
+
+/// What a command shows: `text()` for people, `value` as JSON for scripts.
+fn show(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
 }
 
 fn unexpected(response: Response) -> Result<()> {

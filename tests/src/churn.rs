@@ -73,10 +73,6 @@ pub fn run(
             let (opened, failed) = (&opened, &failed);
             scope.spawn(move || {
                 let result = ns.run(|| {
-                    // The load shares the two cores with the nodes under test; niced, it
-                    // yields to them, as clients on other machines would.
-                    // SAFETY: setpriority(2) of the calling thread (who = 0) has no preconditions.
-                    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
                     let mut i = t;
                     let mut next = started;
                     while started.elapsed() < duration {

@@ -68,6 +68,7 @@ pub struct Daemon {
     pub pin_dir: PathBuf,
     /// Extra `[daemon]` keys, kept for rewrites of the config.
     daemon_extra: String,
+    sandbox: Option<Sandbox>,
 }
 
 /// Fails with the list of drop counters that moved, except those in `expected`.
@@ -106,16 +107,57 @@ pub fn daemon_section(site: &Site, socket: &Path, pin_dir: &Path, extra: &str) -
     )
 }
 
-fn spawn(binary: &Path, lb_netns: &str, config_path: &Path, log_path: &Path) -> Result<Child> {
+/// The packaged unit's confinement, as far as a process started without systemd can have
+/// it: the unit's capability bounding set and no new privileges (by setpriv), its umask,
+/// and the environment systemd gives a `Type=notify` unit with a watchdog and a state
+/// directory.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// Capability names as setpriv spells them (`bpf`, `net_admin`, ...).
+    pub capabilities: Vec<String>,
+    pub umask: u32,
+    pub env: Vec<(String, String)>,
+}
+
+fn spawn(
+    binary: &Path,
+    lb_netns: &str,
+    config_path: &Path,
+    log_path: &Path,
+    sandbox: Option<&Sandbox>,
+) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)?;
     // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the bpffs at
     // /sys/fs/bpf where the data plane is pinned (a restart could not adopt it).
-    Command::new("nsenter")
+    let mut command = Command::new("nsenter");
+    command
         .arg(format!("--net=/run/netns/{lb_netns}"))
-        .arg("--")
+        .arg("--");
+    if let Some(sandbox) = sandbox {
+        let keep: String = sandbox
+            .capabilities
+            .iter()
+            .map(|c| format!(",+{c}"))
+            .collect();
+        command
+            .args(["setpriv", "--no-new-privs", "--inh-caps=-all"])
+            .arg(format!("--bounding-set=-all{keep}"))
+            .arg("--")
+            .envs(sandbox.env.iter().map(|(k, v)| (k, v)));
+        let umask = sandbox.umask as libc::mode_t;
+        // SAFETY: umask(2) is async-signal-safe and touches no memory.
+        unsafe {
+            command.pre_exec(move || {
+                libc::umask(umask);
+                Ok(())
+            })
+        };
+    }
+    command
         .arg(binary)
         .args(["daemon", "--config"])
         .arg(config_path)
@@ -145,6 +187,17 @@ impl Daemon {
         daemon_extra: &str,
         services: &str,
     ) -> Result<Self> {
+        Self::start_sandboxed(site, binary, daemon_extra, services, None)
+    }
+
+    /// Like `start_binary`, confined as `sandbox` says.
+    pub fn start_sandboxed(
+        site: &Site,
+        binary: &Path,
+        daemon_extra: &str,
+        services: &str,
+        sandbox: Option<Sandbox>,
+    ) -> Result<Self> {
         let socket = Self::socket_of(site);
         let dir = socket.parent().expect("a directory").to_path_buf();
         std::fs::create_dir_all(&dir)?;
@@ -155,7 +208,13 @@ impl Daemon {
             daemon_section(site, &socket, &pin_dir, daemon_extra)
         );
         std::fs::write(&config_path, config)?;
-        let child = spawn(binary, &site.netns, &config_path, &dir.join("daemon.log"))?;
+        let child = spawn(
+            binary,
+            &site.netns,
+            &config_path,
+            &dir.join("daemon.log"),
+            sandbox.as_ref(),
+        )?;
         let daemon_extra = daemon_extra.to_string();
         let mut daemon = Self {
             child,
@@ -166,6 +225,7 @@ impl Daemon {
             socket,
             pin_dir,
             daemon_extra,
+            sandbox,
         };
         daemon.wait_ready()?;
         Ok(daemon)
@@ -181,6 +241,16 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops the daemon as `systemctl stop` would (SIGTERM) and waits for it to exit; the
+    /// data plane stays, pinned.
+    pub fn stop(&mut self) -> Result<()> {
+        self.signal(libc::SIGTERM)?;
+        until(STOP_TIMEOUT, POLL, "the lb daemon to stop", || {
+            Ok(self.child.try_wait()?.is_some())
+        })
+        .map(drop)
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up); the data plane stays.
@@ -205,6 +275,7 @@ impl Daemon {
             &self.site.netns,
             &self.config_path,
             &self.dir.join("daemon.log"),
+            self.sandbox.as_ref(),
         )?;
         self.wait_ready()
     }
@@ -291,7 +362,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SIGTERM first so the daemon detaches its programs itself; SIGKILL if it hangs.
+        // SIGTERM first so the daemon stops cleanly; SIGKILL if it hangs. The pin directory
+        // is removed below, which detaches the program.
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         // Killed below whether it stopped in time or not.

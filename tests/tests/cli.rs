@@ -1,5 +1,6 @@
-//! The CLI in scripts: a reader that goes away ends `lb` quietly (no panic), and `lb top`
-//! without a terminal refuses with a clear message instead of panicking.
+//! The CLI in scripts: a reader that goes away ends `lb` quietly (no panic), `lb top`
+//! without a terminal refuses with a clear message instead of panicking, and `--json`
+//! errors are JSON.
 use std::{
     io::Read,
     os::unix::process::ExitStatusExt,
@@ -58,5 +59,36 @@ fn top_without_a_terminal_refuses_clearly() -> Result<()> {
         stderr.contains("not one") && stderr.contains("lb status"),
         "unclear refusal: {stderr}"
     );
+    Ok(())
+}
+
+#[test]
+fn json_errors_are_json_on_stdout() -> Result<()> {
+    let no_daemon = std::env::temp_dir().join(format!("lb-no-daemon-{}.sock", std::process::id()));
+    for args in [
+        vec![
+            "--socket",
+            no_daemon.to_str().context("path")?,
+            "--json",
+            "status",
+        ],
+        vec!["--json", "config", "check", "/nonexistent/lb.toml"],
+        vec!["--json", "completions", "bash"],
+    ] {
+        let out = Command::new(lb_binary()?).args(&args).output()?;
+        let error: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "lb {}: not JSON: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        ensure!(
+            out.status.code() == Some(1) && error["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "lb {}: {:?} {error}",
+            args.join(" "),
+            out.status
+        );
+    }
     Ok(())
 }

@@ -469,14 +469,36 @@ fn runtime_changes_survive_a_restart() -> Result<()> {
     };
     let mut f = Fixture::start_holding_back_last(&spec, ServiceSpec::default())?;
     let all = Fixture::addresses(&f.topology);
-    f.daemon.cli_ok(&[
+    // In JSON, a change answers with the request carried out, typed.
+    let added: serde_json::Value = serde_json::from_str(&f.daemon.cli_ok(&[
+        "--json",
         "backend",
         "add",
         SERVICE,
         &all[3].to_string(),
         "--weight",
         "3",
-    ])?;
+    ])?)?;
+    ensure!(
+        added["done"]["request"] == "backend-add"
+            && added["done"]["weight"] == 3
+            && added["done"]["address"] == all[3].to_string(),
+        "lb --json backend add: {added}"
+    );
+    // And a refusal is JSON too, on stdout, naming what it refused, with exit status 1.
+    let refused = f
+        .daemon
+        .cli(&["--json", "backend", "drain", SERVICE, "10.2.9.9"])?;
+    let error: serde_json::Value = serde_json::from_slice(&refused.stdout)
+        .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&refused.stdout)))?;
+    ensure!(
+        refused.status.code() == Some(1)
+            && error["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("10.2.9.9")),
+        "lb --json backend drain of an unknown server: {:?} {error}",
+        refused.status
+    );
     f.daemon
         .cli_ok(&["backend", "drain", SERVICE, &all[0].to_string()])?;
     f.daemon

@@ -1,6 +1,9 @@
 //! `cargo xtask package`: the Debian package, built with `dpkg-deb` from a staging tree:
-//! the binary, the systemd unit, shell completions and the man page (both generated from
-//! lb's clap definition by lb itself), and one example config per preset.
+//! the stripped binary, the systemd unit and maintainer scripts (packaging/), shell
+//! completions and the man pages (generated from lb's clap definition by lb itself), one
+//! example config per preset, the copyright and changelog, `/etc/lb` for the operator's
+//! config and `/var/lib/lb` for the runtime changes; dependencies computed by
+//! dpkg-shlibdeps.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -13,8 +16,10 @@ use crate::{cargo, output, run, workspace};
 /// Where the unit and the example configs go; the package layout.
 const UNIT: &str = "lib/systemd/system/lb.service";
 const BINARY: &str = "usr/bin/lb";
-const MAN_PAGE: &str = "usr/share/man/man1/lb.1.gz";
+const MAN_PAGES: &str = "usr/share/man/man1";
 const EXAMPLES: &str = "usr/share/doc/lb/examples";
+const DOC: &str = "usr/share/doc/lb";
+const MAINTAINER_SCRIPTS: [&str; 3] = ["postinst", "prerm", "postrm"];
 const COMPLETIONS: [(&str, &str); 3] = [
     ("bash", "usr/share/bash-completion/completions/lb"),
     ("zsh", "usr/share/zsh/vendor-completions/_lb"),
@@ -52,6 +57,29 @@ pub fn build() -> Result<PathBuf> {
 
     put(BINARY, &std::fs::read(&lb)?)?;
     set_mode(&root.join(BINARY), 0o755)?;
+    run(Command::new("strip")
+        .args(["--strip-unneeded", "--remove-section=.comment"])
+        .arg(root.join(BINARY)))?;
+    for (dir, mode) in [("etc/lb", 0o755), ("var/lib/lb", 0o700)] {
+        std::fs::create_dir_all(root.join(dir))?;
+        set_mode(&root.join(dir), mode)?;
+    }
+    for script in MAINTAINER_SCRIPTS {
+        let path = format!("DEBIAN/{script}");
+        put(
+            &path,
+            &std::fs::read(workspace().join("packaging/debian").join(script))?,
+        )?;
+        set_mode(&root.join(path), 0o755)?;
+    }
+    put(
+        &format!("{DOC}/copyright"),
+        &std::fs::read(workspace().join("packaging/copyright"))?,
+    )?;
+    put(
+        &format!("{DOC}/changelog.gz"),
+        &gzip(changelog(&version)?.as_bytes())?,
+    )?;
     put(
         UNIT,
         &std::fs::read(workspace().join("packaging/lb.service"))?,
@@ -62,8 +90,19 @@ pub fn build() -> Result<PathBuf> {
             capture(Command::new(&lb).args(["completions", shell]))?.as_bytes(),
         )?;
     }
-    let man = capture(Command::new(&lb).arg("man"))?;
-    put(MAN_PAGE, &gzip(man.as_bytes())?)?;
+    let pages = workspace().join("target/package/man");
+    if pages.exists() {
+        std::fs::remove_dir_all(&pages)?;
+    }
+    run(Command::new(&lb).arg("man").arg("--dir").arg(&pages))?;
+    for page in std::fs::read_dir(&pages)? {
+        let page = page?;
+        let name = page.file_name().to_string_lossy().into_owned();
+        put(
+            &format!("{MAN_PAGES}/{name}.gz"),
+            &gzip(&std::fs::read(page.path())?)?,
+        )?;
+    }
     for preset in PRESETS {
         let config = capture(Command::new(&lb).args(["init", "--preset", preset]))?;
         put(&format!("{EXAMPLES}/{preset}.toml"), config.as_bytes())?;
@@ -74,17 +113,23 @@ pub fn build() -> Result<PathBuf> {
             .context("read packaging/grafana-dashboard.json")?,
     )?;
     let installed_kib = dir_size(&root)? / 1024;
+    let depends = format!("{}, iproute2", shared_library_depends(&root.join(BINARY))?);
+    // Debian's own variables for who builds a package.
+    let maintainer = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
+        (Ok(name), Ok(email)) => format!("{name} <{email}>"),
+        _ => "lb developers <lb@localhost>".to_string(),
+    };
     put(
         "DEBIAN/control",
         format!(
             "Package: lb\n\
              Version: {version}\n\
              Architecture: {arch}\n\
-             Maintainer: lb developers <lb@localhost>\n\
+             Maintainer: {maintainer}\n\
              Installed-Size: {installed_kib}\n\
              Section: net\n\
              Priority: optional\n\
-             Depends: iproute2\n\
+             Depends: {depends}\n\
              Description: XDP load balancer for Lync / Skype for Business pools\n \
              Source-address affinity, port translation, full NAT, health checks and drain,\n \
              at line rate in an XDP program. Write /etc/lb/lb.toml (lb init --preset ...),\n \
@@ -99,6 +144,37 @@ pub fn build() -> Result<PathBuf> {
         .arg(&deb))?;
     eprintln!("xtask: wrote {}", deb.display());
     Ok(deb)
+}
+
+/// The binary's library dependencies with their minimum versions, as dpkg-shlibdeps
+/// computes them (it wants a debian/control beside it).
+fn shared_library_depends(binary: &Path) -> Result<String> {
+    let scratch = workspace().join("target/package/shlibdeps");
+    std::fs::create_dir_all(scratch.join("debian"))?;
+    std::fs::write(
+        scratch.join("debian/control"),
+        "Source: lb\n\nPackage: lb\nArchitecture: any\n",
+    )?;
+    let out = capture(
+        Command::new("dpkg-shlibdeps")
+            .args(["-O", "-e"])
+            .arg(binary)
+            .current_dir(&scratch),
+    )?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("shlibs:Depends="))
+        .map(str::to_string)
+        .context("dpkg-shlibdeps printed no shlibs:Depends")
+}
+
+/// A native package's changelog: one entry for the version built, dated by the last commit.
+fn changelog(version: &str) -> Result<String> {
+    let date =
+        output("git", &["log", "-1", "--format=%aD"]).context("git log for the changelog date")?;
+    Ok(format!(
+        "lb ({version}) unstable; urgency=medium\n\n  * Built from the lb repository; see its git history.\n\n -- lb developers <lb@localhost>  {}\n",
+        date.trim()
+    ))
 }
 
 fn capture(cmd: &mut Command) -> Result<String> {

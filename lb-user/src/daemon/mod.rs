@@ -16,6 +16,7 @@ pub mod pool;
 pub mod report;
 pub mod runtime;
 pub mod sync;
+pub mod systemd;
 
 use std::{
     net::IpAddr,
@@ -39,7 +40,7 @@ use self::{
     housekeeping::plan_collection,
     pool::Pool,
     report::{Basis, StatusSource},
-    runtime::{state_path, Overlay},
+    runtime::{state_directory, state_path, Overlay},
 };
 use crate::{
     api::{self, unix_now, Request, Response},
@@ -315,8 +316,8 @@ pub fn start(
     reports: mpsc::UnboundedSender<Report>,
 ) -> Result<(State, StatusSource)> {
     let config = Config::load(config_path)?;
-    let state_file = state_path(config_path);
-    let overlay = Overlay::load(&state_file)?;
+    let state_file = state_path(config_path, state_directory().as_deref());
+    let overlay = Overlay::load_or_migrate(&state_file, &state_path(config_path, None))?;
     if config.daemon.sync.is_some() {
         // In an HA pair keepalived moves the SNAT addresses: the standby has none.
         info!("daemon.sync is set: SNAT addresses may float (keepalived), their locality is not checked");
@@ -411,8 +412,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
         state.lock().await.pool.config().daemon.gc_interval,
     ));
     let mut gc_tick = tokio::time::interval(gc_every);
+    let watchdog_period = systemd::watchdog_period();
+    // Without a watchdog the tick never fires (its branch is disabled).
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(86_400)));
+    systemd::ready(state.lock().await.pool.config().services.len());
     loop {
         tokio::select! {
+            _ = watchdog_tick.tick(), if watchdog_period.is_some() => systemd::feed_watchdog(),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (state, status) = (state.clone(), status.clone());
@@ -490,6 +497,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = interrupt.recv() => break,
         }
     }
+    systemd::stopping();
     if let Some(announcer) = &mut announcer {
         announcer.withdraw_all().await;
     }

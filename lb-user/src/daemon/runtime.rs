@@ -1,6 +1,6 @@
 //! Changes made at run time (`lb backend add/remove/drain/undrain/weight`), kept as an
-//! overlay on top of the config file and persisted next to it (`<config>.state.json`), so
-//! they survive daemon restarts and config reloads.
+//! overlay on top of the config file and persisted (see `state_path`), so they survive
+//! daemon restarts and config reloads.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -115,11 +115,38 @@ impl Overlay {
     }
 }
 
-/// `<config>.state.json` next to the config file.
-pub fn state_path(config_path: &Path) -> PathBuf {
+/// `<config name>.state.json` in `state_directory` (systemd's `StateDirectory=`, which
+/// the packaged unit sets to /var/lib/lb; `$STATE_DIRECTORY` lists it first), else next to
+/// the config file.
+pub fn state_path(config_path: &Path, state_directory: Option<&Path>) -> PathBuf {
     let mut name = config_path.file_name().unwrap_or_default().to_os_string();
     name.push(".state.json");
-    config_path.with_file_name(name)
+    match state_directory {
+        Some(dir) => dir.join(name),
+        None => config_path.with_file_name(name),
+    }
+}
+
+/// The first directory of systemd's `$STATE_DIRECTORY` (colon-separated).
+pub fn state_directory() -> Option<PathBuf> {
+    let dirs = std::env::var_os("STATE_DIRECTORY")?;
+    let first = dirs.to_str()?.split(':').next()?;
+    (!first.is_empty()).then(|| PathBuf::from(first))
+}
+
+impl Overlay {
+    /// Loads the overlay from `path`; the first time, from `earlier` (where a release
+    /// before the state directory kept it, next to the config), written to `path` at once.
+    /// The earlier file stays: /etc may be read-only to the daemon.
+    pub fn load_or_migrate(path: &Path, earlier: &Path) -> Result<Self> {
+        if path == earlier || path.exists() || !earlier.exists() {
+            return Self::load(path);
+        }
+        let overlay = Self::load(earlier)?;
+        overlay.save(path)?;
+        tracing::info!(from = %earlier.display(), to = %path.display(), "runtime changes moved to the state directory");
+        Ok(overlay)
+    }
 }
 
 #[cfg(test)]
@@ -169,8 +196,8 @@ mod tests {
     fn state_round_trips_through_its_file() {
         let dir = std::env::temp_dir().join(format!("lb-overlay-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = state_path(&dir.join("lb.toml"));
-        assert!(path.ends_with("lb.toml.state.json"));
+        let path = state_path(&dir.join("lb.toml"), None);
+        assert_eq!(path, dir.join("lb.toml.state.json"));
         assert_eq!(Overlay::load(&path).unwrap(), Overlay::default());
         let mut o = Overlay::default();
         o.service_mut("web-ext")
@@ -192,5 +219,34 @@ mod tests {
         o.service_mut("web-ext");
         o.retain_services(&config());
         assert_eq!(o.services.keys().collect::<Vec<_>>(), ["web-ext"]);
+    }
+
+    #[test]
+    fn state_moves_from_beside_the_config_to_the_state_directory_once() {
+        let dir = std::env::temp_dir().join(format!("lb-state-move-{}", std::process::id()));
+        let (etc, var) = (dir.join("etc"), dir.join("var"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&var).unwrap();
+        let config = etc.join("lb.toml");
+        let (earlier, path) = (state_path(&config, None), state_path(&config, Some(&var)));
+        assert_eq!(path, var.join("lb.toml.state.json"));
+        let mut o = Overlay::default();
+        o.service_mut("web-ext")
+            .removed
+            .insert("10.2.0.11".parse().unwrap());
+        o.save(&earlier).unwrap();
+        assert_eq!(Overlay::load_or_migrate(&path, &earlier).unwrap(), o);
+        assert_eq!(
+            Overlay::load(&path).unwrap(),
+            o,
+            "written to the state directory"
+        );
+        // From then on the state directory's copy rules, whatever the earlier file says.
+        Overlay::default().save(&path).unwrap();
+        assert_eq!(
+            Overlay::load_or_migrate(&path, &earlier).unwrap(),
+            Overlay::default()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
