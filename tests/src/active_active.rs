@@ -93,6 +93,24 @@ impl ActiveActive {
         self.daemons[k].as_ref().expect("node alive")
     }
 
+    /// Waits until both nodes hold `connections` confirmed connections (each its own and
+    /// the other's copies).
+    pub fn wait_for_copies(&self, connections: u64, within: Duration) -> Result<()> {
+        until(
+            within,
+            Duration::from_millis(20),
+            "each node to hold every flow",
+            || {
+                Ok((0..2).all(|k| {
+                    self.daemon(k)
+                        .status()
+                        .is_ok_and(|s| s.tables.flows.entries == 2 * connections)
+                }))
+            },
+        )
+        .map(drop)
+    }
+
     /// Does node `k` hold `address` on its server-side link?
     pub fn owns(&self, k: usize, address: IpAddr) -> Result<bool> {
         let addresses = self.cluster.nodes[k]

@@ -387,18 +387,7 @@ fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<
         per_node.iter().all(|&n| n > total / 5),
         "ECMP did not spread {total} connections: {per_node:?}"
     );
-    until(
-        SYNC_WAIT,
-        Duration::from_millis(20),
-        "each node to hold every flow",
-        || {
-            Ok((0..2).all(|k| {
-                both.daemon(k)
-                    .status()
-                    .is_ok_and(|s| s.tables.flows.entries / 2 == total)
-            }))
-        },
-    )?;
+    both.wait_for_copies(total, SYNC_WAIT)?;
     let heartbeat = Heartbeat::start(connections, BEAT);
     heartbeat.wait_rounds(1, ROUNDS_WAIT)?;
 

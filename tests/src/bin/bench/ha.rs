@@ -130,18 +130,7 @@ fn active_active(connections: usize) -> Result<Failover> {
         both.vip(),
         connections,
     )?;
-    until(
-        START_WAIT,
-        Duration::from_millis(20),
-        "each node's copy",
-        || {
-            Ok((0..2).all(|k| {
-                both.daemon(k)
-                    .status()
-                    .is_ok_and(|s| s.tables.flows.entries == 2 * connections as u64)
-            }))
-        },
-    )?;
+    both.wait_for_copies(connections as u64, START_WAIT)?;
     through_failover("active/active (BGP ECMP, hold time 3 s)", held, || {
         both.kill(0)
     })
