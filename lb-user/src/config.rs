@@ -307,6 +307,12 @@ pub struct HealthConfig {
     pub expect: Vec<u16>,
     /// Server name for HTTPS (SNI and Host); default: none, the address is used.
     pub sni: Option<String>,
+    /// HTTP(S): the response body must contain this text (within its first 64 KiB).
+    pub expect_body: Option<String>,
+    /// HTTPS: verify the server's certificate, and its name (`sni`, else the address),
+    /// against the CA certificates in this PEM file. Without it any certificate passes:
+    /// pools present internal certificates, and the check is about liveness.
+    pub ca_file: Option<String>,
     /// Seconds between checks of one server.
     #[serde(default = "default_interval")]
     pub interval: f64,
@@ -752,6 +758,17 @@ impl ServiceConfig {
     }
 }
 
+/// The CA certificates of a PEM file; at least one.
+pub fn ca_certificates(path: &str) -> Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path).with_context(|| format!("read {path}"))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("{path}: not PEM certificates"))?;
+    if certificates.is_empty() {
+        bail!("{path}: no certificate in it");
+    }
+    Ok(certificates)
+}
+
 impl HealthConfig {
     fn validate(&self, at: &str) -> Result<()> {
         let h = self;
@@ -779,6 +796,15 @@ impl HealthConfig {
         }
         if h.sni.is_some() && h.kind != HealthKind::Https {
             bail!("{at}.health.sni: only for kind = \"https\"");
+        }
+        if h.expect_body.is_some() && h.kind == HealthKind::Tcp {
+            bail!("{at}.health.expect_body: only for kind = \"http\" or \"https\"");
+        }
+        if let Some(path) = &h.ca_file {
+            if h.kind != HealthKind::Https {
+                bail!("{at}.health.ca_file: only for kind = \"https\"");
+            }
+            ca_certificates(path).with_context(|| format!("{at}.health.ca_file"))?;
         }
         if h.timeout > h.interval {
             bail!(
@@ -971,6 +997,18 @@ pub(crate) mod tests {
         assert!(error_of(&with("kind = \"tcp\", fall = 0")).contains(".health.rise/fall"));
         assert!(error_of(&with("kind = \"http\", path = \"x\"")).contains("path starting with /"));
         assert!(error_of(&with("kind = \"tcp\", sni = \"a\"")).contains(".health.sni"));
+        assert!(
+            error_of(&with("kind = \"tcp\", expect_body = \"ok\"")).contains(".health.expect_body")
+        );
+        assert!(error_of(&with("kind = \"http\", ca_file = \"/etc/hosts\""))
+            .contains(".health.ca_file"));
+        let e = error_of(&with("kind = \"https\", ca_file = \"/nonexistent/ca.pem\""));
+        assert!(
+            e.contains(".health.ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = error_of(&with("kind = \"https\", ca_file = \"/etc/hostname\""));
+        assert!(e.contains(".health.ca_file"), "{e}");
         assert!(error_of(&with("kind = \"icmp\"")).contains("icmp"));
     }
 

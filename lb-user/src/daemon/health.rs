@@ -9,7 +9,11 @@ use std::{
 
 use tokio::{net::TcpStream, sync::mpsc, task::JoinHandle};
 
-use crate::config::{HealthConfig, HealthKind};
+use crate::config::{ca_certificates, HealthConfig, HealthKind};
+
+/// How much of a response body `expect_body` looks at: a server cannot make a check read
+/// without end.
+const BODY_LIMIT: usize = 64 * 1024;
 
 /// What to check, and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,7 +135,7 @@ async fn run(target: Target, reports: mpsc::UnboundedSender<Report>) {
     }
 }
 
-fn http_client(target: &Target) -> reqwest::Result<Option<reqwest::Client>> {
+fn http_client(target: &Target) -> Result<Option<reqwest::Client>, String> {
     let cfg = &target.config;
     if cfg.kind == HealthKind::Tcp {
         return Ok(None);
@@ -139,13 +143,36 @@ fn http_client(target: &Target) -> reqwest::Result<Option<reqwest::Client>> {
     let mut builder = reqwest::Client::builder()
         .timeout(seconds(cfg.timeout))
         .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
+        .redirect(reqwest::redirect::Policy::none());
+    builder = match &cfg.ca_file {
+        Some(path) => {
+            let certificates = ca_certificates(path).map_err(|e| format!("{e:#}"))?;
+            certificates
+                .into_iter()
+                .fold(builder.tls_built_in_root_certs(false), |b, c| {
+                    b.add_root_certificate(c)
+                })
+        }
         // Pools present internal certificates; the check is about liveness, not identity.
-        .danger_accept_invalid_certs(true);
+        None => builder.danger_accept_invalid_certs(true),
+    };
     if let Some(sni) = &cfg.sni {
         builder = builder.resolve(sni, SocketAddr::new(target.address, target.port));
     }
-    builder.build().map(Some)
+    builder.build().map(Some).map_err(|e| e.to_string())
+}
+
+/// Whether the body (its first `BODY_LIMIT` bytes) contains `expected`.
+async fn body_contains(mut response: reqwest::Response, expected: &str) -> Result<bool, String> {
+    let mut body = Vec::new();
+    while body.len() < BODY_LIMIT {
+        match response.chunk().await.map_err(|e| e.to_string())? {
+            Some(chunk) => body.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    body.truncate(BODY_LIMIT);
+    Ok(String::from_utf8_lossy(&body).contains(expected))
 }
 
 fn url(target: &Target) -> String {
@@ -183,14 +210,21 @@ pub async fn probe(target: &Target, client: Option<&reqwest::Client>) -> Result<
                 .await
                 .map_err(|e| format!("GET {url}: {e}"))?;
             let status = response.status().as_u16();
-            if target.config.expect.contains(&status) {
-                Ok(started.elapsed())
-            } else {
-                Err(format!(
+            if !target.config.expect.contains(&status) {
+                return Err(format!(
                     "GET {url}: status {status}, expected {:?}",
                     target.config.expect
-                ))
+                ));
             }
+            if let Some(expected) = &target.config.expect_body {
+                let found = body_contains(response, expected)
+                    .await
+                    .map_err(|e| format!("GET {url}: reading the body: {e}"))?;
+                if !found {
+                    return Err(format!("GET {url}: the body does not contain {expected:?}"));
+                }
+            }
+            Ok(started.elapsed())
         }
     }
 }
@@ -212,6 +246,8 @@ mod tests {
                 path: "/status".into(),
                 expect,
                 sni: None,
+                expect_body: None,
+                ca_file: None,
                 interval: 0.05,
                 timeout: 1.0,
                 rise: 2,
@@ -275,6 +311,93 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.starts_with("GET https://127.0.0.1"), "{err}");
+    }
+
+    /// A CA: its PEM, and what signs with it.
+    fn ca() -> (String, rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), cert, key)
+    }
+
+    /// A loopback HTTPS server with a certificate for 127.0.0.1 signed by `ca`, answering
+    /// 200 with `body`; returns its port.
+    async fn https_server(
+        ca: &(String, rcgen::Certificate, rcgen::KeyPair),
+        body: &'static str,
+    ) -> u16 {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca.1, &ca.2)
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    let _ = tls.read(&mut buf).await;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        port
+    }
+
+    async fn check(t: &Target) -> Result<Duration, String> {
+        probe(t, http_client(t)?.as_ref()).await
+    }
+
+    #[tokio::test]
+    async fn https_probe_passes_any_certificate_and_matches_the_body() {
+        let port = https_server(&ca(), "pool ready").await;
+        let mut t = target(HealthKind::Https, port, vec![200]);
+        check(&t).await.unwrap();
+        t.config.expect_body = Some("ready".into());
+        check(&t).await.unwrap();
+        t.config.expect_body = Some("draining".into());
+        let err = check(&t).await.unwrap_err();
+        assert!(err.contains("does not contain \"draining\""), "{err}");
+    }
+
+    #[tokio::test]
+    async fn https_probe_verifies_the_certificate_against_its_ca_file() {
+        let (pool_ca, other_ca) = (ca(), ca());
+        let port = https_server(&pool_ca, "ok").await;
+        let dir = std::env::temp_dir().join(format!("lb-health-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut t = target(HealthKind::Https, port, vec![200]);
+        for (name, pem, passes) in [("pool", &pool_ca.0, true), ("other", &other_ca.0, false)] {
+            let path = dir.join(format!("{name}.pem"));
+            std::fs::write(&path, pem).unwrap();
+            t.config.ca_file = Some(path.display().to_string());
+            let result = check(&t).await;
+            assert_eq!(result.is_ok(), passes, "CA {name}: {result:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Counts the checks with the matching outcome until the server goes `up` (or down).
