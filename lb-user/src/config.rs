@@ -2,7 +2,7 @@
 //! that caused it (`service[1] "web".backends[2].address: ...`).
 use std::{collections::HashSet, net::IpAddr, path::Path};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
@@ -758,6 +758,34 @@ impl ServiceConfig {
     }
 }
 
+/// What this host lacks for `config`, one line per key: an interface that does not exist,
+/// a SNAT address on none of its interfaces (then the servers' replies never come back;
+/// not checked with `daemon.sync`, where keepalived moves the SNAT addresses). The daemon
+/// refuses to start with any of them; `lb config check` warns, since it may run on
+/// another machine than the balancer.
+pub fn host_mismatches(config: &Config) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for (i, name) in config.daemon.interfaces.iter().enumerate() {
+        if crate::dataplane::ifindex(name).is_err() {
+            found.push(format!(
+                "daemon.interfaces[{i}]: no interface {name:?} on this host"
+            ));
+        }
+    }
+    if config.daemon.sync.is_none() {
+        let local = crate::addr::local_addresses()
+            .map_err(|e| anyhow!("list this host's addresses: {e}"))?;
+        for (i, address) in config.daemon.snat_addresses.iter().enumerate() {
+            if !local.contains(address) {
+                found.push(format!(
+                    "daemon.snat_addresses[{i}]: {address} is on no interface of this host, so the servers' replies to it would never come back; add it on the server-side interface (ip addr add {address}/32 dev IFACE) or fix the config"
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// The CA certificates of a PEM file; at least one.
 pub fn ca_certificates(path: &str) -> Result<Vec<reqwest::Certificate>> {
     let pem = std::fs::read(path).with_context(|| format!("read {path}"))?;
@@ -834,6 +862,27 @@ pub(crate) mod tests {
         backend_port = 4443
         backends = [{ address = "10.2.0.11" }, { address = "10.2.0.12", weight = 2 }]
     "#;
+
+    #[test]
+    fn what_this_host_lacks_is_named_by_key() {
+        // Every host has lo; none has an interface of that name or a documentation address.
+        let elsewhere = MINIMAL
+            .replace(
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"lo\", \"lb-missing0\"]",
+            )
+            .replace("10.2.0.100", "192.0.2.100");
+        let found = host_mismatches(&Config::parse(&elsewhere).unwrap()).unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(
+            found[0],
+            "daemon.interfaces[1]: no interface \"lb-missing0\" on this host"
+        );
+        assert!(
+            found[1].starts_with("daemon.snat_addresses[0]: 192.0.2.100 is on no interface"),
+            "{found:?}"
+        );
+    }
 
     #[test]
     fn changed_daemon_keys_are_named() {

@@ -576,7 +576,9 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("{} and {}", file.display(), peer.display()))?;
             }
             let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
-            let warnings = checks::warnings(&config);
+            // What this host lacks stops the daemon, but the check may run elsewhere.
+            let mut warnings = checks::warnings(&config);
+            warnings.extend(lb::config::host_mismatches(&config)?);
             if strict && !warnings.is_empty() {
                 if json {
                     bail!(

@@ -153,15 +153,24 @@ fn deb_installs_verifies_runs_and_removes_cleanly() -> Result<()> {
     let man = run_cmd("sh", &["-c", "zcat /usr/share/man/man1/lb.1.gz"])?;
     ensure!(man.contains(".TH lb 1") && man.contains("init"), "man page");
     every_man_page_named_is_installed()?;
-    run_cmd(
+    // The example names another machine's interfaces and addresses: those are the only
+    // warnings it may get here (`lb config check` warns of what this host lacks).
+    let checked = run_cmd(
         BINARY,
         &[
             "config",
             "check",
-            "--strict",
             "/usr/share/doc/lb/examples/lync-fe-pool.toml",
         ],
     )?;
+    let other = checked
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .find(|l| {
+            !l.starts_with("warning: daemon.interfaces[")
+                && !l.starts_with("warning: daemon.snat_addresses[")
+        });
+    ensure!(other.is_none(), "the example config: {checked}");
     // From a neutral directory: verify also looks at unit files in the working directory.
     let verify = std::process::Command::new("systemd-analyze")
         .args(["verify", UNIT])

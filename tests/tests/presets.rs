@@ -42,7 +42,21 @@ fn init(preset: &str, t: &Topology) -> Result<String> {
             path.to_str().context("temp path")?,
         ],
     )?;
-    let checked = run_cmd(lb, &["config", "check", "--strict", path.to_str().unwrap()]);
+    // On the balancer itself (its namespace): `config check` also checks the host's
+    // interfaces and SNAT addresses.
+    let netns = format!("--net=/run/netns/{}", t.lb.name());
+    let checked = run_cmd(
+        "nsenter",
+        &[
+            &netns,
+            "--",
+            lb,
+            "config",
+            "check",
+            "--strict",
+            path.to_str().unwrap(),
+        ],
+    );
     let text = std::fs::read_to_string(&path);
     let _ = std::fs::remove_file(&path);
     checked.context("lb config check --strict")?;

@@ -243,18 +243,6 @@ impl State {
 
 /// A SNAT address on no interface of this host would start a daemon that shows every server
 /// up while every connection times out: servers answer an address nothing here owns.
-fn check_snat_addresses_are_local(snat: &[IpAddr]) -> Result<()> {
-    let local = crate::addr::local_addresses().context("list this host's addresses")?;
-    for (i, address) in snat.iter().enumerate() {
-        if !local.contains(address) {
-            anyhow::bail!(
-                "daemon.snat_addresses[{i}]: {address} is on no interface of this host, so the servers' replies to it would never come back; add it on the server-side interface (ip addr add {address}/32 dev IFACE) or fix the config"
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Sysctls the data plane relies on, per attached interface and VLAN device on one:
 /// - `forwarding` (IPv4 and IPv6): `bpf_fib_lookup` refuses to route for an interface that
 ///   does not forward, and the kernel forwards what the program hands it while a
@@ -321,8 +309,9 @@ pub fn start(
     if config.daemon.sync.is_some() {
         // In an HA pair keepalived moves the SNAT addresses: the standby has none.
         info!("daemon.sync is set: SNAT addresses may float (keepalived), their locality is not checked");
-    } else {
-        check_snat_addresses_are_local(&config.daemon.snat_addresses)?;
+    }
+    if let Some(first) = crate::config::host_mismatches(&config)?.into_iter().next() {
+        anyhow::bail!(first);
     }
     prepare_host(&config.daemon.interfaces)?;
     let mut dataplane = Dataplane::load(
