@@ -2,7 +2,7 @@
 //! that caused it (`service[1] "web".backends[2].address: ...`).
 use std::{collections::HashSet, net::IpAddr, path::Path};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
@@ -773,8 +773,7 @@ pub fn host_mismatches(config: &Config) -> Result<Vec<String>> {
         }
     }
     if config.daemon.sync.is_none() {
-        let local = crate::addr::local_addresses()
-            .map_err(|e| anyhow!("list this host's addresses: {e}"))?;
+        let local = crate::addr::local_addresses().context("list this host's addresses")?;
         for (i, address) in config.daemon.snat_addresses.iter().enumerate() {
             if !local.contains(address) {
                 found.push(format!(

@@ -21,8 +21,8 @@ struct Cli {
     /// `lb --socket PATH status`). The daemon itself serves `daemon.control_socket`.
     #[arg(long, env = "LB_SOCKET")]
     socket: Option<PathBuf>,
-    /// Machine-readable output: JSON on stdout, for every command that talks to the daemon
-    /// or checks a config, errors included (`{"error": "..."}`, exit status 1).
+    /// Machine-readable output: JSON on stdout, for the commands that talk to the daemon,
+    /// init, detach and config check, errors included (`{"error": "..."}`, exit status 1).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]

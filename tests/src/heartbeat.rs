@@ -3,7 +3,7 @@
 //! which connections broke or moved to another server, and the longest any of them went
 //! unanswered.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::{client::Connection, wait::until};
+use crate::{client::Connection, netns::Netns, wait::until};
 
 /// Broken connections described in full; the rest are only counted.
 const DESCRIBED_BREAKS: usize = 5;
@@ -24,6 +24,30 @@ pub struct Held {
     pub source: Ipv4Addr,
     pub connection: Connection,
     pub server: String,
+}
+
+impl Held {
+    /// `count` connections to `target` from `clients` in turn (inside `ns`), each answered
+    /// once.
+    pub fn open_many(
+        ns: &Netns,
+        clients: &[Ipv4Addr],
+        target: SocketAddr,
+        count: usize,
+    ) -> Result<Vec<Self>> {
+        (0..count)
+            .map(|i| {
+                let source = clients[i % clients.len()];
+                let mut connection = Connection::open(ns, source, 0, target)?;
+                let server = connection.ask()?.server;
+                Ok(Self {
+                    source,
+                    connection,
+                    server,
+                })
+            })
+            .collect()
+    }
 }
 
 /// What the heartbeat saw, once stopped.

@@ -32,7 +32,8 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
 }
 
 const CLIENTS: usize = 100;
-const CONNECTIONS_PER_CLIENT: usize = 10;
+/// Ten per client.
+const CONNECTIONS: usize = 10 * CLIENTS;
 /// The bound on a failover.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(3);
 const SYNC_WAIT: Duration = Duration::from_secs(30);
@@ -61,7 +62,7 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
     let vip = SocketAddr::new(VIP.into(), PORT);
 
     // Long-lived connections through the active node; one client's all reach one server.
-    let connections = hold_connections(&pair.client, &pair.client_addresses, vip)?;
+    let connections = Held::open_many(&pair.client, &pair.client_addresses, vip, CONNECTIONS)?;
     let server_of = servers_of_clients(&connections)?;
     let total = connections.len() as u64;
     ensure!(
@@ -167,27 +168,6 @@ fn a_standby_takes_over_every_connection_when_the_active_node_dies() -> Result<(
         .cli_ok(&["ha"])?
         .contains("state sync: ready"));
     Ok(())
-}
-
-/// `CONNECTIONS_PER_CLIENT` connections from each of `clients` to `vip`, each answered once.
-fn hold_connections(
-    ns: &harness::netns::Netns,
-    clients: &[Ipv4Addr],
-    vip: SocketAddr,
-) -> Result<Vec<Held>> {
-    let mut connections = Vec::new();
-    for &source in clients {
-        for _ in 0..CONNECTIONS_PER_CLIENT {
-            let mut connection = Connection::open(ns, source, 0, vip)?;
-            let server = connection.ask()?.server;
-            connections.push(Held {
-                source,
-                connection,
-                server,
-            });
-        }
-    }
-    Ok(connections)
 }
 
 /// The one server each client's connections reached (source affinity).
@@ -374,10 +354,11 @@ fn an_ecmp_node_dies_and_its_connections_continue_through_the_other() -> Result<
     let mut both = ActiveActive::start(CLIENTS, START_WAIT)?;
 
     // Connections spread over both nodes by the router's hash.
-    let connections = hold_connections(
+    let connections = Held::open_many(
         &both.cluster.client,
         &both.cluster.client_addresses,
         both.vip(),
+        CONNECTIONS,
     )?;
     let total = connections.len() as u64;
     let per_node: Vec<u64> = (0..2)

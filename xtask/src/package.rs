@@ -55,6 +55,11 @@ pub fn build() -> Result<PathBuf> {
         std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))
     };
 
+    // Debian's own variables for who builds a package.
+    let maintainer = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
+        (Ok(name), Ok(email)) => format!("{name} <{email}>"),
+        _ => "lb developers <lb@localhost>".to_string(),
+    };
     put(BINARY, &std::fs::read(&lb)?)?;
     set_mode(&root.join(BINARY), 0o755)?;
     run(Command::new("strip")
@@ -78,7 +83,7 @@ pub fn build() -> Result<PathBuf> {
     )?;
     put(
         &format!("{DOC}/changelog.gz"),
-        &gzip(changelog(&version)?.as_bytes())?,
+        &gzip(changelog(&version, &maintainer)?.as_bytes())?,
     )?;
     put(
         UNIT,
@@ -114,11 +119,6 @@ pub fn build() -> Result<PathBuf> {
     )?;
     let installed_kib = dir_size(&root)? / 1024;
     let depends = format!("{}, iproute2", shared_library_depends(&root.join(BINARY))?);
-    // Debian's own variables for who builds a package.
-    let maintainer = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
-        (Ok(name), Ok(email)) => format!("{name} <{email}>"),
-        _ => "lb developers <lb@localhost>".to_string(),
-    };
     put(
         "DEBIAN/control",
         format!(
@@ -167,12 +167,13 @@ fn shared_library_depends(binary: &Path) -> Result<String> {
         .context("dpkg-shlibdeps printed no shlibs:Depends")
 }
 
-/// A native package's changelog: one entry for the version built, dated by the last commit.
-fn changelog(version: &str) -> Result<String> {
+/// A native package's changelog: one entry for the version built, by `maintainer`, dated
+/// by the last commit.
+fn changelog(version: &str, maintainer: &str) -> Result<String> {
     let date =
         output("git", &["log", "-1", "--format=%aD"]).context("git log for the changelog date")?;
     Ok(format!(
-        "lb ({version}) unstable; urgency=medium\n\n  * Built from the lb repository; see its git history.\n\n -- lb developers <lb@localhost>  {}\n",
+        "lb ({version}) unstable; urgency=medium\n\n  * Built from the lb repository; see its git history.\n\n -- {maintainer}  {}\n",
         date.trim()
     ))
 }

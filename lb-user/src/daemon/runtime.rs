@@ -72,6 +72,19 @@ impl Overlay {
         }
     }
 
+    /// Loads the overlay from `path`; the first time, from `earlier` (where a release
+    /// before the state directory kept it, next to the config), written to `path` at once.
+    /// The earlier file stays: /etc may be read-only to the daemon.
+    pub fn load_or_migrate(path: &Path, earlier: &Path) -> Result<Self> {
+        if path == earlier || path.exists() || !earlier.exists() {
+            return Self::load(path);
+        }
+        let overlay = Self::load(earlier)?;
+        overlay.save(path)?;
+        tracing::info!(from = %earlier.display(), to = %path.display(), "runtime changes moved to the state directory");
+        Ok(overlay)
+    }
+
     /// Writes atomically (temporary file, then rename), so a crash never leaves half a file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
@@ -132,21 +145,6 @@ pub fn state_directory() -> Option<PathBuf> {
     let dirs = std::env::var_os("STATE_DIRECTORY")?;
     let first = dirs.to_str()?.split(':').next()?;
     (!first.is_empty()).then(|| PathBuf::from(first))
-}
-
-impl Overlay {
-    /// Loads the overlay from `path`; the first time, from `earlier` (where a release
-    /// before the state directory kept it, next to the config), written to `path` at once.
-    /// The earlier file stays: /etc may be read-only to the daemon.
-    pub fn load_or_migrate(path: &Path, earlier: &Path) -> Result<Self> {
-        if path == earlier || path.exists() || !earlier.exists() {
-            return Self::load(path);
-        }
-        let overlay = Self::load(earlier)?;
-        overlay.save(path)?;
-        tracing::info!(from = %earlier.display(), to = %path.display(), "runtime changes moved to the state directory");
-        Ok(overlay)
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! BIRD for ECMP): how long a failover takes and how many connections it breaks; and the flow sync at set
 //! rates of new connections: latency, bytes on the sync link and daemon CPU.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -10,9 +10,7 @@ use anyhow::{ensure, Context, Result};
 use harness::{
     active_active::ActiveActive,
     churn::{self, cpu_seconds},
-    client::Connection,
     heartbeat::{Heartbeat, Held},
-    netns::Netns,
     pair::{Pair, PORT, VIP},
     wait::until,
 };
@@ -59,27 +57,6 @@ const CLIENTS: usize = 100;
 const BEAT: Duration = Duration::from_secs(1);
 const ROUNDS_WAIT: Duration = Duration::from_secs(20);
 
-/// `connections` connections from the clients in turn, each answered once.
-fn hold(
-    ns: &Netns,
-    clients: &[Ipv4Addr],
-    vip: SocketAddr,
-    connections: usize,
-) -> Result<Vec<Held>> {
-    (0..connections)
-        .map(|i| {
-            let source = clients[i % clients.len()];
-            let mut connection = Connection::open(ns, source, 0, vip)?;
-            let server = connection.ask()?.server;
-            Ok(Held {
-                source,
-                connection,
-                server,
-            })
-        })
-        .collect()
-}
-
 /// Runs the heartbeat over `held` through `kill` (which returns the takeover time).
 fn through_failover(
     deployment: &'static str,
@@ -107,7 +84,7 @@ fn active_standby(connections: usize) -> Result<Failover> {
     let services = pair.services();
     let (active, standby) = pair.start_active_standby(&services, START_WAIT)?;
     let vip = SocketAddr::new(VIP.into(), PORT);
-    let held = hold(&pair.client, &pair.client_addresses, vip, connections)?;
+    let held = Held::open_many(&pair.client, &pair.client_addresses, vip, connections)?;
     until(
         START_WAIT,
         Duration::from_millis(20),
@@ -124,7 +101,7 @@ fn active_standby(connections: usize) -> Result<Failover> {
 
 fn active_active(connections: usize) -> Result<Failover> {
     let mut both = ActiveActive::start(CLIENTS, START_WAIT)?;
-    let held = hold(
+    let held = Held::open_many(
         &both.cluster.client,
         &both.cluster.client_addresses,
         both.vip(),
