@@ -55,6 +55,8 @@ pub const MAX_INTERFACES: u32 = 64;
 pub const ADDR_FILTER_SLOTS: u32 = 4096;
 /// Slots in `LB_COUNTERS`: room for counters added later without a layout change.
 pub const MAX_COUNTERS: u32 = 64;
+/// Allow and deny prefixes over all services (`LB_SOURCE_RULES`).
+pub const MAX_SOURCE_RULES: u32 = 16_384;
 pub const MAX_FLOWS: u32 = 1 << 20;
 /// Connections not yet confirmed (see `LB_HALF_OPEN`); a SYN flood can only churn these.
 pub const MAX_HALF_OPEN: u32 = 1 << 18;
@@ -109,6 +111,19 @@ pub const SETTINGS_F_DEBUG_LOG: u32 = 1 << 1;
 /// Peers learn this node's flows: every confirmed flow is also written to `LB_SYNC`.
 pub const SETTINGS_F_SYNC: u32 = 1 << 2;
 
+/// Service flags. The service has source rules in `LB_SOURCE_RULES`: a new flow's client
+/// address is looked up there (services without rules skip the lookup).
+pub const SERVICE_F_SOURCE_RULES: u32 = 1;
+/// Among its rules are allows: a client that matches none is refused.
+pub const SERVICE_F_ALLOW_LIST: u32 = 1 << 1;
+
+/// Source rule actions (`LB_SOURCE_RULES` values); the longest matching prefix decides.
+pub const SOURCE_ALLOW: u32 = 1;
+pub const SOURCE_DENY: u32 = 2;
+/// Bits of `SourceRuleKey` before the address: the service id and family always match in
+/// full.
+pub const SOURCE_RULE_HEADER_BITS: u32 = 64;
+
 /// `(vip, port, protocol)` -> [`Service`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -130,7 +145,20 @@ pub struct Service {
     pub idle_timeout_s: u32,
     /// Which half of this service's Maglev table is live (0 or 1).
     pub table_half: u32,
-    pub _pad: u32,
+    /// `SERVICE_F_*`.
+    pub flags: u32,
+}
+
+/// Data of an `LB_SOURCE_RULES` key (the LPM trie prefixes it with a bit length of
+/// `SOURCE_RULE_HEADER_BITS` + the rule's prefix length): one service's rule for a client
+/// prefix. The address is as `FlowKey` holds it (an IPv4 address in word 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRuleKey {
+    pub service_id: u32,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+    pub addr_be: [u32; 4],
 }
 
 /// Value of `LB_VIPS`: every address lb answers for, a VIP (with at least one service) or a
@@ -474,10 +502,13 @@ pub enum Counter {
     /// Confirmed flows the peers could not be told of (`LB_SYNC` full): they reach the
     /// peers with the next reconciliation instead.
     SyncEventsLost,
+    /// A new flow from a client the service's `allow` / `deny` lists refuse (also counted
+    /// per service).
+    DropSourceRefused,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::SyncEventsLost as u32 + 1;
+    pub const COUNT: u32 = Counter::DropSourceRefused as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Packets,
         Counter::PassNotIp,
@@ -515,6 +546,7 @@ impl Counter {
         Counter::DropTailCall,
         Counter::DropInternal,
         Counter::SyncEventsLost,
+        Counter::DropSourceRefused,
     ];
 
     /// Stable snake_case name, used in `lb status` and its JSON.
@@ -556,6 +588,7 @@ impl Counter {
             Counter::DropTailCall => "drop_tail_call",
             Counter::DropInternal => "drop_internal",
             Counter::SyncEventsLost => "sync_events_lost",
+            Counter::DropSourceRefused => "drop_source_refused",
         }
     }
 
@@ -598,6 +631,7 @@ pub const fn maglev_index(service_id: u32, half: u32, slot: u32) -> u32 {
 // Layouts are part of the kernel ABI of our maps: a size change must bump LAYOUT_VERSION.
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<Service>() == 24);
+const _: () = assert!(size_of::<SourceRuleKey>() == 24);
 const _: () = assert!(size_of::<AddrKey>() == 20);
 const _: () = assert!(size_of::<VipInfo>() == 8);
 const _: () = assert!(size_of::<Backend>() == 28);
@@ -621,6 +655,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, made of integers and arrays with explicit padding.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for SourceRuleKey {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for Backend {}

@@ -55,9 +55,11 @@ pub const MAP_ROUTE_GENERATION: &str = "LB_ROUTE_GEN";
 pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
 pub const MAP_EVENTS: &str = "LB_EVENTS";
 pub const MAP_SYNC: &str = "LB_SYNC";
+pub const MAP_SOURCE_RULES: &str = "LB_SOURCE_RULES";
+pub const MAP_SERVICE_REFUSED: &str = "LB_SVC_REFUSED";
 
 /// Every map of the XDP object (`lb.bpf.o`).
-pub const MAPS: [MapSpec; 25] = [
+pub const MAPS: [MapSpec; 27] = [
     pinned(MAP_PROGRAMS),
     pinned(MAP_ADDR_FILTER),
     pinned(MAP_ROUTE_GENERATION),
@@ -76,6 +78,8 @@ pub const MAPS: [MapSpec; 25] = [
     pinned(MAP_COUNTERS),
     pinned(MAP_SERVICE_STATS),
     pinned(MAP_BACKEND_STATS),
+    pinned(MAP_SOURCE_RULES),
+    pinned(MAP_SERVICE_REFUSED),
     // Close events: a restarted daemon reads its own ring, and what closed meanwhile waits
     // for garbage collection.
     per_load(MAP_EVENTS),

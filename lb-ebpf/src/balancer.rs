@@ -33,6 +33,7 @@ use crate::{
     },
     nat::rewrite,
     parse::{is_ours, parse, Packet, Part},
+    source_rules,
     stats::{self, Traffic},
     sync,
     tcp::{self, ClientAck},
@@ -462,6 +463,10 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
                 return established(ctx, pkt, entry, now);
             }
         }
+    }
+    if !source_rules::admits(service, pkt.key) {
+        stats::refused(service.id);
+        return Verdict::drop(Counter::DropSourceRefused);
     }
     let (backend_id, affinity_hit) = match choose_backend(pkt.key, service, now) {
         Some(choice) => choice,

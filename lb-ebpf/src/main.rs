@@ -16,6 +16,7 @@ mod log;
 mod maps;
 mod nat;
 mod parse;
+mod source_rules;
 mod stats;
 mod sync;
 mod tcp;

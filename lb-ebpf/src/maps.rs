@@ -4,14 +4,17 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        lpm_trie::Key as LpmKey, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray,
+        ProgramArray, RingBuf,
+    },
 };
 use lb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, CloseEvent, FlowEntry, FlowKey, FragmentKey,
-    Service, ServiceKey, Settings, SyncEvent, TrafficStats, VipInfo, VlanPort, ADDR_FILTER_SLOTS,
-    CLOSE_EVENTS, MAGLEV_ENTRIES, MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS, MAX_FLOWS,
-    MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS, MAX_SNAT_ADDRS,
-    PROGRAM_SLOTS, SYNC_EVENTS,
+    Service, ServiceKey, Settings, SourceRuleKey, SyncEvent, TrafficStats, VipInfo, VlanPort,
+    ADDR_FILTER_SLOTS, CLOSE_EVENTS, MAGLEV_ENTRIES, MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS,
+    MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS,
+    MAX_SNAT_ADDRS, MAX_SOURCE_RULES, PROGRAM_SLOTS, SYNC_EVENTS,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -104,6 +107,18 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTE
 #[map(name = "LB_SVC_STATS")]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// New flows refused by their service's source rules, per service id.
+#[map(name = "LB_SVC_REFUSED")]
+pub static SERVICE_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Each service's `allow` / `deny` prefixes (`SOURCE_ALLOW`, `SOURCE_DENY`), looked up by
+/// client address when a flow opens; written by the daemon.
+#[map(name = "LB_SOURCE_RULES")]
+pub static SOURCE_RULES: LpmTrie<SourceRuleKey, u32> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RULES, 0);
+
+pub type SourceRuleLookup = LpmKey<SourceRuleKey>;
 
 #[map(name = "LB_BE_STATS")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =

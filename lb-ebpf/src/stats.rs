@@ -2,7 +2,7 @@
 use lb_common::{Counter, FlowEntry, TrafficStats, FLOW_F_REVERSE};
 
 use crate::{
-    maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS},
+    maps::{BACKEND_STATS, COUNTERS, SERVICE_REFUSED, SERVICE_STATS},
     parse::Packet,
 };
 
@@ -10,6 +10,15 @@ use crate::{
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Counts a new flow refused by the source rules of service `service_id`.
+#[inline(always)]
+pub fn refused(service_id: u32) {
+    if let Some(slot) = SERVICE_REFUSED.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot.
         unsafe { *slot += 1 };
     }
 }

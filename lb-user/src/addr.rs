@@ -5,7 +5,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use ipnet::IpNet;
 use lb_common::{FAMILY_V4, FAMILY_V6};
+use serde::{Deserialize, Serialize};
 
 pub fn addr_words(addr: IpAddr) -> [u32; 4] {
     match addr {
@@ -36,6 +38,67 @@ pub fn endpoint(address: IpAddr, port: u16) -> String {
         address.to_string()
     } else {
         std::net::SocketAddr::new(address, port).to_string()
+    }
+}
+
+/// A client prefix of a service's `allow` or `deny` list: `10.0.0.0/8`, `fd00:1::/64`, or a
+/// bare address (one host). In the config and in JSON as that text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SourcePrefix(IpNet);
+
+impl SourcePrefix {
+    /// `None` when `len` is longer than the address.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        IpNet::new(addr, len).ok().map(Self)
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.0.addr()
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
+
+    /// The prefix with its host bits cleared, when they are not already.
+    pub fn without_host_bits(&self) -> Option<Self> {
+        let network = self.0.trunc();
+        (network != self.0).then_some(Self(network))
+    }
+}
+
+impl std::str::FromStr for SourcePrefix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let net = match text.parse::<IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => text.parse::<IpNet>().map_err(|_| {
+                format!("{text:?} is not a prefix: expected 10.0.0.0/8, fd00:1::/64 or an address")
+            })?,
+        };
+        Ok(Self(net))
+    }
+}
+
+impl TryFrom<String> for SourcePrefix {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<SourcePrefix> for String {
+    fn from(p: SourcePrefix) -> Self {
+        p.to_string()
+    }
+}
+
+impl std::fmt::Display for SourcePrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -88,6 +151,25 @@ mod tests {
         }
         // IPv4 uses word 0 only, as the data plane expects.
         assert_eq!(addr_words("10.0.0.1".parse().unwrap())[1..], [0, 0, 0]);
+    }
+
+    #[test]
+    fn source_prefixes_read_as_admins_write_them() {
+        let p: SourcePrefix = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(
+            (p.addr(), p.prefix_len()),
+            ("10.1.0.0".parse().unwrap(), 16)
+        );
+        let host: SourcePrefix = "fd00::7".parse().unwrap();
+        assert_eq!(
+            (host.to_string().as_str(), host.prefix_len()),
+            ("fd00::7/128", 128)
+        );
+        let sloppy: SourcePrefix = "10.1.2.3/16".parse().unwrap();
+        assert_eq!(sloppy.without_host_bits(), Some(p));
+        assert_eq!(p.without_host_bits(), None);
+        let err = "10.0.0.0/33".parse::<SourcePrefix>().unwrap_err();
+        assert!(err.contains("expected 10.0.0.0/8"), "{err}");
     }
 
     #[test]

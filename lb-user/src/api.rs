@@ -7,6 +7,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use lb_common::hash;
+
+use crate::addr::SourcePrefix;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -262,6 +264,14 @@ pub struct ServiceStatus {
     pub affinity: String,
     pub affinity_timeout: u32,
     pub idle_timeout: u32,
+    /// Client prefixes that may connect (empty: any not denied).
+    #[serde(default)]
+    pub allow: Vec<SourcePrefix>,
+    #[serde(default)]
+    pub deny: Vec<SourcePrefix>,
+    /// New connections these lists refused.
+    #[serde(default)]
+    pub refused_flows: u64,
     /// Clients with the most new flows among live affinities (none without affinity).
     #[serde(default)]
     pub top_sources: Vec<SourceShare>,
@@ -557,6 +567,9 @@ pub(crate) mod tests {
                 affinity: "source".into(),
                 affinity_timeout: 1800,
                 idle_timeout: 3600,
+                allow: vec!["192.0.2.0/24".parse().unwrap()],
+                deny: Vec::new(),
+                refused_flows: 3,
                 top_sources: vec![SourceShare {
                     client: "192.0.2.7".parse().unwrap(),
                     new_flows: 150,

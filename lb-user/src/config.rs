@@ -1,9 +1,15 @@
 //! The TOML configuration: parsing, defaults and validation. Every error names the key
 //! that caused it (`service[1] "web".backends[2].address: ...`).
-use std::{collections::HashSet, net::IpAddr, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::Path,
+};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::addr::SourcePrefix;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
 /// Maps and links are pinned below this directory (on bpffs), in a subdirectory named after
@@ -267,6 +273,13 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Health checks; without this section every server counts as up.
     pub health: Option<HealthConfig>,
+    /// Client prefixes that may open connections; with any, all others are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<SourcePrefix>,
+    /// Client prefixes that may not. Where prefixes of both lists match a client, the
+    /// longest decides (allow 10.0.0.0/8 with deny 10.9.0.0/16 refuses only 10.9.x.x).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<SourcePrefix>,
     /// Mixed into the Maglev permutations: the table depends only on the servers, their
     /// weights and this seed, so nodes with the same service config pick the same server
     /// for every client. Change it to reshuffle the whole table.
@@ -579,6 +592,17 @@ impl Config {
             }
             s.validate(&at, &self.daemon, &vips)?;
         }
+        let rules: usize = self
+            .services
+            .iter()
+            .map(|s| s.allow.len() + s.deny.len())
+            .sum();
+        if rules > lb_common::MAX_SOURCE_RULES as usize {
+            bail!(
+                "service: at most {} allow and deny prefixes over all services, got {rules}",
+                lb_common::MAX_SOURCE_RULES
+            );
+        }
         Ok(())
     }
 }
@@ -703,7 +727,30 @@ impl ServiceConfig {
         if let Some(h) = &s.health {
             h.validate(at)?;
         }
+        s.validate_source_rules(at)?;
         s.validate_backends(at, d, vips)
+    }
+
+    fn validate_source_rules(&self, at: &str) -> Result<()> {
+        let mut seen = HashMap::new();
+        for (list, prefixes) in [("allow", &self.allow), ("deny", &self.deny)] {
+            for (j, p) in prefixes.iter().enumerate() {
+                let key = format!("{at}.{list}[{j}]");
+                if let Some(network) = p.without_host_bits() {
+                    bail!("{key}: {p} has host bits set (did you mean {network}?)");
+                }
+                if p.addr().is_ipv6() != self.vip.is_ipv6() {
+                    bail!(
+                        "{key}: {p} is not of the VIP's address family ({}): clients reach a VIP in its own family",
+                        self.vip
+                    );
+                }
+                if let Some(first) = seen.insert(*p, key.clone()) {
+                    bail!("{key}: {p} is also {first}");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_backends(&self, at: &str, d: &DaemonConfig, vips: &HashSet<IpAddr>) -> Result<()> {
@@ -939,6 +986,43 @@ pub(crate) mod tests {
             e.contains(".backends[1].address") && e.contains("is a VIP"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn source_lists_that_cannot_mean_what_they_say_are_named() {
+        let with_lists = |lists: &str| {
+            MINIMAL.replace(
+                "backend_port = 4443",
+                &format!("backend_port = 4443\n{lists}"),
+            )
+        };
+        let c = Config::parse(&with_lists(
+            "allow = [\"10.0.0.0/8\", \"192.0.2.7\"]\ndeny = [\"10.9.0.0/16\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].allow[1].to_string(), "192.0.2.7/32");
+        for (lists, expected) in [
+            (
+                "allow = [\"10.1.2.3/16\"]",
+                "service[0] \"web-ext\".allow[0]: 10.1.2.3/16 has host bits set (did you mean 10.1.0.0/16?)",
+            ),
+            (
+                "deny = [\"fd00::/64\"]",
+                "service[0] \"web-ext\".deny[0]: fd00::/64 is not of the VIP's address family",
+            ),
+            (
+                "allow = [\"10.0.0.0/8\"]\ndeny = [\"10.0.0.0/8\"]",
+                "service[0] \"web-ext\".deny[0]: 10.0.0.0/8 is also service[0] \"web-ext\".allow[0]",
+            ),
+            (
+                "allow = [\"10.0.0.0/8\", \"10.0.0.0/8\"]",
+                ".allow[1]: 10.0.0.0/8 is also service[0] \"web-ext\".allow[0]",
+            ),
+            ("allow = [\"10.0.0.0/33\"]", "expected 10.0.0.0/8, fd00:1::/64 or an address"),
+        ] {
+            let e = error_of(&with_lists(lists));
+            assert!(e.contains(expected), "{lists}: {e}");
+        }
     }
 
     #[test]

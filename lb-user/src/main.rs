@@ -4,6 +4,7 @@ use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use lb::{
+    addr::SourcePrefix,
     api::{self, Request, Response},
     cli::{checks, preset, status, top},
     config::{Config, DEFAULT_CONTROL_SOCKET},
@@ -106,6 +107,10 @@ enum Command {
         /// Interfaces to attach to (client side and server side, or the one arm).
         #[arg(long, value_delimiter = ',')]
         interfaces: Vec<String>,
+        /// Clients allowed to connect, as prefixes or addresses (for lync-web-external: the
+        /// reverse proxies); any other client is refused. Default: any client.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<SourcePrefix>,
         /// Write here instead of stdout; an existing file is kept unless --force.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -512,6 +517,7 @@ fn run(cli: Cli) -> Result<()> {
             servers,
             snat,
             interfaces,
+            allow,
             output,
             force,
         } => {
@@ -529,6 +535,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     interfaces
                 },
+                allow,
             };
             let text = preset::render(preset, &site)?;
             match output {

@@ -24,6 +24,8 @@ pub struct ServiceSpec {
     pub idle_timeout: u32,
     /// A TOML inline table for `health`, e.g. `{ kind = "tcp", port = 5061 }`.
     pub health: Option<String>,
+    /// More keys of the service table, as TOML lines each ending in a newline.
+    pub extra: String,
 }
 
 impl Default for ServiceSpec {
@@ -37,6 +39,7 @@ impl Default for ServiceSpec {
             affinity_timeout: 1800,
             idle_timeout: 3600,
             health: None,
+            extra: String::new(),
         }
     }
 }
@@ -53,13 +56,14 @@ impl ServiceSpec {
             .map(|h| format!("health = {h}\n"))
             .unwrap_or_default();
         format!(
-            "[[service]]\nname = {:?}\nvip = \"{VIP}\"\nport = {}\nbackend_port = {}\naffinity = {:?}\naffinity_timeout = {}\nidle_timeout = {}\n{health}backends = [{}]\n",
+            "[[service]]\nname = {:?}\nvip = \"{VIP}\"\nport = {}\nbackend_port = {}\naffinity = {:?}\naffinity_timeout = {}\nidle_timeout = {}\n{health}{}backends = [{}]\n",
             self.name,
             self.port,
             self.backend_port,
             self.affinity,
             self.affinity_timeout,
             self.idle_timeout,
+            self.extra,
             list.join(", ")
         )
     }

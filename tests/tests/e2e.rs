@@ -467,3 +467,69 @@ fn closed_connections_leave_the_flow_table_within_the_closing_timeout() -> Resul
     );
     Ok(())
 }
+
+/// Only the clients a service's lists admit open connections; the others' handshakes are
+/// dropped and counted against the service, and a reload that lifts the lists lets them in
+/// without touching the connections already open.
+#[test]
+fn source_lists_admit_only_their_clients_until_reloaded() -> Result<()> {
+    /// A refused handshake only ever times out, and each try costs this long.
+    const REFUSED_WITHIN: Duration = Duration::from_millis(1500);
+    let service = ServiceSpec {
+        extra: "allow = [\"10.1.1.0/30\"]\ndeny = [\"10.1.1.2\"]\n".into(),
+        ..ServiceSpec::default()
+    };
+    let f = Fixture::start(
+        &Spec {
+            clients: 4,
+            ..Spec::default()
+        },
+        service.clone(),
+    )?;
+    let clients = &f.topology.client_addresses;
+    let listed: Vec<Ipv4Addr> = (1..=4).map(|i| Ipv4Addr::new(10, 1, 1, i)).collect();
+    ensure!(
+        clients[..] == listed[..],
+        "the lists above assume clients {listed:?}"
+    );
+    let mut admitted = Vec::new();
+    for (client, expected) in clients.iter().zip([true, false, true, false]) {
+        let opened =
+            Connection::open_within(&f.topology.client, *client, 0, f.vip(), REFUSED_WITHIN);
+        ensure!(
+            opened.is_ok() == expected,
+            "{client}: connected {} but the lists say {expected}",
+            opened.is_ok()
+        );
+        if let Ok(mut conn) = opened {
+            let server = conn.ask()?.server;
+            admitted.push((conn, server));
+        }
+    }
+    let status = f.daemon.status()?;
+    let refused = status.services[0].refused_flows;
+    // Each refused client's SYN and its retransmissions.
+    ensure!(refused >= 2, "{refused} refused flows counted");
+    ensure!(status.counters.get("drop_source_refused") == Some(&refused));
+    ensure_no_drops(&status, &["drop_source_refused"])?;
+
+    let lifted = ServiceSpec {
+        extra: String::new(),
+        ..service
+    };
+    f.daemon
+        .reload(&lifted.toml(&Fixture::addresses(&f.topology)))?;
+    for client in [clients[1], clients[3]] {
+        f.ask(client)
+            .with_context(|| format!("{client} after the lists were lifted"))?;
+    }
+    for (conn, server) in &mut admitted {
+        let now = conn.ask()?.server;
+        ensure!(
+            &now == server,
+            "an open connection moved from {server} to {now}"
+        );
+    }
+    ensure!(f.daemon.status()?.services[0].refused_flows == refused);
+    Ok(())
+}

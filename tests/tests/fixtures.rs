@@ -40,6 +40,29 @@ name = "elsewhere"
 vip = "10.100.0.1"
 port = 9003
 backends = [{{ address = "10.5.0.5" }}]
+
+[[service]]
+name = "proxies-only"
+vip = "10.100.0.1"
+port = 9010
+allow = ["10.1.0.0/16"]
+deny = ["10.1.9.0/24"]
+backends = [{{ address = "10.2.0.11" }}]
+
+[[service]]
+name = "proxies-only6"
+vip = "fd00:100::1"
+port = 9010
+allow = ["fd00:1::/64"]
+backends = [{{ address = "fd00:2::11" }}]
+
+[[service]]
+name = "deny-one"
+vip = "10.100.0.1"
+port = 9011
+protocol = "udp"
+deny = ["10.1.9.9"]
+backends = [{{ address = "10.2.0.11" }}]
 "#
     )
 }
@@ -1048,6 +1071,87 @@ fn blind_spoofers_confirm_close_and_cross_nothing() -> Result<()> {
             counter(lab, Counter::FlowsConfirmed)? == confirmed + 1,
             "the real ACK did not confirm"
         );
+        Ok(())
+    })
+}
+
+/// A service's `allow` / `deny` lists decide who may open a flow (the longest matching
+/// prefix; no match refuses only where there are allows), refusals count per service, and
+/// services without lists are untouched.
+#[test]
+fn source_lists_refuse_new_flows_per_service() -> Result<()> {
+    in_lab(|lab| {
+        let refused_v4: IpAddr = "10.1.9.1".parse()?;
+        let outside: IpAddr = "11.0.0.5".parse()?;
+        let outside6: IpAddr = "fd00:9::1".parse()?;
+        let denied_one: IpAddr = "10.1.9.9".parse()?;
+        let cases = vec![
+            Case::new(
+                "allowed prefix",
+                &tcp(at(LAB_CLIENT, 44000), at(LAB_VIP, 9010), TCP_SYN).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            ),
+            Case::new(
+                "longer deny inside the allow",
+                &tcp(at(refused_v4, 44000), at(LAB_VIP, 9010), TCP_SYN).bytes(),
+                XDP_DROP,
+                Counter::DropSourceRefused,
+            ),
+            Case::new(
+                "in no allowed prefix",
+                &tcp(at(outside, 44000), at(LAB_VIP, 9010), TCP_SYN).bytes(),
+                XDP_DROP,
+                Counter::DropSourceRefused,
+            ),
+            Case::new(
+                "IPv6 allowed prefix",
+                &tcp(at(LAB_CLIENT6, 44000), at(LAB_VIP6, 9010), TCP_SYN).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            ),
+            Case::new(
+                "IPv6 in no allowed prefix",
+                &tcp(at(outside6, 44000), at(LAB_VIP6, 9010), TCP_SYN).bytes(),
+                XDP_DROP,
+                Counter::DropSourceRefused,
+            ),
+            Case::new(
+                "UDP from the denied host",
+                &udp(at(denied_one, 44000), at(LAB_VIP, 9011)).bytes(),
+                XDP_DROP,
+                Counter::DropSourceRefused,
+            ),
+            Case::new(
+                "UDP from a host no list names",
+                &udp(at(refused_v4, 44001), at(LAB_VIP, 9011)).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            ),
+            Case::new(
+                "a service without lists",
+                &tcp(at(outside, 44000), at(LAB_VIP, 443), TCP_SYN).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            ),
+        ];
+        run_table(lab, cases)?;
+        let refused_by_port = |port: u16, family: u8| -> Result<u64> {
+            let (_, service) = lab
+                .dp
+                .installed_services()
+                .into_iter()
+                .find(|(k, _)| u16::from_be(k.port_be) == port && k.family == family)
+                .ok_or_else(|| anyhow::anyhow!("no service on port {port}"))?;
+            lab.dp.reader().service_refused(service.id)
+        };
+        for (port, family, expected) in [(9010, 4, 2), (9010, 6, 1), (9011, 4, 1), (443, 4, 0)] {
+            let refused = refused_by_port(port, family)?;
+            ensure!(
+                refused == expected,
+                "port {port} IPv{family}: {refused} refused flows, expected {expected}"
+            );
+        }
         Ok(())
     })
 }

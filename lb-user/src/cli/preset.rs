@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    addr::SourcePrefix,
     cli::checks::{LYNC_MONITOR_PORT, LYNC_TCP_IDLE_TIMEOUT_S},
     config::Config,
 };
@@ -29,6 +30,8 @@ pub struct Site {
     pub servers: Vec<IpAddr>,
     pub snat: Vec<IpAddr>,
     pub interfaces: Vec<String>,
+    /// Client prefixes each service admits (empty: any client).
+    pub allow: Vec<SourcePrefix>,
 }
 
 impl Default for Site {
@@ -39,6 +42,7 @@ impl Default for Site {
             servers: vec![doc(11), doc(12), doc(13)],
             snat: vec![doc(100)],
             interfaces: vec!["eth0".into()],
+            allow: Vec::new(),
         }
     }
 }
@@ -60,51 +64,66 @@ pub fn render(preset: Preset, site: &Site) -> Result<String> {
     text += &match preset {
         Preset::LyncWebExternal => {
             service(
-                "web-ext",
                 site,
-                "443",
-                Some(4443),
-                "source-port",
-                "# The reverse proxy forwards the external Web Services (Mcx, UCWA, Autodiscover)\n\
-                 # here, so every client arrives from the proxy's address: source-address affinity\n\
-                 # would put them all on one server (the mega-proxy case). Microsoft's Lync 2013\n\
-                 # mobility requirements substitute TCP affinity (address + port, \"source-port\"\n\
-                 # here) for cookie affinity. If clients reach this VIP directly, use \"source\".\n",
+                ServiceShape {
+                    name: "web-ext",
+                    port: "443",
+                    backend_port: Some(4443),
+                    affinity: "source-port",
+                    clients: Clients::ReverseProxies,
+                    why: "# The reverse proxy forwards the external Web Services (Mcx, UCWA, Autodiscover)\n\
+                          # here, so every client arrives from the proxy's address: source-address affinity\n\
+                          # would put them all on one server (the mega-proxy case). Microsoft's Lync 2013\n\
+                          # mobility requirements substitute TCP affinity (address + port, \"source-port\"\n\
+                          # here) for cookie affinity. If clients reach this VIP directly, use \"source\".\n",
+                },
             ) + &service(
-                "web-ext-http",
                 site,
-                "80",
-                Some(8080),
-                "source-port",
-                "# Port 80 of the external Web Services, to the servers' 8080; same reasoning.\n",
+                ServiceShape {
+                    name: "web-ext-http",
+                    port: "80",
+                    backend_port: Some(8080),
+                    affinity: "source-port",
+                    clients: Clients::ReverseProxies,
+                    why: "# Port 80 of the external Web Services, to the servers' 8080; same reasoning.\n",
+                },
             )
         }
         Preset::LyncWebInternal => service(
-            "web-int",
             site,
-            "[443, 80]",
-            None,
-            "source",
-            "# Internal Web Services on 443 and 80, as one service: clients connect directly, so\n\
-             # source-address affinity keeps each client on one Front End server for both ports.\n",
+            ServiceShape {
+                name: "web-int",
+                port: "[443, 80]",
+                backend_port: None,
+                affinity: "source",
+                clients: Clients::Any,
+                why: "# Internal Web Services on 443 and 80, as one service: clients connect directly, so\n\
+                      # source-address affinity keeps each client on one Front End server for both ports.\n",
+            },
         ),
         Preset::LyncFePool => service(
-            "fe-pool",
             site,
-            r#"[5061, 444, 135, 80, 8080, 443, 4443, 448, "5070-5073", 5075, 5076, 5080]"#,
-            None,
-            "source",
-            "# Every Front End pool port (SIP 5061, 444, DCOM 135, web 80/8080/443/4443, 448,\n\
-             # 5070-5073, 5075, 5076, 5080) as one service: one server choice and one affinity\n\
-             # per client across all of them; each connection keeps its port on the server.\n",
+            ServiceShape {
+                name: "fe-pool",
+                port: r#"[5061, 444, 135, 80, 8080, 443, 4443, 448, "5070-5073", 5075, 5076, 5080]"#,
+                backend_port: None,
+                affinity: "source",
+                clients: Clients::Any,
+                why: "# Every Front End pool port (SIP 5061, 444, DCOM 135, web 80/8080/443/4443, 448,\n\
+                      # 5070-5073, 5075, 5076, 5080) as one service: one server choice and one affinity\n\
+                      # per client across all of them; each connection keeps its port on the server.\n",
+            },
         ),
         Preset::LyncDirector => service(
-            "director",
             site,
-            "[443, 444, 5061, 4443]",
-            None,
-            "source",
-            "# The Director pool's ports as one service, source-address affinity.\n",
+            ServiceShape {
+                name: "director",
+                port: "[443, 444, 5061, 4443]",
+                backend_port: None,
+                affinity: "source",
+                clients: Clients::Any,
+                why: "# The Director pool's ports as one service, source-address affinity.\n",
+            },
         ),
     };
     Config::parse(&text).context("the preset produced an invalid config (a bug in lb)")?;
@@ -148,14 +167,54 @@ fn header(preset: Preset, site: &Site) -> String {
     )
 }
 
-fn service(
-    name: &str,
-    site: &Site,
-    port: &str,
+/// Who may reach the VIP: the external Web Services VIP is meant for the reverse proxies
+/// only, so without `--allow` its preset says how to restrict it.
+#[derive(Clone, Copy)]
+enum Clients {
+    ReverseProxies,
+    Any,
+}
+
+fn source_list(site: &Site, clients: Clients) -> String {
+    match (clients, site.allow.is_empty()) {
+        (Clients::ReverseProxies, false) => format!(
+            "# Only the reverse proxies reach this VIP: any other client's connection is refused\n\
+             # (counted per service, and as drop_source_refused).\n\
+             allow = [{}]\n",
+            quoted(&site.allow)
+        ),
+        (Clients::ReverseProxies, true) => {
+            "# Only the reverse proxies should reach this VIP: list their addresses to refuse any\n\
+             # other client (lb init --allow), e.g.\n\
+             # allow = [\"192.0.2.50\", \"192.0.2.51\"]\n"
+                .to_string()
+        }
+        (Clients::Any, false) => format!(
+            "# Only these clients may connect.\nallow = [{}]\n",
+            quoted(&site.allow)
+        ),
+        (Clients::Any, true) => String::new(),
+    }
+}
+
+struct ServiceShape<'a> {
+    name: &'a str,
+    port: &'a str,
     backend_port: Option<u16>,
-    affinity: &str,
-    why: &str,
-) -> String {
+    affinity: &'a str,
+    clients: Clients,
+    why: &'a str,
+}
+
+fn service(site: &Site, shape: ServiceShape) -> String {
+    let ServiceShape {
+        name,
+        port,
+        backend_port,
+        affinity,
+        clients,
+        why,
+    } = shape;
     let backend_port = backend_port
         .map(|p| format!("# The servers listen on {p} for this port.\nbackend_port = {p}\n"))
         .unwrap_or_default();
@@ -171,6 +230,7 @@ fn service(
          vip = \"{vip}\"\n\
          port = {port}\n\
          {backend_port}\
+         {sources}\
          affinity = \"{affinity}\"\n\
          # Microsoft: 30-minute affinity garbage collection.\n\
          affinity_timeout = {AFFINITY_TIMEOUT_S}\n\
@@ -183,6 +243,7 @@ fn service(
          health = {{ kind = \"tcp\", port = {LYNC_MONITOR_PORT}, interval = 2.0, timeout = 1.0, rise = 2, fall = 3 }}\n\
          backends = [\n{servers}\n]\n",
         vip = site.vip,
+        sources = source_list(site, clients),
         servers = servers.join("\n"),
     )
 }
@@ -227,16 +288,31 @@ mod tests {
     }
 
     #[test]
+    fn the_external_web_vip_is_restricted_to_the_proxies_given() {
+        let open = render(Preset::LyncWebExternal, &Site::default()).unwrap();
+        assert!(open.contains("# allow = ["), "{open}");
+        let proxies: Vec<SourcePrefix> = vec!["192.0.2.50".parse().unwrap()];
+        let site = Site {
+            allow: proxies.clone(),
+            ..Site::default()
+        };
+        let c = Config::parse(&render(Preset::LyncWebExternal, &site).unwrap()).unwrap();
+        assert!(c.services.iter().all(|s| s.allow == proxies), "{c:?}");
+    }
+
+    #[test]
     fn site_addresses_are_used_and_checked() {
         let site = Site {
             vip: "10.100.0.1".parse().unwrap(),
             servers: vec!["10.2.0.11".parse().unwrap()],
             snat: vec!["10.2.0.100".parse().unwrap(), "10.2.0.101".parse().unwrap()],
             interfaces: vec!["front".into(), "back".into()],
+            allow: Vec::new(),
         };
         let text = render(Preset::LyncDirector, &site).unwrap();
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.services[0].vip, site.vip);
+        assert!(c.services[0].allow.is_empty());
         assert_eq!(c.daemon.interfaces, ["front", "back"]);
         assert_eq!(c.daemon.max_flows, 4 * SNAT_PORTS);
         let mixed = Site {

@@ -6,7 +6,10 @@ use comfy_table::{
     Table,
 };
 
-use crate::api::{unix_now, AffinityRecord, MaglevTable, StatusReport};
+use crate::{
+    addr::SourcePrefix,
+    api::{unix_now, AffinityRecord, MaglevTable, StatusReport},
+};
 
 /// A table drawn for a terminal; in a pipe or a file, plain space-separated columns that
 /// grep and awk take apart.
@@ -18,6 +21,15 @@ fn new_table() -> Table {
         NOTHING
     });
     table
+}
+
+/// "10.0.0.0/8,10.9.0.0/16", or "-" for none.
+fn prefix_list(prefixes: &[SourcePrefix]) -> String {
+    if prefixes.is_empty() {
+        return "-".into();
+    }
+    let texts: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+    texts.join(",")
 }
 
 pub fn render(report: &StatusReport) -> String {
@@ -48,6 +60,14 @@ pub fn render(report: &StatusReport) -> String {
             s.name, s.vip, s.port, s.server_port(), s.protocol, s.affinity, s.affinity_timeout,
             s.idle_timeout, s.stats.new_flows, s.stats.affinity_hits, s.stats.affinity_misses,
         ));
+        if !s.allow.is_empty() || !s.deny.is_empty() {
+            out.push_str(&format!(
+                "  sources: allow {}  deny {}  refused={}\n",
+                prefix_list(&s.allow),
+                prefix_list(&s.deny),
+                s.refused_flows
+            ));
+        }
         let mut table = new_table();
         table.set_header([
             "backend",
@@ -281,5 +301,17 @@ mod tests {
         );
         report.sync.as_mut().unwrap().ready = false;
         assert!(render(&report).contains("NOT READY"));
+    }
+
+    #[test]
+    fn source_lists_are_shown_only_where_set() {
+        let mut report = sample_report();
+        let text = render(&report);
+        assert!(
+            text.contains("sources: allow 192.0.2.0/24  deny -  refused=3"),
+            "{text}"
+        );
+        report.services[0].allow.clear();
+        assert!(!render(&report).contains("sources:"));
     }
 }

@@ -13,14 +13,15 @@ use anyhow::{anyhow, Result};
 use lb_common::{
     hash, Backend, Service, ServiceKey, Settings, VipInfo, ADDR_F_SNAT, AFFINITY_NONE,
     AFFINITY_SOURCE, AFFINITY_SOURCE_PORT, BACKEND_F_CONFIGURED, BACKEND_F_DOWN,
-    BACKEND_F_DRAINING, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SETTINGS_F_DEBUG_LOG,
-    SETTINGS_F_ECHO_REPLY, SETTINGS_F_SYNC,
+    BACKEND_F_DRAINING, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_ALLOW_LIST,
+    SERVICE_F_SOURCE_RULES, SETTINGS_F_DEBUG_LOG, SETTINGS_F_ECHO_REPLY, SETTINGS_F_SYNC,
+    SOURCE_ALLOW, SOURCE_DENY,
 };
 use tracing::info;
 
 use super::runtime::EffectiveBackend;
 use crate::{
-    addr::{addr_from_words, addr_words, family},
+    addr::{addr_from_words, addr_words, family, SourcePrefix},
     config::{Affinity, Config, ServiceConfig},
     dataplane::{maglev, Dataplane},
 };
@@ -49,6 +50,9 @@ pub struct Installation {
     installed: BTreeMap<String, Vec<ServiceKey>>,
     /// Addresses currently in `LB_VIPS` (VIPs and SNAT addresses).
     addresses: BTreeSet<IpAddr>,
+    /// What `LB_SOURCE_RULES` holds: (service id, client prefix) -> `SOURCE_ALLOW` /
+    /// `SOURCE_DENY`.
+    source_rules: BTreeMap<(u32, SourcePrefix), u32>,
 }
 
 fn lowest_free(used: impl Iterator<Item = u32>, limit: u32) -> Option<u32> {
@@ -67,6 +71,18 @@ fn service_keys(s: &ServiceConfig) -> Vec<ServiceKey> {
             family: family(s.vip),
         })
         .collect()
+}
+
+/// `SERVICE_F_*` of a service's source rules.
+fn source_rule_flags(s: &ServiceConfig) -> u32 {
+    let mut flags = 0;
+    if !s.allow.is_empty() || !s.deny.is_empty() {
+        flags |= SERVICE_F_SOURCE_RULES;
+    }
+    if !s.allow.is_empty() {
+        flags |= SERVICE_F_ALLOW_LIST;
+    }
+    flags
 }
 
 fn affinity_mode(a: Affinity) -> u32 {
@@ -93,8 +109,13 @@ impl Installation {
     /// Takes over the ids and table halves of a data plane a previous daemon left running,
     /// so its flows and affinities keep their meaning.
     pub fn adopt(&mut self, dp: &Dataplane, config: &Config) -> Result<()> {
-        // So that addresses the config no longer has are removed by the first sync.
+        // So that addresses and rules the config no longer has are removed by the first sync.
         self.addresses = dp.addresses().into_iter().collect();
+        self.source_rules = dp
+            .installed_source_rules()
+            .into_iter()
+            .map(|(id, prefix, action)| ((id, prefix), action))
+            .collect();
         let installed = dp.installed_services();
         let mut names_by_id = BTreeMap::new();
         for s in &config.services {
@@ -182,9 +203,28 @@ impl Installation {
             dp.set_backend(id, Backend::default())?;
         }
 
+        // A service's new rules are in place before its flags say to consult them, and
+        // its old ones stay until its flags no longer do.
+        let wanted_rules = self.wanted_source_rules(config);
+        for (&(id, prefix), &action) in &wanted_rules {
+            if self.source_rules.get(&(id, prefix)) != Some(&action) {
+                dp.set_source_rule(id, prefix, action)?;
+                self.source_rules.insert((id, prefix), action);
+            }
+        }
         for s in &config.services {
             let servers = members.get(&s.name).map_or(&[][..], Vec::as_slice);
             self.install_service(dp, s, servers)?;
+        }
+        let stale_rules: Vec<(u32, SourcePrefix)> = self
+            .source_rules
+            .keys()
+            .filter(|rule| !wanted_rules.contains_key(rule))
+            .copied()
+            .collect();
+        for (id, prefix) in stale_rules {
+            dp.remove_source_rule(id, prefix)?;
+            self.source_rules.remove(&(id, prefix));
         }
         let stale: Vec<String> = self
             .installed
@@ -254,7 +294,7 @@ impl Installation {
             affinity_timeout_s: s.affinity_timeout,
             idle_timeout_s: s.idle_timeout,
             table_half: half,
-            _pad: 0,
+            flags: source_rule_flags(s),
         };
         for key in &keys {
             dp.set_service(*key, service)?;
@@ -262,6 +302,21 @@ impl Installation {
         self.live_half.insert(service_id, half);
         self.installed.insert(s.name.clone(), keys);
         Ok(())
+    }
+
+    /// Every service's `allow` and `deny` prefixes, under its id.
+    fn wanted_source_rules(&self, config: &Config) -> BTreeMap<(u32, SourcePrefix), u32> {
+        let mut wanted = BTreeMap::new();
+        for s in &config.services {
+            let id = self.service_ids[&s.name];
+            for prefix in &s.allow {
+                wanted.insert((id, *prefix), SOURCE_ALLOW);
+            }
+            for prefix in &s.deny {
+                wanted.insert((id, *prefix), SOURCE_DENY);
+            }
+        }
+        wanted
     }
 
     /// Makes `LB_VIPS` hold exactly the VIPs (with their service counts) and the SNAT

@@ -128,6 +128,7 @@ pub fn render(report: &StatusReport) -> Result<String> {
     let events = Family::<Labels, Counter>::default();
     let table_entries = Family::<Labels, Gauge>::default();
     let table_capacity = Family::<Labels, Gauge>::default();
+    let refused = Family::<Labels, Counter>::default();
     let source_share = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let hot_sources = Family::<Labels, Gauge>::default();
 
@@ -143,6 +144,7 @@ pub fn render(report: &StatusReport) -> Result<String> {
                 .set(t.share);
         }
         services.record(&svc, &s.stats);
+        refused.get_or_create(&svc).inc_by(s.refused_flows);
         for b in &s.backends {
             let server = b.endpoint();
             let l = labels(&[("service", &s.name), ("server", &server)]);
@@ -219,6 +221,11 @@ pub fn render(report: &StatusReport) -> Result<String> {
     registry.register("build_info", "The running lb's version", build_info);
     services.register(&mut registry, "service");
     servers.register(&mut registry, "server");
+    registry.register(
+        "service_refused_flows",
+        "New connections the service's allow / deny lists refused",
+        refused,
+    );
     registry.register(
         "server_active_flows",
         "Connections to the server not yet expired",
@@ -492,6 +499,7 @@ mod tests {
         let text = render(&report).unwrap();
         for expected in [
             r#"lb_service_new_flows_total{service="web"} 7"#,
+            r#"lb_service_refused_flows_total{service="web"} 3"#,
             r#"lb_server_new_flows_total{service="web",server="10.2.0.11:4443"} 7"#,
             r#"lb_server_up{service="web",server="10.2.0.11:4443"} 0"#,
             r#"lb_server_state{service="web",server="10.2.0.11:4443",state="down"} 1"#,

@@ -88,6 +88,9 @@ impl Basis {
                 affinity: s.affinity.as_str().into(),
                 affinity_timeout: s.affinity_timeout,
                 idle_timeout: s.idle_timeout,
+                allow: s.allow.clone(),
+                deny: s.deny.clone(),
+                refused_flows: 0,
                 top_sources: Vec::new(),
                 stats: Traffic::default(),
                 backends,
@@ -218,6 +221,7 @@ pub fn build(basis: &Basis, tables: &TableReader) -> Result<StatusReport> {
         }
         service.top_sources = top_sources(counts.sources.remove(id).unwrap_or_default());
         service.stats = tables.service_stats(*id)?.into();
+        service.refused_flows = tables.service_refused(*id)?;
         services.push(service);
     }
     let counters = tables

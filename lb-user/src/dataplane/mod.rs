@@ -14,6 +14,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
         Array, DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf,
     },
     programs::{
@@ -25,19 +26,20 @@ use aya::{
 };
 use lb_common::{
     is_fresh, maglev_index, pinned_maps, AddrKey, AffinityEntry, AffinityKey, Backend, Counter,
-    FlowEntry, FlowKey, Service, ServiceKey, Settings, TrafficStats, VipInfo, VlanPort,
-    ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FLOW_F_CLOSING, LAYOUT_VERSION, MAGLEV_SIZE,
-    MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS, MAP_EVENTS,
-    MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION, MAP_SERVICES,
-    MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS,
-    MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME,
-    OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE,
+    FlowEntry, FlowKey, Service, ServiceKey, Settings, SourceRuleKey, TrafficStats, VipInfo,
+    VlanPort, ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FLOW_F_CLOSING, LAYOUT_VERSION,
+    MAGLEV_SIZE, MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
+    MAP_SERVICES, MAP_SERVICE_REFUSED, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS,
+    MAP_SOURCE_RULES, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
+    NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT,
+    PROGRAM_NAME, SNAT_V6_BASE, SOURCE_RULE_HEADER_BITS,
 };
 use tracing::{info, warn};
 
 use self::next_hops::RouteGeneration;
 use crate::{
-    addr::{addr_from_words, addr_words, family},
+    addr::{addr_from_words, addr_words, family, SourcePrefix},
     config::XdpModeConfig,
 };
 
@@ -118,6 +120,7 @@ pub struct Dataplane {
     snat: Array<MapData, [u32; 4]>,
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
+    source_rules: LpmTrie<MapData, SourceRuleKey, u32>,
     /// Also owns the counters and statistics.
     reader: TableReader,
 }
@@ -132,6 +135,7 @@ pub struct TableReader {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    service_refused: PerCpuArray<MapData, u64>,
 }
 
 /// A second handle on the map behind `data`, of the same kind.
@@ -159,6 +163,7 @@ impl TableReader {
         counters: PerCpuArray<MapData, u64>,
         service_stats: PerCpuArray<MapData, TrafficStats>,
         backend_stats: PerCpuArray<MapData, TrafficStats>,
+        service_refused: PerCpuArray<MapData, u64>,
     ) -> Result<Self> {
         Ok(Self {
             flows: reopen(flows.map(), Map::HashMap, MAP_FLOWS)?,
@@ -167,6 +172,7 @@ impl TableReader {
             counters,
             service_stats,
             backend_stats,
+            service_refused,
         })
     }
 
@@ -186,6 +192,11 @@ impl TableReader {
                 self.backend_stats.map(),
                 Map::PerCpuArray,
                 MAP_BACKEND_STATS,
+            )?,
+            reopen(
+                self.service_refused.map(),
+                Map::PerCpuArray,
+                MAP_SERVICE_REFUSED,
             )?,
         )
     }
@@ -213,6 +224,15 @@ impl TableReader {
             .get(&id, 0)
             .context("read backend stats")?;
         Ok(sum_traffic(&values))
+    }
+
+    /// New flows service `id`'s source rules refused.
+    pub fn service_refused(&self, id: u32) -> Result<u64> {
+        let values = self
+            .service_refused
+            .get(&id, 0)
+            .context("read refused flows")?;
+        Ok(values.iter().sum())
     }
 
     /// Affinity entries (expired ones included: the caller knows the timeouts).
@@ -292,6 +312,17 @@ fn address_filter(addresses: &[IpAddr]) -> Vec<u32> {
 
 /// An address as the data plane stores it: the bytes as they appear in a packet, IPv4 in
 /// word 0.
+fn source_rule_key(service_id: u32, prefix: SourcePrefix) -> LpmKey<SourceRuleKey> {
+    LpmKey::new(
+        SOURCE_RULE_HEADER_BITS + u32::from(prefix.prefix_len()),
+        SourceRuleKey {
+            service_id,
+            family: u32::from(family(prefix.addr())),
+            addr_be: addr_words(prefix.addr()),
+        },
+    )
+}
+
 pub fn vip_key(addr: IpAddr) -> AddrKey {
     AddrKey {
         addr_be: addr_words(addr),
@@ -491,6 +522,7 @@ impl Dataplane {
             snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
             settings: take(&mut ebpf, MAP_SETTINGS)?,
             tx_ports: take(&mut ebpf, MAP_TX_PORTS)?,
+            source_rules: take(&mut ebpf, MAP_SOURCE_RULES)?,
             reader: TableReader::new(
                 &flows,
                 &half_open,
@@ -498,6 +530,7 @@ impl Dataplane {
                 take(&mut ebpf, MAP_COUNTERS)?,
                 take(&mut ebpf, MAP_SERVICE_STATS)?,
                 take(&mut ebpf, MAP_BACKEND_STATS)?,
+                take(&mut ebpf, MAP_SERVICE_REFUSED)?,
             )?,
             flows,
             half_open,
@@ -724,6 +757,39 @@ impl Dataplane {
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         self.services.remove(key).context("remove service")
+    }
+
+    /// Service `service_id`'s rule for clients in `prefix` (`SOURCE_ALLOW` or `SOURCE_DENY`).
+    pub fn set_source_rule(
+        &mut self,
+        service_id: u32,
+        prefix: SourcePrefix,
+        action: u32,
+    ) -> Result<()> {
+        self.source_rules
+            .insert(&source_rule_key(service_id, prefix), action, 0)
+            .with_context(|| format!("write source rule {prefix} of service {service_id}"))
+    }
+
+    pub fn remove_source_rule(&mut self, service_id: u32, prefix: SourcePrefix) -> Result<()> {
+        self.source_rules
+            .remove(&source_rule_key(service_id, prefix))
+            .with_context(|| format!("remove source rule {prefix} of service {service_id}"))
+    }
+
+    /// Every rule in `LB_SOURCE_RULES`: (service id, prefix, action).
+    pub fn installed_source_rules(&self) -> Vec<(u32, SourcePrefix, u32)> {
+        self.source_rules
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, action)| {
+                let data = key.data();
+                let bits = key.prefix_len().checked_sub(SOURCE_RULE_HEADER_BITS)?;
+                let addr = addr_from_words(data.addr_be, data.family as u8);
+                let prefix = SourcePrefix::new(addr, u8::try_from(bits).ok()?)?;
+                Some((data.service_id, prefix, action))
+            })
+            .collect()
     }
 
     /// Records an address lb answers for (a VIP, a SNAT address, or both). A new address
