@@ -1,15 +1,18 @@
 //! Test clients: real TCP connections from a chosen source address inside the client
-//! namespace, speaking HTTP/1.1 to the VIP, and UDP exchanges with the same answer.
+//! namespace, speaking HTTP/1.1 (or HTTPS) to the VIP, and UDP exchanges with the same
+//! answer.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, tls};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,9 +25,12 @@ pub struct Reply {
     pub peer: SocketAddr,
 }
 
+/// A connection's byte stream: TCP, or TLS over it.
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 pub struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    stream: BufReader<Box<dyn Stream>>,
     pub local: SocketAddr,
 }
 
@@ -47,43 +53,50 @@ impl Connection {
         target: impl Into<SocketAddr>,
         timeout: Duration,
     ) -> Result<Self> {
-        let (source, target) = (source.into(), target.into());
-        let socket = ns.run(|| {
-            Socket::new(
-                Domain::for_address(target),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )
-        })??;
-        socket.set_reuse_address(true)?;
-        socket
-            .bind(&SocketAddr::new(source, source_port).into())
-            .with_context(|| format!("bind {source}:{source_port}"))?;
-        socket
-            .connect_timeout(&target.into(), timeout)
-            .with_context(|| format!("connect {source} -> {target}"))?;
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        stream.set_nodelay(true)?;
+        let stream = connect(ns, source.into(), source_port, target.into(), timeout)?;
         let local = stream.local_addr()?;
         Ok(Self {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
+            stream: BufReader::new(Box::new(stream)),
+            local,
+        })
+    }
+
+    /// Like `open`, then a TLS handshake with `server_name` (SNI and the name its
+    /// certificate must carry), trusting what `config` trusts.
+    pub fn open_tls(
+        ns: &Netns,
+        source: impl Into<IpAddr>,
+        target: impl Into<SocketAddr>,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<Self> {
+        let target = target.into();
+        let mut stream = connect(ns, source.into(), 0, target, CONNECT_TIMEOUT)?;
+        let local = stream.local_addr()?;
+        let mut session = ClientConnection::new(config, tls::server_name(server_name)?)?;
+        while session.is_handshaking() {
+            session
+                .complete_io(&mut stream)
+                .with_context(|| format!("TLS handshake with {target} as {server_name}"))?;
+        }
+        Ok(Self {
+            stream: BufReader::new(Box::new(StreamOwned::new(session, stream))),
             local,
         })
     }
 
     /// One request / response on this connection.
     pub fn ask(&mut self) -> Result<Reply> {
-        self.writer
+        let writer = self.stream.get_mut();
+        writer
             .write_all(b"GET / HTTP/1.1\r\nHost: lb-test\r\n\r\n")
             .context("send request")?;
+        writer.flush().context("send request")?;
         let mut content_length = None;
         loop {
             let mut line = String::new();
             if self
-                .reader
+                .stream
                 .read_line(&mut line)
                 .context("read response head")?
                 == 0
@@ -98,11 +111,41 @@ impl Connection {
             }
         }
         let mut body = vec![0; content_length.ok_or_else(|| anyhow!("no Content-Length"))?];
-        self.reader
+        self.stream
             .read_exact(&mut body)
             .context("read response body")?;
         parse_body(&String::from_utf8_lossy(&body))
     }
+}
+
+/// A TCP connection from `source` (port chosen by the kernel unless `source_port`) inside
+/// `ns`, with the harness's timeouts.
+fn connect(
+    ns: &Netns,
+    source: IpAddr,
+    source_port: u16,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let socket = ns.run(|| {
+        Socket::new(
+            Domain::for_address(target),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+    })??;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&SocketAddr::new(source, source_port).into())
+        .with_context(|| format!("bind {source}:{source_port}"))?;
+    socket
+        .connect_timeout(&target.into(), timeout)
+        .with_context(|| format!("connect {source} -> {target}"))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 fn parse_body(body: &str) -> Result<Reply> {

@@ -13,5 +13,6 @@ pub mod packet;
 pub mod pair;
 pub mod rng;
 pub mod server;
+pub mod tls;
 pub mod topology;
 pub mod wait;

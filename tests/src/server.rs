@@ -1,9 +1,10 @@
 //! A minimal HTTP/1.1 server standing in for a Front End server: every response names the
 //! server and the peer address it saw, so a test can tell where a connection landed and
-//! whether the source was translated. Keep-alive is supported for long-lived connections.
+//! whether the source was translated. Keep-alive is supported for long-lived connections;
+//! with TLS (`Server::start_tls`) it speaks HTTPS, as the Front Ends' 4443 does.
 //! [`UdpServer`] answers each datagram the same way.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 use crate::netns::Netns;
 
@@ -32,7 +34,28 @@ pub struct Server {
 impl Server {
     /// Starts listening inside `ns`; returns once the socket is bound (ready).
     pub fn start(ns: &Netns, name: &str, address: impl Into<IpAddr>, port: u16) -> Result<Self> {
-        let bind = SocketAddr::new(address.into(), port);
+        Self::listen(ns, name, address.into(), port, None)
+    }
+
+    /// Like `start`, speaking HTTPS with `tls`.
+    pub fn start_tls(
+        ns: &Netns,
+        name: &str,
+        address: impl Into<IpAddr>,
+        port: u16,
+        tls: Arc<ServerConfig>,
+    ) -> Result<Self> {
+        Self::listen(ns, name, address.into(), port, Some(tls))
+    }
+
+    fn listen(
+        ns: &Netns,
+        name: &str,
+        address: IpAddr,
+        port: u16,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> Result<Self> {
+        let bind = SocketAddr::new(address, port);
         let listener = ns
             .run(|| TcpListener::bind(bind))?
             .with_context(|| format!("bind {bind} in {}", ns.name()))?;
@@ -44,7 +67,7 @@ impl Server {
         let accepted = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, accepted, name) = (stop.clone(), accepted.clone(), name.to_string());
-            std::thread::spawn(move || accept_loop(listener, &name, &stop, &accepted))
+            std::thread::spawn(move || accept_loop(listener, &name, tls, &stop, &accepted))
         };
         Ok(Self {
             stop,
@@ -69,14 +92,20 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, accepted: &AtomicU64) {
+fn accept_loop(
+    listener: TcpListener,
+    name: &str,
+    tls: Option<Arc<ServerConfig>>,
+    stop: &AtomicBool,
+    accepted: &AtomicU64,
+) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 accepted.fetch_add(1, Ordering::Relaxed);
-                let name = name.to_string();
+                let (name, tls) = (name.to_string(), tls.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, peer, &name);
+                    let _ = serve(stream, peer, &name, tls);
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -85,10 +114,25 @@ fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, accepted: &
     }
 }
 
-fn serve(stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    tls: Option<Arc<ServerConfig>>,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IDLE_LIMIT))?;
-    let mut writer = stream.try_clone()?;
+    match tls {
+        None => answer(stream, peer, name),
+        Some(config) => {
+            let session = ServerConnection::new(config).map_err(std::io::Error::other)?;
+            answer(StreamOwned::new(session, stream), peer, name)
+        }
+    }
+}
+
+/// Answers each request on `stream` until the client closes it or goes idle.
+fn answer(stream: impl Read + Write, peer: SocketAddr, name: &str) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     loop {
         // Read one request head; the body (if any) is not used.
@@ -107,11 +151,13 @@ fn serve(stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()>
             continue;
         }
         let body = identify(name, peer);
+        let writer = reader.get_mut();
         write!(
             writer,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )?;
+        writer.flush()?;
     }
 }
 

@@ -754,3 +754,108 @@ fn data_plane_debug_log_switches_at_run_time() -> Result<()> {
     ensure!(!logged(quiet) && !logged(after), "{}", f.daemon.log());
     Ok(())
 }
+
+/// HTTPS health checks against real TLS servers (the servers' monitor port, certificates
+/// from the pool's CA): every server passes with the pool's CA, the body match and SNI;
+/// one whose TLS server stops is taken out while the others stay; told to trust another CA,
+/// the checks fail every server, and with the pool's CA back they all return.
+#[test]
+fn https_checks_verify_the_pools_certificates() -> Result<()> {
+    const MONITOR_PORT: u16 = 5443;
+    const POOL_NAME: &str = "pool.lab.test";
+    let pool_ca = harness::tls::Authority::new()?;
+    let other_ca = harness::tls::Authority::new()?;
+    let (pool_pem, other_pem) = (pool_ca.write_pem()?, other_ca.write_pem()?);
+    let with_ca = |pem: &harness::tls::PemFile| {
+        ServiceSpec {
+        health: Some(format!(
+            "{{ kind = \"https\", port = {MONITOR_PORT}, sni = \"{POOL_NAME}\", ca_file = \"{}\", expect_body = \"server=\", interval = 0.3, timeout = 0.3, rise = 1, fall = 2 }}",
+            pem.path.display()
+        )),
+        ..ServiceSpec::default()
+    }
+    };
+    let f = Fixture::start(&Spec::default(), with_ca(&pool_pem))?;
+    let tls = pool_ca.server(POOL_NAME)?;
+    let mut monitors: BTreeMap<String, Server> = f
+        .topology
+        .backends
+        .iter()
+        .map(|b| {
+            Server::start_tls(&b.ns, &b.name, b.address, MONITOR_PORT, tls.clone())
+                .map(|s| (b.name.clone(), s))
+        })
+        .collect::<Result<_>>()?;
+    let all_passed = |f: &Fixture| -> Result<bool> {
+        Ok(f.daemon.status()?.services[0]
+            .backends
+            .iter()
+            .all(|b| matches!(b.last_check, Some(CheckOutcome::Passed { .. }))))
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "every server to pass its HTTPS check",
+        || all_passed(&f),
+    )?;
+
+    let victim = f.topology.backends[0].name.clone();
+    let victim_addr = server_address(&f, &victim);
+    drop(monitors.remove(&victim));
+    wait_for(
+        Duration::from_secs(10),
+        "the server without TLS to be marked down",
+        || {
+            let status = f.daemon.status()?;
+            Ok(matches!(
+                backend_status(&status, victim_addr)?.state,
+                ServerState::Down { .. }
+            ))
+        },
+    )?;
+    let status = f.daemon.status()?;
+    for b in &status.services[0].backends[1..] {
+        ensure!(
+            b.state == ServerState::Up,
+            "{} went {:?}",
+            b.address,
+            b.state
+        );
+    }
+
+    let addresses = Fixture::addresses(&f.topology);
+    f.daemon.reload(&with_ca(&other_pem).toml(&addresses))?;
+    wait_for(
+        Duration::from_secs(10),
+        "every server to fail verification against another CA",
+        || {
+            Ok(f.daemon.status()?.services[0]
+                .backends
+                .iter()
+                .all(|b| matches!(b.state, ServerState::Down { .. })))
+        },
+    )?;
+    let victim_host = &f.topology.backends[0];
+    monitors.insert(
+        victim.clone(),
+        Server::start_tls(&victim_host.ns, &victim, victim_addr, MONITOR_PORT, tls)?,
+    );
+    f.daemon.reload(&with_ca(&pool_pem).toml(&addresses))?;
+    wait_for(
+        Duration::from_secs(10),
+        "every server back with the pool's CA",
+        || {
+            Ok(f.daemon.status()?.services[0]
+                .backends
+                .iter()
+                .all(|b| b.state == ServerState::Up))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "{:?}",
+            f.daemon.status().map(|s| s.services[0].backends.clone())
+        )
+    })?;
+    f.ask(f.topology.client_addresses[0])?;
+    Ok(())
+}

@@ -1,6 +1,9 @@
 //! Health checks: one task per (service, server). A server that fails `fall` checks in a row
 //! is reported down, one that then passes `rise` in a row is reported up again. Servers
-//! start up, so a daemon restart does not empty the pool while the first checks run.
+//! start up, so a daemon restart does not empty the pool while the first checks run; a
+//! check restarted with new settings starts from the server's state as the pool has it,
+//! so a server that is down stays down until it passes `rise` checks, and is reported up
+//! when it does.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -48,8 +51,9 @@ impl Checker {
         }
     }
 
-    /// Starts, restarts (when its settings changed) or stops tasks to match `targets`.
-    pub fn reconcile(&mut self, targets: Vec<Target>) {
+    /// Starts, restarts (when its settings changed) or stops tasks to match `targets`; a
+    /// task (re)started for a server `is_down` says is out starts from down.
+    pub fn reconcile(&mut self, targets: Vec<Target>, is_down: impl Fn(&Target) -> bool) {
         let mut wanted: BTreeMap<(String, IpAddr), Target> = targets
             .into_iter()
             .map(|t| ((t.service.clone(), t.address), t))
@@ -66,7 +70,8 @@ impl Checker {
                 }
             });
         for (key, target) in wanted {
-            let task = tokio::spawn(run(target.clone(), self.reports.clone()));
+            let up = !is_down(&target);
+            let task = tokio::spawn(run(target.clone(), up, self.reports.clone()));
             self.tasks.insert(key, (target, task));
         }
     }
@@ -84,7 +89,7 @@ fn seconds(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
-async fn run(target: Target, reports: mpsc::UnboundedSender<Report>) {
+async fn run(target: Target, mut up: bool, reports: mpsc::UnboundedSender<Report>) {
     let cfg = &target.config;
     let client = match http_client(&target) {
         Ok(c) => c,
@@ -100,7 +105,7 @@ async fn run(target: Target, reports: mpsc::UnboundedSender<Report>) {
     };
     let mut ticker = tokio::time::interval(seconds(cfg.interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut up, mut passes, mut failures) = (true, 0u32, 0u32);
+    let (mut passes, mut failures) = (0u32, 0u32);
     loop {
         ticker.tick().await;
         let result = probe(&target, client.as_ref()).await;
@@ -142,6 +147,9 @@ fn http_client(target: &Target) -> Result<Option<reqwest::Client>, String> {
     }
     let mut builder = reqwest::Client::builder()
         .timeout(seconds(cfg.timeout))
+        // A new connection per check: one kept alive from the last check would pass
+        // while the server accepts no new connections (its listener gone).
+        .pool_max_idle_per_host(0)
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none());
     builder = match &cfg.ca_file {
@@ -400,10 +408,11 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Counts the checks with the matching outcome until the server goes `up` (or down).
+    /// Counts the checks with the matching outcome until the server goes `up` (or down),
+    /// within 20 checks.
     async fn checks_until(rx: &mut mpsc::UnboundedReceiver<Report>, up: bool) -> u32 {
         let mut matching = 0;
-        loop {
+        for _ in 0..20 {
             let r = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .unwrap()
@@ -415,6 +424,7 @@ mod tests {
                 return matching;
             }
         }
+        panic!("no transition to up = {up} within 20 checks");
     }
 
     #[tokio::test]
@@ -423,14 +433,26 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut checker = Checker::new(tx);
-        checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])]);
+        checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])], |_| false);
         drop(listener);
         assert_eq!(checks_until(&mut rx, false).await, 2, "fall = 2");
         let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
         assert_eq!(checks_until(&mut rx, true).await, 2, "rise = 2");
-        checker.reconcile(Vec::new());
+        checker.reconcile(Vec::new(), |_| false);
         assert!(checker.tasks.is_empty());
+    }
+
+    /// A check restarted for a server that is down (its settings changed while it was out)
+    /// reports it up once it passes `rise` checks.
+    #[tokio::test]
+    async fn a_restarted_check_brings_a_down_server_back() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut checker = Checker::new(tx);
+        checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])], |_| true);
+        assert_eq!(checks_until(&mut rx, true).await, 2, "rise = 2");
     }
 }

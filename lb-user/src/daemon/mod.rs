@@ -123,7 +123,10 @@ impl State {
 
     /// Points the health checker at the servers as they are now.
     fn reconcile_health(&mut self) {
-        self.checker.reconcile(self.pool.health_targets());
+        let targets = self.pool.health_targets();
+        let health = self.pool.health();
+        self.checker
+            .reconcile(targets, |t| health.is_down(&t.service, t.address));
     }
 
     fn record_check(&mut self, report: &Report) {
