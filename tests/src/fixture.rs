@@ -3,9 +3,11 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use anyhow::{ensure, Result};
+use rustls::ServerConfig;
 
 use crate::{
     client::{self, Reply},
@@ -26,6 +28,9 @@ pub struct ServiceSpec {
     pub health: Option<String>,
     /// More keys of the service table, as TOML lines each ending in a newline.
     pub extra: String,
+    /// The servers speak HTTPS with this (`Fixture::ask` speaks plain HTTP: open
+    /// `Connection::open_tls` instead).
+    pub tls: Option<Arc<ServerConfig>>,
 }
 
 impl Default for ServiceSpec {
@@ -40,6 +45,7 @@ impl Default for ServiceSpec {
             idle_timeout: 3600,
             health: None,
             extra: String::new(),
+            tls: None,
         }
     }
 }
@@ -102,7 +108,12 @@ impl Fixture {
         let servers = topology
             .backends
             .iter()
-            .map(|b| Server::start(&b.ns, &b.name, b.address, service.backend_port))
+            .map(|b| match &service.tls {
+                Some(tls) => {
+                    Server::start_tls(&b.ns, &b.name, b.address, service.backend_port, tls.clone())
+                }
+                None => Server::start(&b.ns, &b.name, b.address, service.backend_port),
+            })
             .collect::<Result<Vec<_>>>()?;
         let addresses = Self::addresses(&topology);
         let pool = &addresses[..addresses.len().saturating_sub(held_back)];
