@@ -1025,6 +1025,65 @@ pub(crate) mod tests {
         }
     }
 
+    /// The keys of the table `toml` opens, as serde lists them when it meets an unknown one.
+    fn keys_of(toml: &str) -> Vec<String> {
+        let e = error_of(&format!("{toml}\nlb_no_such_key = 1\n"));
+        let expected = e
+            .split_once("unknown field `lb_no_such_key`, expected ")
+            .map(|(_, list)| list)
+            .unwrap_or_else(|| panic!("no key list in {e}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// lb.toml(5) describes every key of every table, and its example is a valid config.
+    #[test]
+    fn the_config_man_page_documents_every_key() {
+        let page = include_str!("../../packaging/lb.toml.5");
+        let documented = |key: &str| {
+            page.lines().any(|l| {
+                let l = l.replace("\\-", "-");
+                l == format!(".B {key}")
+                    || (l.starts_with(".BR ") && l.split('"').any(|w| w.trim() == key))
+                    || (l.starts_with(".BR ") && l.split_whitespace().nth(1) == Some(key))
+                    || l.contains(&format!("\\fB{key}\\fR"))
+                    || (l.starts_with(".SH [") && l.ends_with(&format!(".{key}]")))
+            })
+        };
+        for table in [
+            "[daemon]",
+            "[daemon.announce]",
+            "[daemon.sync]",
+            "[[service]]",
+            "[[service]]\n[service.health]",
+        ] {
+            let keys = keys_of(table);
+            assert!(keys.len() > 1, "{table}: {keys:?}");
+            for key in keys {
+                assert!(
+                    documented(&key),
+                    "lb.toml(5) does not describe {table} {key}"
+                );
+            }
+        }
+        for key in ["address", "port", "weight"] {
+            assert!(
+                documented(key),
+                "lb.toml(5) does not describe backends' {key}"
+            );
+        }
+        let example = page
+            .split_once(".EX\n")
+            .and_then(|(_, rest)| rest.split_once(".EE"))
+            .map(|(example, _)| example)
+            .expect("an EXAMPLE section");
+        Config::parse(example).unwrap();
+    }
+
     #[test]
     fn sync_settings_that_cannot_work_are_named() {
         let with_sync = |table: &str| {

@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Run the daemon: attach (or adopt) the XDP program and serve the control socket.
     Daemon {
-        /// The config file (e.g. /etc/lb/lb.toml).
+        /// The config file (e.g. /etc/lb/lb.toml; its format: lb.toml(5)).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -245,7 +245,7 @@ enum ConfigCommand {
     /// Validate a config file (names the offending key on error) and warn about the known
     /// Lync traps; --strict turns warnings into a failure.
     Check {
-        /// The config file to check.
+        /// The config file to check (its format: lb.toml(5)).
         file: PathBuf,
         /// Fail on warnings too.
         #[arg(long)]

@@ -70,9 +70,9 @@ const DEBIAN_RUST_PACKAGES: &[&str] = &[
     "libzstd-dev",
 ];
 /// What the tests need beyond the runtime: systemd-analyze to verify the packaged unit, man
-/// to resolve its Documentation= line, BIRD for the scale-out test's BGP, keepalived for the HA
-/// tests' VRRP.
-const TEST_PACKAGES: &[&str] = &["systemd", "man-db", "bird2", "keepalived"];
+/// to resolve its Documentation= line, lintian to check the package, BIRD for the scale-out
+/// test's BGP, keepalived for the HA tests' VRRP.
+const TEST_PACKAGES: &[&str] = &["systemd", "man-db", "lintian", "bird2", "keepalived"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the benchmarks compare lb with, load and serve from, the HA pair's VRRP, plus the
 /// plot's font.

@@ -1,6 +1,7 @@
 //! `cargo xtask package`: the Debian package, built with `dpkg-deb` from a staging tree:
 //! the stripped binary, the systemd unit and maintainer scripts (packaging/), shell
-//! completions and the man pages (generated from lb's clap definition by lb itself), one
+//! completions and the man pages (lb's generated from its clap definition by lb itself,
+//! lb.toml's from packaging/), one
 //! example config per preset, the copyright and changelog, `/etc/lb` for the operator's
 //! config and `/var/lib/lb` for the runtime changes; dependencies computed by
 //! dpkg-shlibdeps.
@@ -17,6 +18,9 @@ use crate::{cargo, output, run, workspace};
 const UNIT: &str = "lib/systemd/system/lb.service";
 const BINARY: &str = "usr/bin/lb";
 const MAN_PAGES: &str = "usr/share/man/man1";
+/// The config file's page, written by hand (packaging/lb.toml.5; a unit test in lb-user
+/// checks it describes every key).
+const CONFIG_MAN_PAGE: &str = "usr/share/man/man5/lb.toml.5.gz";
 const EXAMPLES: &str = "usr/share/doc/lb/examples";
 const DOC: &str = "usr/share/doc/lb";
 const MAINTAINER_SCRIPTS: [&str; 3] = ["postinst", "prerm", "postrm"];
@@ -55,17 +59,21 @@ pub fn build() -> Result<PathBuf> {
         std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))
     };
 
-    // Debian's own variables for who builds a package.
+    // Debian's own variables for who builds a package, else the author of the commit built.
     let maintainer = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
         (Ok(name), Ok(email)) => format!("{name} <{email}>"),
-        _ => "lb developers <lb@localhost>".to_string(),
+        _ => output("git", &["log", "-1", "--format=%an <%ae>"])
+            .context("git log for the maintainer")?
+            .trim()
+            .to_string(),
     };
     put(BINARY, &std::fs::read(&lb)?)?;
     set_mode(&root.join(BINARY), 0o755)?;
     run(Command::new("strip")
         .args(["--strip-unneeded", "--remove-section=.comment"])
         .arg(root.join(BINARY)))?;
-    for (dir, mode) in [("etc/lb", 0o755), ("var/lib/lb", 0o700)] {
+    // /var/lib/lb as the unit's StateDirectory= makes it; the state file in it is 0600.
+    for (dir, mode) in [("etc/lb", 0o755), ("var/lib/lb", 0o755)] {
         std::fs::create_dir_all(root.join(dir))?;
         set_mode(&root.join(dir), mode)?;
     }
@@ -108,6 +116,10 @@ pub fn build() -> Result<PathBuf> {
             &gzip(&std::fs::read(page.path())?)?,
         )?;
     }
+    put(
+        CONFIG_MAN_PAGE,
+        &gzip(&std::fs::read(workspace().join("packaging/lb.toml.5"))?)?,
+    )?;
     for preset in PRESETS {
         let config = capture(Command::new(&lb).args(["init", "--preset", preset]))?;
         put(&format!("{EXAMPLES}/{preset}.toml"), config.as_bytes())?;
@@ -118,6 +130,7 @@ pub fn build() -> Result<PathBuf> {
             .context("read packaging/grafana-dashboard.json")?,
     )?;
     let installed_kib = dir_size(&root)? / 1024;
+    put("DEBIAN/md5sums", md5sums(&root)?.as_bytes())?;
     let depends = format!("{}, iproute2", shared_library_depends(&root.join(BINARY))?);
     put(
         "DEBIAN/control",
@@ -211,6 +224,29 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         path,
         std::fs::Permissions::from_mode(mode),
     )?)
+}
+
+/// `md5sum` of every file the package installs, paths relative to the root (DEBIAN/ left
+/// out), as dpkg expects in `DEBIAN/md5sums`.
+fn md5sums(root: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    collect_files(root, root, &mut files)?;
+    files.retain(|f| !f.starts_with("DEBIAN/"));
+    files.sort();
+    capture(Command::new("md5sum").args(&files).current_dir(root))
+}
+
+fn collect_files(root: &Path, dir: &Path, into: &mut Vec<String>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(root, &path, into)?;
+        } else {
+            let relative = path.strip_prefix(root)?;
+            into.push(relative.to_str().context("non-UTF-8 path")?.to_string());
+        }
+    }
+    Ok(())
 }
 
 fn dir_size(dir: &Path) -> Result<u64> {
