@@ -28,6 +28,8 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const SERVICE_PORT: u16 = 443;
+/// The same service restricted by source lists (`allow` / `deny`), for their lookup's cost.
+const RESTRICTED_PORT: u16 = 8443;
 const BACKEND_PORT: u16 = 4443;
 /// Enough SNAT addresses that a million new flows toward one server find free ports.
 const SNAT_ADDRESSES: u32 = 64;
@@ -91,6 +93,16 @@ vip = "{LAB_VIP}"
 port = {SERVICE_PORT}
 backend_port = {BACKEND_PORT}
 affinity = "source"
+backends = [{{ address = "{LAB_BACKEND}" }}]
+
+[[service]]
+name = "web-restricted"
+vip = "{LAB_VIP}"
+port = {RESTRICTED_PORT}
+backend_port = {BACKEND_PORT}
+affinity = "source"
+allow = ["11.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.7"]
+deny = ["11.255.0.0/16", "11.254.1.0/24"]
 backends = [{{ address = "{LAB_BACKEND}" }}]
 "#,
         snat.join(", ")
@@ -324,6 +336,7 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
         ("ACK completing a handshake", Some(5.0)),
         ("new flow, affinity hit", Some(17.0)),
         ("new flow, Maglev pick", Some(17.0)),
+        ("new flow, Maglev pick, allow / deny lists", Some(17.0)),
         ("not for a VIP (pass)", Some(1.6)),
         ("malformed (early drop)", None),
     ];
@@ -354,6 +367,16 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
                 TcpFrame::syn(SocketAddrV4::new(client_address(offset + i), 40000), vip()).bytes()
             })
             .collect();
+        // The same, to the restricted service, from clients its allow list admits.
+        let restricted: Vec<Vec<u8>> = (0..plan.calls)
+            .map(|i| {
+                TcpFrame::syn(
+                    SocketAddrV4::new(client_address((1 << 23) + offset + i), 40000),
+                    SocketAddrV4::new(LAB_VIP, RESTRICTED_PORT),
+                )
+                .bytes()
+            })
+            .collect();
         let foreign =
             vec![ack(client, SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 443)); plan.calls];
         let syn = TcpFrame::syn(client, vip()).bytes();
@@ -371,7 +394,7 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
         let pass = baselines.program("xdp_pass")?;
         let swap = baselines.program("xdp_mac_swap")?;
         let lb_prog = lb.program()?;
-        let runs: [(&Xdp, &[Vec<u8>], u32); 9] = [
+        let runs: [(&Xdp, &[Vec<u8>], u32); 10] = [
             (pass, &established, XDP_PASS),
             (swap, &established, XDP_TX),
             (lb_prog, &established, XDP_TX),
@@ -379,6 +402,7 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
             (lb_prog, &handshake_acks, XDP_TX),
             (lb_prog, &affinity_hits, XDP_TX),
             (lb_prog, &maglev, XDP_TX),
+            (lb_prog, &restricted, XDP_TX),
             (lb_prog, &foreign, XDP_PASS),
             (lb_prog, &truncated, XDP_DROP),
         ];
