@@ -34,8 +34,12 @@ pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SLOTS, 
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Per service, two halves of `MAGLEV_SIZE` backend ids (see `lb_common::maglev_index`).
+/// Memory-mapped by the daemon, which writes a table half with plain stores.
 #[map(name = "LB_MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE` (linux/bpf.h): the array can be mapped into a process's memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// The LRU tables keep one LRU list per CPU: an insert never takes a lock shared with the
 /// other CPUs (a common list costs several hundred ns per insert under load), and a flood

@@ -4,7 +4,7 @@
 //! checksum implementation (etherparse). Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use harness::packet::{
     lab_network, parse_verified, PacketLab, TcpFrame, ETH_LEN, LAB_BACKEND, LAB_BACKEND_MAC,
     LAB_CLIENT, LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_VIP, XDP_DROP, XDP_PASS, XDP_TX,
@@ -291,8 +291,9 @@ fn snat_ports_are_unique_per_backend() -> Result<()> {
     })
 }
 
-/// Maglev halves are written and read in batches: a half reads back as written, and the
-/// service's other half and the next service's tables are untouched.
+/// Maglev halves are written through the mapped array and read through the kernel: a
+/// half reads back as written, the service's other half and the next service's tables are
+/// untouched, and the mapping is still in use (it agreed with the kernel's view).
 #[test]
 fn a_maglev_half_reads_back_as_written_and_touches_nothing_else() -> Result<()> {
     let capacity = lb::dataplane::Capacity {
@@ -313,6 +314,51 @@ fn a_maglev_half_reads_back_as_written_and_touches_nothing_else() -> Result<()> 
     ensure!(
         dp.read_maglev(6, 1)? == next_service,
         "the next service changed"
+    );
+    ensure!(
+        dp.maglev_is_mapped(),
+        "the table was not written through the mapping (or the mapping disagreed with the kernel)"
+    );
+    Ok(())
+}
+
+/// A sync that changes nothing for a service leaves its live table in place; a drain
+/// builds the other half and flips to it.
+#[test]
+fn only_a_changed_service_gets_a_new_table() -> Result<()> {
+    let half_of = |dp: &lb::dataplane::Dataplane, port: u16| -> Result<u32> {
+        dp.installed_services()
+            .into_iter()
+            .find(|(k, _)| u16::from_be(k.port_be) == port && k.family == 4)
+            .map(|(_, s)| s.table_half)
+            .context("no service")
+    };
+    let config = lb::config::Config::parse(LAB_CONFIG)?;
+    let mut pool =
+        lb::daemon::pool::Pool::new(config, lb::daemon::runtime::Overlay::default(), None);
+    let mut dp = lb::dataplane::Dataplane::load(
+        lb::dataplane::Capacity {
+            max_flows: 1024,
+            max_half_open: 1024,
+            max_affinities: 1024,
+        },
+        None,
+    )?;
+    pool.sync(&mut dp)?;
+    let (web, turn) = (half_of(&dp, 443)?, half_of(&dp, 3478)?);
+    pool.sync(&mut dp)?;
+    ensure!(
+        (half_of(&dp, 443)?, half_of(&dp, 3478)?) == (web, turn),
+        "an unchanged sync flipped a table"
+    );
+    pool.drain(&mut dp, "web", LAB_BACKEND.into(), None)?;
+    ensure!(
+        half_of(&dp, 443)? == web ^ 1,
+        "the drain did not flip web's table"
+    );
+    ensure!(
+        half_of(&dp, 3478)? == turn,
+        "the drain flipped turn's table"
     );
     Ok(())
 }

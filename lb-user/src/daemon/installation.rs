@@ -46,6 +46,9 @@ pub struct Installation {
     backend_ids: BTreeMap<BackendIdentity, u32>,
     /// Live Maglev half per service id.
     live_half: BTreeMap<u32, u32>,
+    /// What each service's live table was built from (members and seed): a sync that
+    /// changes nothing for a service leaves its table alone, so a drain costs one build.
+    live_inputs: BTreeMap<u32, (Vec<maglev::Member>, u32)>,
     /// Service keys currently in the data plane, by name, for removal on reload.
     installed: BTreeMap<String, Vec<ServiceKey>>,
     /// Addresses currently in `LB_VIPS` (VIPs and SNAT addresses).
@@ -239,6 +242,7 @@ impl Installation {
         }
         let live_ids: BTreeSet<u32> = self.service_ids.values().copied().collect();
         self.live_half.retain(|id, _| live_ids.contains(id));
+        self.live_inputs.retain(|id, _| live_ids.contains(id));
         self.sync_addresses(dp, config)
     }
 
@@ -278,7 +282,6 @@ impl Installation {
                 weight: if takes_new_clients { b.weight } else { 0 },
             });
         }
-        let table = maglev::build(&members, MAGLEV_SIZE, s.seed);
         let keys = service_keys(s);
         // Ports (or a VIP) the service no longer has.
         for old in self.installed.get(&s.name).into_iter().flatten() {
@@ -286,8 +289,17 @@ impl Installation {
                 dp.remove_service(old)?;
             }
         }
-        let half = self.live_half.get(&service_id).map_or(0, |h| h ^ 1);
-        dp.write_maglev(service_id, half, &table)?;
+        let inputs = (members, s.seed);
+        let half = match self.live_half.get(&service_id) {
+            Some(&live) if self.live_inputs.get(&service_id) == Some(&inputs) => live,
+            live => {
+                let half = live.map_or(0, |h| h ^ 1);
+                let table = maglev::build(&inputs.0, MAGLEV_SIZE, s.seed);
+                dp.write_maglev(service_id, half, &table)?;
+                half
+            }
+        };
+        self.live_inputs.insert(service_id, inputs);
         let service = Service {
             id: service_id,
             affinity_mode: affinity_mode(s.affinity),

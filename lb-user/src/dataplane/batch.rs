@@ -2,7 +2,8 @@
 //! `BPF_MAP_DELETE_BATCH`, and writes with `BPF_MAP_UPDATE_BATCH`: thousands of
 //! entries per syscall, where aya's key-by-key calls cost one or two syscalls per entry
 //! (about a second per million). Garbage collection and `lb status` read the flow and
-//! affinity tables this way; a Maglev table (65,537 slots) is written in eight calls.
+//! affinity tables this way; a Maglev table (65,537 slots) is read in eight calls, and
+//! written so where the array cannot be mapped (`mapped`).
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{bail, Result};

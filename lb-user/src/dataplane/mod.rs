@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod maglev;
+pub mod mapped;
 pub mod next_hops;
 pub mod vlan;
 use std::{
@@ -28,16 +29,16 @@ use lb_common::{
     is_fresh, maglev_index, pinned_maps, AddrKey, AffinityEntry, AffinityKey, Backend, Counter,
     FlowEntry, FlowKey, Service, ServiceKey, Settings, SourceRuleKey, TrafficStats, VipInfo,
     VlanPort, ADDR_FILTER_SLOTS, CLAIM_PROGRAM_NAME, CLAIM_SLOT, FLOW_F_CLOSING, LAYOUT_VERSION,
-    MAGLEV_SIZE, MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_COUNTERS,
-    MAP_EVENTS, MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS, MAP_ROUTE_GENERATION,
-    MAP_SERVICES, MAP_SERVICE_REFUSED, MAP_SERVICE_STATS, MAP_SETTINGS, MAP_SNAT_ADDRS,
-    MAP_SOURCE_RULES, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
+    MAGLEV_ENTRIES, MAGLEV_SIZE, MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS,
+    MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS,
+    MAP_ROUTE_GENERATION, MAP_SERVICES, MAP_SERVICE_REFUSED, MAP_SERVICE_STATS, MAP_SETTINGS,
+    MAP_SNAT_ADDRS, MAP_SOURCE_RULES, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
     NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT,
     PROGRAM_NAME, SNAT_V6_BASE, SOURCE_RULE_HEADER_BITS,
 };
 use tracing::{info, warn};
 
-use self::next_hops::RouteGeneration;
+use self::{mapped::MappedArray, next_hops::RouteGeneration};
 use crate::{
     addr::{addr_from_words, addr_words, family, SourcePrefix},
     config::XdpModeConfig,
@@ -111,6 +112,8 @@ pub struct Dataplane {
     address_filter: Vec<u32>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
+    /// `LB_MAGLEV` in the daemon's memory, unless pinned by an lb from before it could be.
+    maglev_mapped: Option<MappedArray>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     half_open: HashMap<MapData, FlowKey, FlowEntry>,
     /// Held open: the kernel empties a program array when its last user reference goes.
@@ -502,6 +505,11 @@ impl Dataplane {
         // Whatever a previous daemon cached may have changed while none was watching.
         let mut route_generation = RouteGeneration::new(take(&mut ebpf, MAP_ROUTE_GENERATION)?);
         route_generation.bump()?;
+        let maglev: Array<MapData, u32> = take(&mut ebpf, MAP_MAGLEV)?;
+        let maglev_mapped = MappedArray::map(&maglev, MAGLEV_ENTRIES);
+        if maglev_mapped.is_none() {
+            info!("{MAP_MAGLEV} was pinned without BPF_F_MMAPABLE: Maglev tables are written in batches until the pins are recreated");
+        }
         let flows = take(&mut ebpf, MAP_FLOWS)?;
         let half_open = take(&mut ebpf, MAP_HALF_OPEN)?;
         let affinity = take(&mut ebpf, MAP_AFFINITY)?;
@@ -516,7 +524,8 @@ impl Dataplane {
             services: take(&mut ebpf, MAP_SERVICES)?,
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
-            maglev: take(&mut ebpf, MAP_MAGLEV)?,
+            maglev,
+            maglev_mapped,
             _programs: programs,
             vlans: take(&mut ebpf, MAP_VLANS)?,
             snat: take(&mut ebpf, MAP_SNAT_ADDRS)?,
@@ -738,12 +747,33 @@ impl Dataplane {
             table.len() == MAGLEV_SIZE as usize,
             "Maglev table has the wrong size"
         );
-        // A half is one run of slots (`maglev_index`), written in a few batches.
-        batch::write_array(&self.maglev, maglev_index(service_id, half, 0), table)
-            .context("write Maglev table")
+        // A half is one run of slots (`maglev_index`).
+        let start = maglev_index(service_id, half, 0);
+        if let Some(mapped) = &mut self.maglev_mapped {
+            anyhow::ensure!(mapped.write(start, table), "Maglev table beyond its map");
+            // The kernel's view of three slots, through the syscall: a mapping that does
+            // not show the map as the kernel lays it out is dropped, never trusted.
+            let last = table.len() - 1;
+            let agrees = [0, last / 2, last]
+                .iter()
+                .all(|&slot| self.maglev.get(&(start + slot as u32), 0).ok() == Some(table[slot]));
+            if agrees {
+                return Ok(());
+            }
+            warn!("the mapped {MAP_MAGLEV} disagrees with the kernel's view: writing tables in batches from now on");
+            self.maglev_mapped = None;
+        }
+        batch::write_array(&self.maglev, start, table).context("write Maglev table")
     }
 
-    /// One half of a service's Maglev table as the data plane holds it.
+    /// Are Maglev tables written through the mapping (not in batches)?
+    pub fn maglev_is_mapped(&self) -> bool {
+        self.maglev_mapped.is_some()
+    }
+
+    /// One half of a service's Maglev table as the data plane holds it: read through the
+    /// kernel (`lb maglev` is rare), so it shows what the programs see, whatever was
+    /// written through the mapping.
     pub fn read_maglev(&self, service_id: u32, half: u32) -> Result<Vec<u32>> {
         batch::read_array(&self.maglev, maglev_index(service_id, half, 0), MAGLEV_SIZE)
             .context("read Maglev table")
