@@ -1,10 +1,10 @@
-//! Frames for packet-level tests, built and checked with `etherparse`: an implementation of
-//! the checksums independent of lb's own incremental updates.
-use std::net::{Ipv4Addr, SocketAddrV4};
+//! Frames for packet-level tests: one builder (`Frame`) and one verifier (`verify_frame`),
+//! both byte by byte with checksums from `internet_checksum`, which shares no code with
+//! lb's own incremental updates.
+use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp};
-use etherparse::{IpFragOffset, IpNumber, Ipv4Header, TcpHeader};
 
 use crate::netns::{unique_prefix, Netns};
 
@@ -13,115 +13,6 @@ pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_VLAN: [u8; 2] = [0x81, 0x00];
 pub const ETH_LEN: usize = 14;
-
-#[derive(Debug, Clone)]
-pub struct TcpFrame {
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub syn: bool,
-    pub ack: bool,
-    pub ttl: u8,
-    /// IPv4 options (a multiple of 4 bytes).
-    pub ip_options: Vec<u8>,
-    pub more_fragments: bool,
-    pub fragment_offset: u16,
-    pub vlan: Option<u16>,
-    pub payload: Vec<u8>,
-}
-
-impl TcpFrame {
-    pub fn syn(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self {
-            src,
-            dst,
-            syn: true,
-            ack: false,
-            ttl: 64,
-            ip_options: Vec::new(),
-            more_fragments: false,
-            fragment_offset: 0,
-            vlan: None,
-            payload: Vec::new(),
-        }
-    }
-
-    pub fn bytes(&self) -> Vec<u8> {
-        let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), DEFAULT_ISN, 64240);
-        tcp.syn = self.syn;
-        tcp.ack = self.ack;
-        if self.ack {
-            tcp.acknowledgment_number = DEFAULT_ISN.wrapping_add(1);
-        }
-        let mut ip = Ipv4Header::new(
-            (tcp.header_len() + self.payload.len()) as u16,
-            self.ttl,
-            IpNumber::TCP,
-            self.src.ip().octets(),
-            self.dst.ip().octets(),
-        )
-        .expect("payload fits");
-        ip.options = self
-            .ip_options
-            .as_slice()
-            .try_into()
-            .expect("options are a multiple of 4 bytes");
-        ip.total_len = (ip.header_len() + tcp.header_len() + self.payload.len()) as u16;
-        ip.more_fragments = self.more_fragments;
-        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
-        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("13-bit offset");
-        ip.header_checksum = ip.calc_header_checksum();
-        tcp.checksum = tcp
-            .calc_checksum_ipv4(&ip, &self.payload)
-            .expect("checksum");
-
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&LB_MAC);
-        frame.extend_from_slice(&CLIENT_MAC);
-        if let Some(tag) = self.vlan {
-            frame.extend_from_slice(&ETHERTYPE_VLAN);
-            frame.extend_from_slice(&tag.to_be_bytes());
-        }
-        frame.extend_from_slice(&ETHERTYPE_IPV4);
-        ip.write(&mut frame).expect("write IPv4");
-        tcp.write(&mut frame).expect("write TCP");
-        frame.extend_from_slice(&self.payload);
-        frame
-    }
-}
-
-/// An IPv4 TCP frame read back, with both checksums verified from scratch.
-#[derive(Debug)]
-pub struct Parsed {
-    pub dst_mac: [u8; 6],
-    pub src_mac: [u8; 6],
-    pub ip: Ipv4Header,
-    pub tcp: TcpHeader,
-}
-
-pub fn parse_verified(frame: &[u8]) -> Result<Parsed> {
-    ensure!(
-        frame.len() > ETH_LEN && frame[12..14] == ETHERTYPE_IPV4,
-        "not an IPv4 frame"
-    );
-    let (ip, rest) = Ipv4Header::from_slice(&frame[ETH_LEN..]).context("IPv4 header")?;
-    let (tcp, payload) = TcpHeader::from_slice(rest).context("TCP header")?;
-    ensure!(
-        ip.header_checksum == ip.calc_header_checksum(),
-        "bad IPv4 header checksum"
-    );
-    let expected = tcp.calc_checksum_ipv4(&ip, payload)?;
-    ensure!(
-        tcp.checksum == expected,
-        "bad TCP checksum {:#06x}, expected {expected:#06x}",
-        tcp.checksum
-    );
-    Ok(Parsed {
-        dst_mac: frame[0..6].try_into()?,
-        src_mac: frame[6..12].try_into()?,
-        ip,
-        tcp,
-    })
-}
 
 // The packet lab: one interface, `t0`, behind which both the clients' and the servers'
 // networks sit, with permanent neighbours so route lookups succeed deterministically and
@@ -271,6 +162,8 @@ pub struct Frame {
     pub ack: u32,
     pub ttl: u8,
     pub vlan: Option<u16>,
+    /// IPv4 options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
     /// IPv6 extension headers (next-header type, body after the first two bytes), in order.
     pub extensions: Vec<(u8, Vec<u8>)>,
     pub fragment: Option<Fragment>,
@@ -333,10 +226,25 @@ impl Frame {
             ack: DEFAULT_ISN.wrapping_add(1),
             ttl: 64,
             vlan: None,
+            ip_options: Vec::new(),
             extensions: Vec::new(),
             fragment: None,
             payload: Vec::new(),
         }
+    }
+
+    /// A TCP SYN.
+    pub fn syn(src: impl Into<std::net::SocketAddr>, dst: impl Into<std::net::SocketAddr>) -> Self {
+        Self::tcp(src, dst, TCP_SYN)
+    }
+
+    /// A TCP segment with these flags.
+    pub fn tcp(
+        src: impl Into<std::net::SocketAddr>,
+        dst: impl Into<std::net::SocketAddr>,
+        flags: u8,
+    ) -> Self {
+        Self::new(src.into(), dst.into(), Transport::Tcp { flags })
     }
 
     fn proto(&self) -> u8 {
@@ -431,8 +339,11 @@ impl Frame {
         match (self.src.ip(), self.dst.ip()) {
             (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
                 frame.extend_from_slice(&ETHERTYPE_IPV4);
-                let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, self.ttl, self.proto(), 0, 0];
-                ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+                assert_eq!(self.ip_options.len() % 4, 0, "IPv4 options length");
+                let header_len = 20 + self.ip_options.len();
+                let ihl = 0x40 | (header_len / 4) as u8;
+                let mut ip = vec![ihl, 0, 0, 0, 0, 0, 0, 0, self.ttl, self.proto(), 0, 0];
+                ip[2..4].copy_from_slice(&((header_len + l4.len()) as u16).to_be_bytes());
                 let (id, frags) = match self.fragment {
                     Some(f) => (f.id as u16, (u16::from(f.more) << 13) | f.offset),
                     None => (0x1c46, 0x4000),
@@ -441,6 +352,7 @@ impl Frame {
                 ip[6..8].copy_from_slice(&frags.to_be_bytes());
                 ip.extend_from_slice(&s.octets());
                 ip.extend_from_slice(&d.octets());
+                ip.extend_from_slice(&self.ip_options);
                 let check = internet_checksum(&[&ip]);
                 ip[10..12].copy_from_slice(&check.to_be_bytes());
                 frame.extend_from_slice(&ip);
@@ -490,6 +402,8 @@ impl Frame {
 pub struct Seen {
     pub dst_mac: [u8; 6],
     pub vlan: Option<u16>,
+    /// IPv4 options as they left (empty for IPv6).
+    pub ip_options: Vec<u8>,
     pub src: std::net::SocketAddr,
     pub dst: std::net::SocketAddr,
     pub ttl: u8,
@@ -514,10 +428,13 @@ pub fn verify_frame(frame: &[u8]) -> Result<Seen> {
     }
     let get = |r: std::ops::Range<usize>| frame.get(r).context("frame cut short");
     let (src, dst, proto, ttl, l4_start, l4_end, fragmented);
+    let mut ip_options = Vec::new();
     match ethertype {
         0x0800 => {
             let ihl = usize::from(get(at..at + 1)?[0] & 0x0f) * 4;
+            ensure!(ihl >= 20, "IPv4 IHL below 5");
             let header = get(at..at + ihl)?;
+            ip_options = header[20..].to_vec();
             ensure!(
                 internet_checksum(&[header]) == 0,
                 "bad IPv4 header checksum"
@@ -588,6 +505,7 @@ pub fn verify_frame(frame: &[u8]) -> Result<Seen> {
     Ok(Seen {
         dst_mac,
         vlan,
+        ip_options,
         src: std::net::SocketAddr::new(src, sp),
         dst: std::net::SocketAddr::new(dst, dp),
         ttl,

@@ -13,7 +13,8 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use aya::{programs::Xdp, Ebpf};
 use harness::packet::{
-    run_once, TcpFrame, LAB_BACKEND, LAB_CLIENT, LAB_INTERFACE, LAB_SNAT, LAB_VIP,
+    run_once, verify_frame, Frame, LAB_BACKEND, LAB_CLIENT, LAB_INTERFACE, LAB_SNAT, LAB_VIP,
+    TCP_ACK, TCP_SYN,
 };
 use lb::{
     config::Config,
@@ -124,11 +125,9 @@ fn vip() -> SocketAddrV4 {
 }
 
 fn ack(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
-    TcpFrame {
-        syn: false,
-        ack: true,
+    Frame {
         payload: vec![0; 10],
-        ..TcpFrame::syn(src, dst)
+        ..Frame::tcp(src, dst, TCP_ACK)
     }
     .bytes()
 }
@@ -174,10 +173,11 @@ impl Lb {
     /// A SYN from `client` and the server's SYN-ACK: the flow awaits the client's ACK.
     fn half_open(&self, client: SocketAddrV4) -> Result<SocketAddrV4> {
         let server_side = self.syn(client)?;
-        let syn_ack = TcpFrame {
-            ack: true,
-            ..TcpFrame::syn(SocketAddrV4::new(LAB_BACKEND, BACKEND_PORT), server_side)
-        };
+        let syn_ack = Frame::tcp(
+            SocketAddrV4::new(LAB_BACKEND, BACKEND_PORT),
+            server_side,
+            TCP_SYN | TCP_ACK,
+        );
         self.run_tx(&syn_ack.bytes(), "SYN-ACK")?;
         Ok(server_side)
     }
@@ -209,7 +209,7 @@ impl Lb {
         let mut out = vec![0u8; 256];
         let r = run_once(
             self.program()?,
-            &TcpFrame::syn(client, vip()).bytes(),
+            &Frame::syn(client, vip()).bytes(),
             self.ingress,
             &mut out,
         )?;
@@ -225,11 +225,10 @@ impl Lb {
                 r.return_value
             );
         }
-        let p = harness::packet::parse_verified(&out[..r.data_size_out as usize])?;
-        Ok(SocketAddrV4::new(
-            Ipv4Addr::from(p.ip.source),
-            p.tcp.source_port,
-        ))
+        match verify_frame(&out[..r.data_size_out as usize])?.src {
+            std::net::SocketAddr::V4(server_side) => Ok(server_side),
+            other => anyhow::bail!("SYN from {client} left from {other}"),
+        }
     }
 }
 
@@ -353,7 +352,7 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
         // Same client address (its affinity exists), a new source port each call.
         let affinity_hits: Vec<Vec<u8>> = (0..plan.calls)
             .map(|i| {
-                TcpFrame::syn(
+                Frame::syn(
                     SocketAddrV4::new(LAB_CLIENT, 1024 + (i % 60000) as u16),
                     vip(),
                 )
@@ -364,13 +363,13 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
         let offset = round * plan.calls;
         let maglev: Vec<Vec<u8>> = (0..plan.calls)
             .map(|i| {
-                TcpFrame::syn(SocketAddrV4::new(client_address(offset + i), 40000), vip()).bytes()
+                Frame::syn(SocketAddrV4::new(client_address(offset + i), 40000), vip()).bytes()
             })
             .collect();
         // The same, to the restricted service, from clients its allow list admits.
         let restricted: Vec<Vec<u8>> = (0..plan.calls)
             .map(|i| {
-                TcpFrame::syn(
+                Frame::syn(
                     SocketAddrV4::new(client_address((1 << 23) + offset + i), 40000),
                     SocketAddrV4::new(LAB_VIP, RESTRICTED_PORT),
                 )
@@ -379,7 +378,7 @@ fn measure(plan: &Plan) -> Result<PacketCost> {
             .collect();
         let foreign =
             vec![ack(client, SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 443)); plan.calls];
-        let syn = TcpFrame::syn(client, vip()).bytes();
+        let syn = Frame::syn(client, vip()).bytes();
         let truncated = vec![syn[..14 + 20 + 10].to_vec(); plan.calls];
         // Half-open flows whose SYN-ACK has been seen, one per call, from ports of the
         // client no other path uses (the lab routes only its address back).
@@ -537,9 +536,7 @@ pub fn spin(path: &str, seconds: u64) -> Result<()> {
                     lb.half_open(c)?;
                     ack(c, vip())
                 }
-                "maglev" => {
-                    TcpFrame::syn(SocketAddrV4::new(client_address(i), 40000), vip()).bytes()
-                }
+                "maglev" => Frame::syn(SocketAddrV4::new(client_address(i), 40000), vip()).bytes(),
                 other => anyhow::bail!("no path {other}"),
             };
             run_once(lb.program()?, &frame, lb.ingress, &mut out)?;
