@@ -63,6 +63,11 @@ fn backend_status(status: &StatusReport, address: Ipv4Addr) -> Result<&lb::api::
         .context("backend missing from status")
 }
 
+/// Whether every server of the first service is as `state` says.
+fn every_server(f: &Fixture, state: impl Fn(&lb::api::BackendStatus) -> bool) -> Result<bool> {
+    Ok(f.daemon.status()?.services[0].backends.iter().all(state))
+}
+
 /// Polls `check` every 100 ms until it holds or `limit` passes.
 fn wait_for(limit: Duration, what: &str, check: impl FnMut() -> Result<bool>) -> Result<()> {
     until(limit, Duration::from_millis(100), what, check).map(drop)
@@ -256,10 +261,9 @@ fn failed_health_check_takes_a_server_out_and_back() -> Result<()> {
         Duration::from_secs(10),
         "every server to pass a check",
         || {
-            Ok(f.daemon.status()?.services[0]
-                .backends
-                .iter()
-                .all(|b| matches!(b.last_check, Some(CheckOutcome::Passed { .. }))))
+            every_server(&f, |b| {
+                matches!(b.last_check, Some(CheckOutcome::Passed { .. }))
+            })
         },
     )?;
 
@@ -786,16 +790,14 @@ fn https_checks_verify_the_pools_certificates() -> Result<()> {
                 .map(|s| (b.name.clone(), s))
         })
         .collect::<Result<_>>()?;
-    let all_passed = |f: &Fixture| -> Result<bool> {
-        Ok(f.daemon.status()?.services[0]
-            .backends
-            .iter()
-            .all(|b| matches!(b.last_check, Some(CheckOutcome::Passed { .. }))))
-    };
     wait_for(
         Duration::from_secs(10),
         "every server to pass its HTTPS check",
-        || all_passed(&f),
+        || {
+            every_server(&f, |b| {
+                matches!(b.last_check, Some(CheckOutcome::Passed { .. }))
+            })
+        },
     )?;
 
     let victim = f.topology.backends[0].name.clone();
@@ -827,12 +829,7 @@ fn https_checks_verify_the_pools_certificates() -> Result<()> {
     wait_for(
         Duration::from_secs(10),
         "every server to fail verification against another CA",
-        || {
-            Ok(f.daemon.status()?.services[0]
-                .backends
-                .iter()
-                .all(|b| matches!(b.state, ServerState::Down { .. })))
-        },
+        || every_server(&f, |b| matches!(b.state, ServerState::Down { .. })),
     )?;
     let victim_host = &f.topology.backends[0];
     monitors.insert(
@@ -843,12 +840,7 @@ fn https_checks_verify_the_pools_certificates() -> Result<()> {
     wait_for(
         Duration::from_secs(10),
         "every server back with the pool's CA",
-        || {
-            Ok(f.daemon.status()?.services[0]
-                .backends
-                .iter()
-                .all(|b| b.state == ServerState::Up))
-        },
+        || every_server(&f, |b| b.state == ServerState::Up),
     )
     .with_context(|| {
         format!(

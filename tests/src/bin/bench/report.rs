@@ -163,6 +163,35 @@ pub fn markdown(r: &Results) -> String {
         }
     }
 
+    let s = &v.sustained;
+    let others = if s.other_drops.is_empty() {
+        "none".to_string()
+    } else {
+        s.other_drops
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "\n**Sustained.** {:.0} s of new connections through lb at full rate, with the daemon's default \
+         tables (closing timeout 10 s) and the SNAT addresses the README's rule asks for at the rate above \
+         ({}): {} connections ({:.0}/s), `drop_snat_exhausted` {}, `flow_table_full` {}, other drops: {}, \
+         wrk errors {}. Flow table at the end: {} of {} entries (closed connections leave it within the \
+         closing timeout).",
+        s.seconds,
+        s.snat_addresses,
+        s.connections,
+        s.connections_per_s,
+        s.drop_snat_exhausted,
+        s.flow_table_full,
+        others,
+        s.errors,
+        s.flow_entries,
+        s.flow_capacity
+    );
+
     let _ = writeln!(out, "\n## 3. Control plane\n");
     let _ = writeln!(
         out,

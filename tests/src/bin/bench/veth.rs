@@ -69,6 +69,8 @@ pub struct Plan {
     pub rounds: usize,
     pub duration: Duration,
     pub concurrency: usize,
+    /// The long close-mode run through lb (`Sustained`).
+    pub sustained: Duration,
 }
 
 #[derive(Serialize, Clone)]
@@ -89,6 +91,93 @@ pub struct Veth {
     pub seconds_per_run: f64,
     pub concurrency: usize,
     pub figures: Vec<Figures>,
+    pub sustained: Sustained,
+}
+
+/// One long run of new connections through lb with its default tables and the SNAT
+/// addresses the README's rule asks for at the rate measured above: what it refused.
+#[derive(Serialize, Clone)]
+pub struct Sustained {
+    pub seconds: f64,
+    pub snat_addresses: usize,
+    pub connections: u64,
+    pub connections_per_s: f64,
+    /// wrk's failed connections and requests.
+    pub errors: u64,
+    pub drop_snat_exhausted: u64,
+    pub flow_table_full: u64,
+    /// Every other drop counter that moved, by name.
+    pub other_drops: Vec<(String, u64)>,
+    /// Flow-table entries (both directions) at the end, against the table's capacity.
+    pub flow_entries: u64,
+    pub flow_capacity: u64,
+}
+
+/// Ports one SNAT address offers each server port (1024-65535).
+const PORTS_PER_SNAT_ADDRESS: f64 = 64_512.0;
+
+/// The README's rule (one SNAT address per ~64,000 connections to a server port at once):
+/// at `rate` new connections/s over `servers`, each holding its port until
+/// `closing_timeout_s` after it closes.
+fn snat_addresses_for(rate: f64, servers: usize, closing_timeout_s: f64) -> usize {
+    let held_per_server = rate * (closing_timeout_s + 1.0) / servers as f64;
+    (held_per_server / PORTS_PER_SNAT_ADDRESS).ceil().max(1.0) as usize
+}
+
+/// `seconds` of one request per connection at full rate through lb.
+fn sustained(
+    topology: &Topology,
+    plan: &Plan,
+    seconds: Duration,
+    measured_rate: f64,
+) -> Result<Sustained> {
+    let closing_timeout_s = f64::from(lb::config::DEFAULT_CLOSING_TIMEOUT_S);
+    let snat_addresses =
+        snat_addresses_for(measured_rate, topology.backends.len(), closing_timeout_s);
+    let mut site: harness::daemon::Site = topology.into();
+    site.snat.truncate(snat_addresses);
+    let daemon = Daemon::start_binary(
+        &site,
+        &harness::daemon::lb_binary()?,
+        "",
+        &lb_services(topology),
+    )?;
+    let groups = topology.backends.len();
+    let loads: Vec<Load> = (0..groups)
+        .map(|i| Load {
+            target: target(Balancer::Lb, topology, i),
+            connections: plan.concurrency / groups,
+            duration: seconds,
+            mode: Mode::NewConnections,
+        })
+        .collect();
+    let outcomes = load::run_all(&topology.client, &loads)?;
+    let status = daemon.status()?;
+    let connections: u64 = outcomes.iter().map(|o| o.completed).sum();
+    let elapsed = outcomes
+        .iter()
+        .map(|o| o.elapsed.as_secs_f64())
+        .fold(0.0, f64::max);
+    let counter = |name: &str| status.counters.get(name).copied().unwrap_or(0);
+    Ok(Sustained {
+        seconds: seconds.as_secs_f64(),
+        snat_addresses,
+        connections,
+        connections_per_s: connections as f64 / elapsed,
+        errors: outcomes.iter().map(|o| o.errors).sum(),
+        drop_snat_exhausted: counter("drop_snat_exhausted"),
+        flow_table_full: counter("flow_table_full"),
+        other_drops: status
+            .counters
+            .iter()
+            .filter(|(name, n)| {
+                name.starts_with("drop_") && **n > 0 && name.as_str() != "drop_snat_exhausted"
+            })
+            .map(|(name, n)| (name.clone(), *n))
+            .collect(),
+        flow_entries: status.tables.flows.entries,
+        flow_capacity: status.tables.flows.capacity,
+    })
 }
 
 /// A background process that is killed when dropped.
@@ -415,7 +504,7 @@ fn run_in(plan: &Plan, topology: &Topology, dir: &std::path::Path) -> Result<Vet
             runs[i].push(run);
         }
     }
-    let figures = Balancer::ALL
+    let figures: Vec<Figures> = Balancer::ALL
         .iter()
         .zip(&runs)
         .map(|(&balancer, runs)| Figures {
@@ -434,10 +523,27 @@ fn run_in(plan: &Plan, topology: &Topology, dir: &std::path::Path) -> Result<Vet
             errors: runs.iter().map(|r| r.errors).sum(),
         })
         .collect();
+    let lb_rate = figures
+        .iter()
+        .find(|f| f.balancer == Balancer::Lb)
+        .map_or(0.0, |f| f.connections_per_s.median);
+    let sustained = sustained(topology, plan, plan.sustained, lb_rate)
+        .context("sustained new connections through lb")?;
+    eprintln!(
+        "  sustained: {} connections in {:.0} s ({:.0}/s) with {} SNAT address(es): {} snat exhausted, {} flow table full, {} errors",
+        sustained.connections,
+        sustained.seconds,
+        sustained.connections_per_s,
+        sustained.snat_addresses,
+        sustained.drop_snat_exhausted,
+        sustained.flow_table_full,
+        sustained.errors
+    );
     Ok(Veth {
         rounds: plan.rounds,
         seconds_per_run: plan.duration.as_secs_f64(),
         concurrency: plan.concurrency,
         figures,
+        sustained,
     })
 }
