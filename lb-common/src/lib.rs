@@ -611,6 +611,12 @@ impl Counter {
     }
 }
 
+/// How long a server that closed a connection first keeps its (server, SNAT address:port)
+/// pair in TIME_WAIT, refusing a new connection on it: Windows Server's default
+/// (`TcpTimedWaitDelay`, the Front Ends' OS; Linux's is 60 s). lb holds the SNAT port that
+/// long after such a close.
+pub const SERVER_TIME_WAIT_S: u32 = 120;
+
 /// Entries are stamped in nanoseconds (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC);
 /// timeouts are configured in seconds.
 pub const NS_PER_SEC: u64 = 1_000_000_000;

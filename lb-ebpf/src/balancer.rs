@@ -19,7 +19,7 @@ use lb_common::{
     FlowKey, Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP,
     CLAIM_SLOT, FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
     FLOW_F_SYNACK_SEEN, FLOW_F_TOUCH_AFFINITY, MAGLEV_SIZE, NEW_FLOW_SLOT, NO_BACKEND,
-    OPEN_FLOW_SLOT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SNAT_V6_BASE,
+    OPEN_FLOW_SLOT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SERVER_TIME_WAIT_S, SNAT_V6_BASE,
 };
 
 use crate::{
@@ -284,9 +284,10 @@ fn carry(
     }
 }
 
-/// A direction's first believable FIN or RST: it now lives `closing_timeout_s`, and the
-/// daemon hears of it (`LB_EVENTS`) to remove the flow when that has passed, rather than at
-/// its next walk of the table. An RST ends the other direction too.
+/// A direction's first believable FIN or RST: it now lives `closing_timeout_s` (a server's
+/// FIN before the client's: `SERVER_TIME_WAIT_S`), and the daemon hears of it
+/// (`LB_EVENTS`) to remove the flow when that has passed, rather than at its next walk of
+/// the table. An RST ends the other direction too.
 // Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
 fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
@@ -303,6 +304,17 @@ fn start_closing(pkt: &Packet, entry: &mut FlowEntry, now: u64) {
                 other.timeout_s = settings.closing_timeout_s;
                 other.flags |= FLOW_F_CLOSING;
             }
+        }
+    } else if entry.flags & FLOW_F_REVERSE != 0 {
+        let client_closed = other_direction_key(pkt.key, entry)
+            .and_then(|key| FLOWS.get_ptr(key))
+            // SAFETY: map value pointer from a successful lookup.
+            .is_some_and(|other| unsafe { (*other).flags } & FLOW_F_CLOSING != 0);
+        if !client_closed {
+            // The server closed first: it keeps (server, SNAT address:port) in TIME_WAIT
+            // and would refuse a new connection on that pair meanwhile. This entry is the
+            // pair's SNAT claim, so it stays as long.
+            entry.timeout_s = entry.timeout_s.max(SERVER_TIME_WAIT_S);
         }
     }
     let event = CloseEvent {

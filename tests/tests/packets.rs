@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{bail, ensure, Context, Result};
 use harness::packet::{
     lab_network, verify_frame, Frame, PacketLab, LAB_BACKEND, LAB_BACKEND_MAC, LAB_CLIENT,
-    LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_VIP, TCP_ACK, TCP_SYN, XDP_TX,
+    LAB_CLIENT_NEXT_HOP_MAC, LAB_CONFIG, LAB_SNAT, LAB_VIP, TCP_ACK, TCP_FIN, TCP_SYN, XDP_TX,
 };
 use lb_common::Counter;
 
@@ -229,4 +229,80 @@ fn only_a_changed_service_gets_a_new_table() -> Result<()> {
         "the drain flipped turn's table"
     );
     Ok(())
+}
+
+/// A server that closes first keeps the (server, SNAT address:port) pair in TIME_WAIT, so
+/// lb holds that SNAT claim for `SERVER_TIME_WAIT_S` after the server's FIN; when the
+/// client closed first, the server ends without TIME_WAIT and the claim goes after the
+/// closing timeout.
+#[test]
+fn a_server_that_closes_first_holds_its_snat_port_through_time_wait() -> Result<()> {
+    in_network(|h| {
+        let server = SocketAddrV4::new(BACKEND, 4443);
+        // Opens a confirmed connection from `port`; returns its server-side SNAT port.
+        let open = |port: u16| -> Result<u16> {
+            let out = h.expect(
+                "SYN",
+                &Frame::syn(client(port), vip(443)).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            )?;
+            let snat = verify_frame(&out.output)?.src;
+            let syn_ack = Frame::tcp(server, snat, TCP_SYN | TCP_ACK);
+            h.expect("SYN-ACK", &syn_ack.bytes(), XDP_TX, Counter::Tx)?;
+            h.expect(
+                "ACK",
+                &Frame::tcp(client(port), vip(443), TCP_ACK).bytes(),
+                XDP_TX,
+                Counter::Tx,
+            )?;
+            Ok(snat.port())
+        };
+        let fin_from = |from: SocketAddrV4, to: SocketAddrV4| Frame {
+            seq: harness::packet::DEFAULT_ISN + 1,
+            ..Frame::tcp(from, to, TCP_FIN | TCP_ACK)
+        };
+        let claim_timeout = |snat_port: u16| -> Result<u32> {
+            h.dp.flows()
+                .find(|(k, _)| {
+                    u16::from_be(k.src_port_be) == 4443 && u16::from_be(k.dst_port_be) == snat_port
+                })
+                .map(|(_, e)| e.timeout_s)
+                .context("no return entry for the SNAT port")
+        };
+        let snat_a = open(42000)?;
+        let snat_side = SocketAddrV4::new(SNAT, snat_a);
+        h.expect(
+            "server FIN first",
+            &fin_from(server, snat_side).bytes(),
+            XDP_TX,
+            Counter::Tx,
+        )?;
+        ensure!(
+            claim_timeout(snat_a)? == lb_common::SERVER_TIME_WAIT_S,
+            "after the server's FIN, the claim lives {} s",
+            claim_timeout(snat_a)?
+        );
+
+        let snat_b = open(42001)?;
+        h.expect(
+            "client FIN first",
+            &fin_from(client(42001), vip(443)).bytes(),
+            XDP_TX,
+            Counter::Tx,
+        )?;
+        h.expect(
+            "server FIN second",
+            &fin_from(server, SocketAddrV4::new(SNAT, snat_b)).bytes(),
+            XDP_TX,
+            Counter::Tx,
+        )?;
+        let closing = lb::config::DEFAULT_CLOSING_TIMEOUT_S;
+        ensure!(
+            claim_timeout(snat_b)? == closing,
+            "after the client's FIN and the server's, the claim lives {} s, not {closing}",
+            claim_timeout(snat_b)?
+        );
+        Ok(())
+    })
 }

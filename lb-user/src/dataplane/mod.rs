@@ -589,10 +589,11 @@ impl Dataplane {
             if self.flows.remove(key).is_ok() {
                 removed.push(*key);
             }
+            // The other direction goes with it once its own timeout has passed too: a
+            // server's close holds its direction (the SNAT claim) for the server's
+            // TIME_WAIT, and garbage collection removes it after that.
             if let Ok(other) = self.flows.get(&other_key, 0) {
-                if (other.flags & FLOW_F_CLOSING != 0 || expired(&other))
-                    && self.flows.remove(&other_key).is_ok()
-                {
+                if expired(&other) && self.flows.remove(&other_key).is_ok() {
                     removed.push(other_key);
                 }
             }

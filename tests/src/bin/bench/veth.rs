@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use harness::{
     daemon::Daemon,
     fixture::ServiceSpec,
@@ -116,11 +116,11 @@ pub struct Sustained {
 /// Ports one SNAT address offers each server port (1024-65535).
 const PORTS_PER_SNAT_ADDRESS: f64 = 64_512.0;
 
-/// The README's rule (one SNAT address per ~64,000 connections to a server port at once):
-/// at `rate` new connections/s over `servers`, each holding its port until
-/// `closing_timeout_s` after it closes.
-fn snat_addresses_for(rate: f64, servers: usize, closing_timeout_s: f64) -> usize {
-    let held_per_server = rate * (closing_timeout_s + 1.0) / servers as f64;
+/// The README's rule: a SNAT port toward a server is held while its connection lives and,
+/// when the server closes first (nginx does, answering `Connection: close`), for the
+/// server's TIME_WAIT after; one address offers 64,512 ports per server port.
+fn snat_addresses_for(rate: f64, servers: usize) -> usize {
+    let held_per_server = rate / servers as f64 * (f64::from(lb_common::SERVER_TIME_WAIT_S) + 1.0);
     (held_per_server / PORTS_PER_SNAT_ADDRESS).ceil().max(1.0) as usize
 }
 
@@ -131,15 +131,21 @@ fn sustained(
     seconds: Duration,
     measured_rate: f64,
 ) -> Result<Sustained> {
-    let closing_timeout_s = f64::from(lb::config::DEFAULT_CLOSING_TIMEOUT_S);
-    let snat_addresses =
-        snat_addresses_for(measured_rate, topology.backends.len(), closing_timeout_s);
+    let snat_addresses = snat_addresses_for(measured_rate, topology.backends.len());
+    ensure!(
+        snat_addresses <= topology.snat_addresses.len(),
+        "{measured_rate:.0} connections/s need {snat_addresses} SNAT addresses; the topology has {}",
+        topology.snat_addresses.len()
+    );
     let mut site: harness::daemon::Site = topology.into();
     site.snat.truncate(snat_addresses);
+    // Flow entries by the same rule: two per live or closing connection, one per held claim.
+    let max_flows = (measured_rate * (f64::from(lb_common::SERVER_TIME_WAIT_S) + 20.0) * 2.0)
+        .max(65_536.0) as u32;
     let daemon = Daemon::start_binary(
         &site,
         &harness::daemon::lb_binary()?,
-        "",
+        &format!("max_flows = {}\n", max_flows.next_power_of_two()),
         &lb_services(topology),
     )?;
     let groups = topology.backends.len();
@@ -465,7 +471,7 @@ fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> 
 pub fn run(plan: &Plan) -> Result<Veth> {
     let topology = Topology::build(&Spec {
         clients: 0,
-        snat_addresses: 8,
+        snat_addresses: 12,
         ..Spec::default()
     })?;
     let dir = std::env::temp_dir().join(format!("{}-bench", topology.prefix));
