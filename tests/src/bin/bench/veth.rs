@@ -28,6 +28,10 @@ use crate::{
 const SERVICE_PORT: u16 = 443;
 const SERVER_PORT: u16 = 4443;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// SNAT addresses of the compared runs (lb's and nftables'), and the ones after them that
+/// only the sustained run uses.
+const ROUND_SNAT_ADDRESSES: usize = 8;
+const SUSTAINED_SNAT_ADDRESSES: usize = 10;
 
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
 pub enum Balancer {
@@ -132,13 +136,18 @@ fn sustained(
     measured_rate: f64,
 ) -> Result<Sustained> {
     let snat_addresses = snat_addresses_for(measured_rate, topology.backends.len());
+    // Addresses no earlier run used: the servers still hold those runs' pairs in TIME_WAIT.
+    let unused = &topology.snat_addresses[ROUND_SNAT_ADDRESSES..];
     ensure!(
-        snat_addresses <= topology.snat_addresses.len(),
-        "{measured_rate:.0} connections/s need {snat_addresses} SNAT addresses; the topology has {}",
-        topology.snat_addresses.len()
+        snat_addresses <= unused.len(),
+        "{measured_rate:.0} connections/s need {snat_addresses} SNAT addresses; the topology has {} unused",
+        unused.len()
     );
     let mut site: harness::daemon::Site = topology.into();
-    site.snat.truncate(snat_addresses);
+    site.snat = unused[..snat_addresses]
+        .iter()
+        .map(|&a| std::net::IpAddr::from(a))
+        .collect();
     // Flow entries by the same rule: two per live or closing connection, one per held claim.
     let max_flows = (measured_rate * (f64::from(lb_common::SERVER_TIME_WAIT_S) + 20.0) * 2.0)
         .max(65_536.0) as u32;
@@ -283,7 +292,7 @@ fn nft_ruleset(topology: &Topology) -> String {
         );
     }
     let first = topology.snat_addresses.first().expect("SNAT addresses");
-    let last = topology.snat_addresses.last().expect("SNAT addresses");
+    let last = &topology.snat_addresses[ROUND_SNAT_ADDRESSES - 1];
     format!(
         "table ip lbbench {{\n\
            chain pre {{ type nat hook prerouting priority dstnat;\n\
@@ -343,8 +352,15 @@ fn activate(balancer: Balancer, topology: &Topology, dir: &std::path::Path) -> R
         },
         Balancer::Lb => {
             let extra = "max_flows = 4194304\nmax_affinities = 1048576\n";
+            let mut site: harness::daemon::Site = topology.into();
+            site.snat.truncate(ROUND_SNAT_ADDRESSES);
             Active::Lb {
-                _daemon: Box::new(Daemon::start_with(topology, extra, &lb_services(topology))?),
+                _daemon: Box::new(Daemon::start_binary(
+                    &site,
+                    &harness::daemon::lb_binary()?,
+                    extra,
+                    &lb_services(topology),
+                )?),
             }
         }
         Balancer::Nftables => {
@@ -471,7 +487,7 @@ fn measure(balancer: Balancer, topology: &Topology, plan: &Plan) -> Result<Run> 
 pub fn run(plan: &Plan) -> Result<Veth> {
     let topology = Topology::build(&Spec {
         clients: 0,
-        snat_addresses: 12,
+        snat_addresses: ROUND_SNAT_ADDRESSES + SUSTAINED_SNAT_ADDRESSES,
         ..Spec::default()
     })?;
     let dir = std::env::temp_dir().join(format!("{}-bench", topology.prefix));
