@@ -427,13 +427,26 @@ mod tests {
         panic!("no transition to up = {up} within 20 checks");
     }
 
-    #[tokio::test]
-    async fn fall_and_rise_are_counted() {
+    /// A loopback listener and a checker with a TCP check on it, started up (or down).
+    async fn checked_listener(
+        down: bool,
+    ) -> (
+        tokio::net::TcpListener,
+        Checker,
+        mpsc::UnboundedReceiver<Report>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let mut checker = Checker::new(tx);
-        checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])], |_| false);
+        checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])], |_| down);
+        (listener, checker, rx)
+    }
+
+    #[tokio::test]
+    async fn fall_and_rise_are_counted() {
+        let (listener, mut checker, mut rx) = checked_listener(false).await;
+        let port = listener.local_addr().unwrap().port();
         drop(listener);
         assert_eq!(checks_until(&mut rx, false).await, 2, "fall = 2");
         let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -448,11 +461,7 @@ mod tests {
     /// reports it up once it passes `rise` checks.
     #[tokio::test]
     async fn a_restarted_check_brings_a_down_server_back() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut checker = Checker::new(tx);
-        checker.reconcile(vec![target(HealthKind::Tcp, port, vec![])], |_| true);
+        let (_listener, _checker, mut rx) = checked_listener(true).await;
         assert_eq!(checks_until(&mut rx, true).await, 2, "rise = 2");
     }
 }

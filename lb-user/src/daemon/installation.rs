@@ -114,11 +114,7 @@ impl Installation {
     pub fn adopt(&mut self, dp: &Dataplane, config: &Config) -> Result<()> {
         // So that addresses and rules the config no longer has are removed by the first sync.
         self.addresses = dp.addresses().into_iter().collect();
-        self.source_rules = dp
-            .installed_source_rules()
-            .into_iter()
-            .map(|(id, prefix, action)| ((id, prefix), action))
-            .collect();
+        self.source_rules = dp.installed_source_rules();
         let installed = dp.installed_services();
         let mut names_by_id = BTreeMap::new();
         for s in &config.services {

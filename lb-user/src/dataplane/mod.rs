@@ -7,6 +7,7 @@ pub mod mapped;
 pub mod next_hops;
 pub mod vlan;
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -808,8 +809,8 @@ impl Dataplane {
             .with_context(|| format!("remove source rule {prefix} of service {service_id}"))
     }
 
-    /// Every rule in `LB_SOURCE_RULES`: (service id, prefix, action).
-    pub fn installed_source_rules(&self) -> Vec<(u32, SourcePrefix, u32)> {
+    /// Every rule in `LB_SOURCE_RULES`: (service id, prefix) -> action.
+    pub fn installed_source_rules(&self) -> BTreeMap<(u32, SourcePrefix), u32> {
         self.source_rules
             .iter()
             .filter_map(Result::ok)
@@ -818,7 +819,7 @@ impl Dataplane {
                 let bits = key.prefix_len().checked_sub(SOURCE_RULE_HEADER_BITS)?;
                 let addr = addr_from_words(data.addr_be, data.family as u8);
                 let prefix = SourcePrefix::new(addr, u8::try_from(bits).ok()?)?;
-                Some((data.service_id, prefix, action))
+                Some(((data.service_id, prefix), action))
             })
             .collect()
     }
