@@ -92,7 +92,15 @@ impl EbpfToolchain {
             // whole-program optimisation and no unwinding.
             .args(["--config", "profile.release.lto=true"])
             .args(["--config", "profile.release.codegen-units=1"])
-            .args(["--config", "profile.release.panic=\"abort\""]);
+            .args(["--config", "profile.release.panic=\"abort\""])
+            // BTF, which bpf-linker makes from the debug information: the kernel takes a
+            // callback (`bpf_for_each_map_elem` in lb-ebpf's `sweep`) only from a program
+            // that describes its functions.
+            .args(["--config", "profile.release.debug=2"])
+            .args([
+                "--config",
+                "target.bpfel-unknown-none.rustflags=[\"-C\", \"link-arg=--btf\"]",
+            ]);
         cmd
     }
 }

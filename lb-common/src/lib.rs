@@ -34,6 +34,9 @@ pub const OPEN_FLOW_PROGRAM_NAME: &str = "lb_open_flow";
 pub const OPEN_FLOW_SLOT: u32 = 2;
 /// Slots of `LB_PROGRAMS`.
 pub const PROGRAM_SLOTS: u32 = 3;
+/// The garbage collector: never attached, run by the daemon with `BPF_PROG_TEST_RUN` on a
+/// `SweepRequest`, it deletes expired entries in the kernel and answers a `SweepTally`.
+pub const SWEEP_PROGRAM_NAME: &str = "lb_sweep";
 
 // Capacities. The Maglev table size must be prime; 65537 keeps the per-backend share within a
 // fraction of a percent of fair for pools of up to a few hundred servers.
@@ -313,6 +316,42 @@ pub struct CloseEvent {
 
 /// `LB_EVENTS` size: room for this many close events between two reads by the daemon.
 pub const CLOSE_EVENTS: u32 = 1 << 16;
+
+/// The frame `lb_sweep` runs on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweepRequest {
+    /// Each service's affinity timeout in seconds, by service id (0 for an id no service
+    /// has: its affinities are all garbage).
+    pub affinity_timeout_s: [u32; MAX_SERVICES as usize],
+    /// Non-zero: every flow direction deleted goes into `LB_SWEPT` (for the peers).
+    pub announce: u32,
+    pub _pad: u32,
+}
+
+/// `LB_SWEPT` size: flow directions one sweep can announce (a `FlowKey` each).
+pub const SWEPT_EVENTS: u32 = 1 << 16;
+
+/// One table's part of a sweep.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepCount {
+    /// Entries still fresh, left in place.
+    pub kept: u64,
+    /// Expired entries deleted.
+    pub removed: u64,
+}
+
+/// What `lb_sweep` writes over the start of its frame: per table, what it kept and deleted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepTally {
+    pub flows: SweepCount,
+    pub half_open: SweepCount,
+    pub affinities: SweepCount,
+    /// Deleted flow directions that did not fit in `LB_SWEPT` (with `announce`).
+    pub unannounced: u64,
+}
 
 /// `LB_SYNC` record: a flow was confirmed, both directions as they went into `LB_FLOWS`,
 /// for the daemon to hand to its peers (only with `SETTINGS_F_SYNC`). Written once per
@@ -645,6 +684,8 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<NextHop>() == 24);
 const _: () = assert!(size_of::<FlowEntry>() == 104);
 const _: () = assert!(size_of::<AffinityKey>() == 24);
+const _: () = assert!(size_of::<SweepRequest>() == 4 * MAX_SERVICES as usize + 8);
+const _: () = assert!(size_of::<SweepTally>() == 56);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<Settings>() == 28);
 const _: () = assert!(size_of::<VlanPort>() == 8);

@@ -57,9 +57,10 @@ pub const MAP_EVENTS: &str = "LB_EVENTS";
 pub const MAP_SYNC: &str = "LB_SYNC";
 pub const MAP_SOURCE_RULES: &str = "LB_SOURCE_RULES";
 pub const MAP_SERVICE_REFUSED: &str = "LB_SVC_REFUSED";
+pub const MAP_SWEPT: &str = "LB_SWEPT";
 
 /// Every map of the XDP object (`lb.bpf.o`).
-pub const MAPS: [MapSpec; 27] = [
+pub const MAPS: [MapSpec; 28] = [
     pinned(MAP_PROGRAMS),
     pinned(MAP_ADDR_FILTER),
     pinned(MAP_ROUTE_GENERATION),
@@ -86,6 +87,8 @@ pub const MAPS: [MapSpec; 27] = [
     // Confirmed flows for the peers: what a restarting daemon missed reaches them with its
     // first reconciliation (a full snapshot to every peer it connects to).
     per_load(MAP_SYNC),
+    // What the last sweep deleted, for the peers: read right after each sweep.
+    per_load(MAP_SWEPT),
     // Per-CPU working space, valid within one packet only.
     per_load("LB_SCRATCH_KEY"),
     per_load("LB_SCRATCH_FLOW"),

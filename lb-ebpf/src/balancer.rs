@@ -499,7 +499,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         backend_id,
         flow_flags,
         idle_timeout_s: service.idle_timeout_s,
-        affinity_hit: u32::from(affinity_hit),
+        affinity_hit,
         tcp_seq: pkt.tcp_seq,
         server_port_be: 0,
         _pad: 0,
@@ -640,9 +640,11 @@ fn bind_server_side(reverse_key: &FlowKey, ifindex: u32) {
 
 /// The backend for a new connection: the client's fresh affinity if its backend may still
 /// take it, else the service's live Maglev table. Records or refreshes the affinity.
+/// Returns the backend id and 1 if it came from the affinity, else 0 (a `bool` there would
+/// make the `Option` niche-tagged, which the kernel's BTF check refuses).
 // Out of line: its own stack frame (see "Stack" in README.md).
 #[inline(never)]
-fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, bool)> {
+fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, u32)> {
     if service.affinity_mode == AFFINITY_NONE {
         let h = hash::flow_hash(
             &flow.src_be,
@@ -650,7 +652,7 @@ fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, b
             flow.src_port_be,
             flow.dst_port_be,
         );
-        return maglev_pick(service, h).map(|id| (id, false));
+        return maglev_pick(service, h).map(|id| (id, 0));
     }
     let key = affinity_key(
         flow,
@@ -667,7 +669,7 @@ fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, b
         {
             affinity.last_seen_ns = now;
             affinity.new_flows = affinity.new_flows.wrapping_add(1);
-            return Some((affinity.backend_id, true));
+            return Some((affinity.backend_id, 1));
         }
     }
     let backend_id = maglev_pick(
@@ -682,7 +684,7 @@ fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, b
     // An LRU insert only fails under memory pressure; the flow itself still goes through,
     // the client just has no affinity until its next connection.
     let _ = AFFINITY.insert(&key, &entry, u64::from(BPF_ANY));
-    Some((backend_id, false))
+    Some((backend_id, 0))
 }
 
 #[inline(always)]

@@ -18,12 +18,17 @@ mod nat;
 mod parse;
 mod source_rules;
 mod stats;
+mod sweep;
 mod sync;
 mod tcp;
 mod verdict;
 mod wire;
 
-use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
+    macros::xdp,
+    programs::XdpContext,
+};
 use lb_common::Counter;
 
 #[xdp]
@@ -48,6 +53,17 @@ pub fn lb_claim_snat(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_open_flow(ctx: XdpContext) -> u32 {
     finish(&ctx, balancer::process_open_flow(&ctx))
+}
+
+/// Garbage collection, never attached: the daemon runs it on a `lb_common::SweepRequest`
+/// (see `sweep`).
+#[xdp]
+pub fn lb_sweep(ctx: XdpContext) -> u32 {
+    if sweep::sweep(&ctx) {
+        XDP_PASS
+    } else {
+        XDP_ABORTED
+    }
 }
 
 /// Counts the packet's one verdict and returns its action.

@@ -14,7 +14,7 @@ use lb_common::{
     Service, ServiceKey, Settings, SourceRuleKey, SyncEvent, TrafficStats, VipInfo, VlanPort,
     ADDR_FILTER_SLOTS, CLOSE_EVENTS, MAGLEV_ENTRIES, MAX_AFFINITIES, MAX_BACKENDS, MAX_COUNTERS,
     MAX_FLOWS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_SERVICES, MAX_SERVICE_PORTS,
-    MAX_SNAT_ADDRS, MAX_SOURCE_RULES, PROGRAM_SLOTS, SYNC_EVENTS,
+    MAX_SNAT_ADDRS, MAX_SOURCE_RULES, PROGRAM_SLOTS, SWEPT_EVENTS, SYNC_EVENTS,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -104,6 +104,12 @@ const CLOSE_EVENT_RECORD: u32 = core::mem::size_of::<CloseEvent>() as u32 + 8;
 pub static SYNC: RingBuf = RingBuf::with_byte_size(SYNC_EVENTS * SYNC_EVENT_RECORD, 0);
 /// A record's size in the ring: the event and the ring's 8-byte header.
 const SYNC_EVENT_RECORD: u32 = core::mem::size_of::<SyncEvent>() as u32 + 8;
+
+/// Flow directions `lb_sweep` deleted (`FlowKey`), written only when its request asks.
+#[map(name = "LB_SWEPT")]
+pub static SWEPT: RingBuf = RingBuf::with_byte_size(SWEPT_EVENTS * SWEPT_RECORD, 0);
+/// A record's size in the ring: the key and the ring's 8-byte header.
+const SWEPT_RECORD: u32 = core::mem::size_of::<FlowKey>() as u32 + 8;
 
 #[map(name = "LB_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTERS, 0);

@@ -1,9 +1,9 @@
 //! Packet-level tests beside the fixture table (fixtures.rs): the real XDP program run on
 //! crafted frames with BPF_PROG_TEST_RUN (repeat = 1, so every run sees the original
 //! input), for what a table row cannot say: a flow's packets in sequence, SNAT port
-//! uniqueness over many flows, IPv4 options carried through, and the Maglev tables. Each
-//! run states the action and the one verdict counter it must bump; rewritten output is
-//! checked by the harness's verifier. Needs root.
+//! uniqueness over many flows, IPv4 options carried through, the Maglev tables and the
+//! garbage-collecting sweep. Each run states the action and the one verdict counter it
+//! must bump; rewritten output is checked by the harness's verifier. Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -305,4 +305,102 @@ fn a_server_that_closes_first_holds_its_snat_port_through_time_wait() -> Result<
         );
         Ok(())
     })
+}
+
+#[test]
+fn the_sweep_deletes_exactly_the_expired_entries() -> Result<()> {
+    let ns = lab_network()?;
+    ns.run(|| {
+        let lab = PacketLab::new(LAB_CONFIG)?;
+        let dp = &lab.dp;
+        // The peers' way in writes entries as given, last-seen times included.
+        let mut tables = dp.open_peer_tables()?;
+        let now = lb::dataplane::monotonic_ns();
+        let idle = |seconds: u64| now.saturating_sub(seconds * lb_common::NS_PER_SEC);
+        // Flow directions with a 60 s timeout, idle 0-4 s (fresh) or 120-124 s (expired).
+        let flow = |n: u32, idle_s: u64| {
+            let key = lb_common::FlowKey {
+                src_port_be: (40000 + n as u16).to_be(),
+                ..lb_common::FlowKey::default()
+            };
+            let entry = lb_common::FlowEntry {
+                timeout_s: 60,
+                last_seen_ns: idle(idle_s),
+                ..lb_common::FlowEntry::default()
+            };
+            (key, entry)
+        };
+        let flows: Vec<_> = (0..5)
+            .map(|n| {
+                flow(
+                    n,
+                    if n < 3 {
+                        u64::from(n)
+                    } else {
+                        120 + u64::from(n)
+                    },
+                )
+            })
+            .collect();
+        ensure!(
+            tables.install_flows(&flows) == flows.len(),
+            "flows installed"
+        );
+        // Affinities of service 0 (timeout 60 s), fresh and expired, and a fresh one of
+        // service 1, which has no timeout: no such service, so garbage.
+        let affinity = |n: u32, service_id: u32, idle_s: u64| {
+            let key = lb_common::AffinityKey {
+                client_be: [n, 0, 0, 0],
+                service_id,
+                ..lb_common::AffinityKey::default()
+            };
+            let entry = lb_common::AffinityEntry {
+                last_seen_ns: idle(idle_s),
+                ..lb_common::AffinityEntry::default()
+            };
+            (key, entry)
+        };
+        let affinities = [affinity(1, 0, 1), affinity(2, 0, 90), affinity(3, 1, 1)];
+        for (key, entry) in &affinities {
+            ensure!(tables.install_affinity(key, entry), "affinity installed");
+        }
+        let timeouts = std::collections::BTreeMap::from([(0, 60 * lb_common::NS_PER_SEC)]);
+        let mut sweeper = dp.sweeper()?;
+        let sweep = sweeper.sweep(&timeouts, true)?;
+        let tally = sweep.tally;
+        let count = |kept, removed| lb_common::SweepCount { kept, removed };
+        ensure!(tally.flows == count(3, 2), "flows {:?}", tally.flows);
+        ensure!(
+            tally.half_open == count(0, 0),
+            "half-open {:?}",
+            tally.half_open
+        );
+        ensure!(
+            tally.affinities == count(1, 2),
+            "affinities {:?}",
+            tally.affinities
+        );
+        let mut left: Vec<_> = dp
+            .flows()
+            .map(|(k, _)| u16::from_be(k.src_port_be))
+            .collect();
+        left.sort();
+        ensure!(left == [40000, 40001, 40002], "flows left: {left:?}");
+        let left: Vec<_> = dp.affinities().map(|(k, _)| k.client_be[0]).collect();
+        ensure!(left == [1], "affinities left: {left:?}");
+        let mut announced: Vec<_> = sweep
+            .flows_removed
+            .iter()
+            .map(|k| u16::from_be(k.src_port_be))
+            .collect();
+        announced.sort();
+        ensure!(announced == [40003, 40004], "announced: {announced:?}");
+        let again = sweeper.sweep(&timeouts, false)?;
+        ensure!(
+            again.tally.flows == count(3, 0) && again.flows_removed.is_empty(),
+            "a second sweep: {:?}",
+            again.tally.flows
+        );
+        Ok(())
+    })?
 }

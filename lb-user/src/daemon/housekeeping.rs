@@ -2,15 +2,13 @@
 //! alarms on counters that mean refused connections, and which drains are due.
 use std::{collections::BTreeMap, net::IpAddr};
 
-use anyhow::Result;
-use lb_common::{is_fresh, AffinityKey, Counter, FlowEntry, FlowKey, NS_PER_SEC};
+use lb_common::{Counter, SweepCount, SweepTally};
 use tracing::warn;
 
 use super::runtime::Overlay;
 use crate::{
     api::{TableFill, TableReport},
     config::DaemonConfig,
-    dataplane::{monotonic_ns, Dataplane, Removal, Selection, TableReader},
 };
 
 /// Fill level at which a table counts as nearly full.
@@ -75,44 +73,24 @@ impl Housekeeping {
         alarms
     }
 
-    /// Deletes what `plan` found expired and records how full the tables are. The part of
-    /// a collection that needs the daemon's lock: a few batched deletes.
-    pub fn apply(
-        &mut self,
-        dp: &mut Dataplane,
-        daemon: &DaemonConfig,
-        plan: &CollectionPlan,
-    ) -> Result<()> {
-        let flows = dp.delete_flows(&plan.flows)?;
-        let half_open = dp.delete_half_open(&plan.half_open)?;
-        let affinities = dp.delete_affinities(&plan.affinities)?;
-        self.record_collection(daemon, flows, half_open, affinities);
-        Ok(())
-    }
-
-    /// Updates the table report after a collection; a table above `NEARLY_FULL` is logged
-    /// (and counted): the LRU tables then evict live entries, the flow table refuses.
-    fn record_collection(
-        &mut self,
-        daemon: &DaemonConfig,
-        flows: Removal,
-        half_open: Removal,
-        affinities: Removal,
-    ) {
+    /// Records a garbage collection (`Sweeper::sweep`): how full the tables are now and
+    /// what went; a table above `NEARLY_FULL` is logged (and counted): the LRU tables then
+    /// evict live entries, the flow table refuses.
+    pub fn record_collection(&mut self, daemon: &DaemonConfig, sweep: &SweepTally) {
         let previous = self.tables;
-        let fill = |c: Removal, capacity: u32| TableFill {
-            entries: c.kept as u64,
+        let fill = |c: SweepCount, capacity: u32| TableFill {
+            entries: c.kept,
             capacity: u64::from(capacity),
         };
         let mut tables = TableReport {
-            flows: fill(flows, daemon.max_flows),
-            half_open: fill(half_open, daemon.max_half_open),
-            affinities: fill(affinities, daemon.max_affinities),
+            flows: fill(sweep.flows, daemon.max_flows),
+            half_open: fill(sweep.half_open, daemon.max_half_open),
+            affinities: fill(sweep.affinities, daemon.max_affinities),
             gc_passes_nearly_full: previous.gc_passes_nearly_full,
             collected_flows: previous.collected_flows
-                + flows.removed as u64
-                + half_open.removed as u64,
-            collected_affinities: previous.collected_affinities + affinities.removed as u64,
+                + sweep.flows.removed
+                + sweep.half_open.removed,
+            collected_affinities: previous.collected_affinities + sweep.affinities.removed,
         };
         // The half-open table is left out: under a SYN flood it is full by design.
         for (name, fill) in [("flows", tables.flows), ("affinities", tables.affinities)] {
@@ -128,48 +106,6 @@ impl Housekeeping {
         }
         self.tables = tables;
     }
-}
-
-/// What a garbage collection will delete: expired flow, half-open and affinity entries
-/// (the data plane already ignores them; deleting them frees their slots and SNAT ports).
-#[derive(Debug, Default)]
-pub struct CollectionPlan {
-    flows: Selection<FlowKey>,
-    half_open: Selection<FlowKey>,
-    affinities: Selection<AffinityKey>,
-}
-
-impl CollectionPlan {
-    /// The flow directions it deletes.
-    pub fn expired_flows(&self) -> &[FlowKey] {
-        &self.flows.doomed
-    }
-}
-
-/// Reads every table through `tables` and picks what has expired. The long part of a
-/// collection (a million flows take seconds to read), done without the daemon's lock: the
-/// data plane never uses an expired entry again, so it stays garbage until
-/// `Housekeeping::apply`, unless a new flow takes over its key meanwhile (a client or a
-/// SNAT claim reusing the tuple within those seconds), which the delete then ends, as any
-/// read-then-delete walk of a live table would. `affinity_timeouts_ns` holds each installed service's affinity
-/// timeout; affinities of any other service are garbage too.
-pub fn plan_collection(
-    tables: &TableReader,
-    affinity_timeouts_ns: &BTreeMap<u32, u64>,
-) -> Result<CollectionPlan> {
-    let now = monotonic_ns();
-    let expired = |_: &FlowKey, e: &FlowEntry| {
-        !is_fresh(e.last_seen_ns, u64::from(e.timeout_s) * NS_PER_SEC, now)
-    };
-    Ok(CollectionPlan {
-        flows: tables.select_flows(expired)?,
-        half_open: tables.select_half_open(expired)?,
-        affinities: tables.select_affinities(|k, e| {
-            affinity_timeouts_ns
-                .get(&k.service_id)
-                .is_none_or(|t| !is_fresh(e.last_seen_ns, *t, now))
-        })?,
-    })
 }
 
 /// Drains whose deadline has passed and that are not cut yet, as (service, server).
@@ -214,14 +150,23 @@ mod tests {
     fn collections_add_up_and_a_nearly_full_table_is_counted() {
         let daemon = Config::parse(crate::config::tests::MINIMAL).unwrap().daemon;
         let mut housekeeping = Housekeeping::default();
-        let some = |kept, removed| Removal { removed, kept };
-        housekeeping.record_collection(&daemon, some(10, 4), some(3, 2), some(5, 1));
-        let nearly_full = daemon.max_flows as usize;
-        housekeeping.record_collection(&daemon, some(nearly_full, 1), some(0, 0), some(5, 0));
+        let some = |kept, removed| SweepCount { kept, removed };
+        let tally = |flows, half_open, affinities| SweepTally {
+            flows,
+            half_open,
+            affinities,
+            unannounced: 0,
+        };
+        housekeeping.record_collection(&daemon, &tally(some(10, 4), some(3, 2), some(5, 1)));
+        let nearly_full = u64::from(daemon.max_flows);
+        housekeeping.record_collection(
+            &daemon,
+            &tally(some(nearly_full, 1), some(0, 0), some(5, 0)),
+        );
         let tables = housekeeping.tables();
         assert_eq!(tables.collected_flows, 4 + 2 + 1);
         assert_eq!(tables.collected_affinities, 1);
-        assert_eq!(tables.flows.entries, nearly_full as u64);
+        assert_eq!(tables.flows.entries, nearly_full);
         assert_eq!(tables.gc_passes_nearly_full, 1);
     }
 

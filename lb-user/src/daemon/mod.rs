@@ -37,7 +37,6 @@ use self::{
     announce::Announcer,
     closing::CloseQueue,
     health::{Checker, Report},
-    housekeeping::plan_collection,
     pool::Pool,
     report::{Basis, StatusSource},
     runtime::{state_directory, state_path, Overlay},
@@ -404,6 +403,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         state.lock().await.pool.config().daemon.gc_interval,
     ));
     let mut gc_tick = tokio::time::interval(gc_every);
+    let sweeper = Arc::new(std::sync::Mutex::new(
+        state.lock().await.dataplane.sweeper()?,
+    ));
     let watchdog_period = systemd::watchdog_period();
     // Without a watchdog the tick never fires (its branch is disabled).
     let mut watchdog_tick =
@@ -464,15 +466,27 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             }
             _ = gc_tick.tick() => {
-                // Reading a million flows takes seconds: done outside the lock, which the
-                // control socket and the health checks need; the deletes take it briefly.
-                let timeouts = state.lock().await.pool.affinity_timeouts_ns();
-                let tables = status.tables();
-                let plan = off_the_workers(move || plan_collection(&tables, &timeouts)).await;
+                // The sweep runs in the kernel, outside the lock the control socket and the
+                // health checks need; the peers hear which flows it deleted.
+                let (timeouts, announce) = {
+                    let s = state.lock().await;
+                    (s.pool.affinity_timeouts_ns(), s.sync.is_some())
+                };
+                let sweeper = sweeper.clone();
+                let sweep = off_the_workers(move || {
+                    let mut sweeper = sweeper.lock().map_err(|_| anyhow::anyhow!("sweeper poisoned"))?;
+                    sweeper.sweep(&timeouts, announce)
+                })
+                .await;
                 let mut s = state.lock().await;
-                let s = &mut *s;
-                match plan.and_then(|plan| s.pool.apply_collection(&mut s.dataplane, &plan).map(|()| plan)) {
-                    Ok(plan) => s.removed(plan.expired_flows().to_vec()),
+                match sweep {
+                    Ok(sweep) => {
+                        if sweep.tally.unannounced > 0 {
+                            warn!(flows = sweep.tally.unannounced, "more expired flows than one sweep can announce; the peers keep those until they expire");
+                        }
+                        s.pool.record_collection(&sweep.tally);
+                        s.removed(sweep.flows_removed);
+                    }
                     Err(e) => error!(error = %format!("{e:#}"), "garbage collection"),
                 }
                 s.publish();

@@ -10,13 +10,13 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Result};
-use lb_common::{is_fresh, NS_PER_SEC};
+use lb_common::{is_fresh, SweepTally, NS_PER_SEC};
 use tracing::{info, warn};
 
 use super::{
     health,
     health_state::{HealthState, Transition},
-    housekeeping::{due_drains, plan_collection, CollectionPlan, Housekeeping},
+    housekeeping::{due_drains, Housekeeping},
     installation::{Installation, Member},
     report,
     runtime::{Drain, EffectiveBackend, Overlay},
@@ -400,16 +400,17 @@ impl Pool {
         Ok(())
     }
 
-    /// Deletes expired flow and affinity entries and records how full the tables are, in
-    /// one go (the daemon plans outside its lock: `housekeeping::plan_collection`, then
-    /// `apply_collection`).
-    pub fn collect_garbage(&mut self, dp: &mut Dataplane) -> Result<()> {
-        let plan = plan_collection(dp.reader(), &self.affinity_timeouts_ns())?;
-        self.apply_collection(dp, &plan)
+    /// Deletes expired flow and affinity entries and records how full the tables are (the
+    /// daemon sweeps outside its lock, then `record_collection`).
+    pub fn collect_garbage(&mut self, dp: &Dataplane) -> Result<()> {
+        let sweep = dp.sweeper()?.sweep(&self.affinity_timeouts_ns(), false)?;
+        self.record_collection(&sweep.tally);
+        Ok(())
     }
 
-    pub fn apply_collection(&mut self, dp: &mut Dataplane, plan: &CollectionPlan) -> Result<()> {
-        self.housekeeping.apply(dp, &self.config.daemon, plan)
+    pub fn record_collection(&mut self, sweep: &SweepTally) {
+        self.housekeeping
+            .record_collection(&self.config.daemon, sweep)
     }
 
     // --- affinities and tables ---

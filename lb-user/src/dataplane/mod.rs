@@ -5,6 +5,7 @@ pub mod batch;
 pub mod maglev;
 pub mod mapped;
 pub mod next_hops;
+pub mod sweep;
 pub mod vlan;
 use std::{
     collections::BTreeMap,
@@ -33,9 +34,9 @@ use lb_common::{
     MAGLEV_ENTRIES, MAGLEV_SIZE, MAP_ADDR_FILTER, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_STATS,
     MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HALF_OPEN, MAP_MAGLEV, MAP_PROGRAMS,
     MAP_ROUTE_GENERATION, MAP_SERVICES, MAP_SERVICE_REFUSED, MAP_SERVICE_STATS, MAP_SETTINGS,
-    MAP_SNAT_ADDRS, MAP_SOURCE_RULES, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS, MAX_BACKENDS,
-    NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT,
-    PROGRAM_NAME, SNAT_V6_BASE, SOURCE_RULE_HEADER_BITS,
+    MAP_SNAT_ADDRS, MAP_SOURCE_RULES, MAP_SWEPT, MAP_SYNC, MAP_TX_PORTS, MAP_VIPS, MAP_VLANS,
+    MAX_BACKENDS, NEW_FLOW_PROGRAM_NAME, NEW_FLOW_SLOT, NS_PER_SEC, OPEN_FLOW_PROGRAM_NAME,
+    OPEN_FLOW_SLOT, PROGRAM_NAME, SNAT_V6_BASE, SOURCE_RULE_HEADER_BITS, SWEEP_PROGRAM_NAME,
 };
 use tracing::{info, warn};
 
@@ -103,6 +104,8 @@ pub struct Dataplane {
     close_events: Option<RingBuf<MapData>>,
     /// `LB_SYNC`, until the sync service takes it.
     sync_events: Option<RingBuf<MapData>>,
+    /// `LB_SWEPT`, which each `Sweeper` reads on a descriptor of its own.
+    swept: MapData,
     /// Where maps and links are pinned (`<pin_dir>/v<LAYOUT_VERSION>`); `None` for a
     /// throw-away instance (packet tests).
     pin_dir: Option<PathBuf>,
@@ -501,6 +504,13 @@ impl Dataplane {
                 .set(slot, &fd, 0)
                 .with_context(|| format!("install the program {name}"))?;
         }
+        let sweep: &mut Xdp = ebpf
+            .program_mut(SWEEP_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing from the XDP object"))?
+            .try_into()?;
+        sweep
+            .load()
+            .with_context(|| format!("the kernel verifier rejected {SWEEP_PROGRAM_NAME}"))?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, DropNames)
             .context("open the data-plane log ring")?;
         // Whatever a previous daemon cached may have changed while none was watching.
@@ -519,6 +529,10 @@ impl Dataplane {
             route_generation: Some(route_generation),
             close_events: Some(take(&mut ebpf, MAP_EVENTS)?),
             sync_events: Some(take(&mut ebpf, MAP_SYNC)?),
+            swept: match ebpf.take_map(MAP_SWEPT) {
+                Some(Map::RingBuf(data)) => data,
+                _ => bail!("map {MAP_SWEPT} missing from the XDP object, or not a ring"),
+            },
             address_filter_map: take(&mut ebpf, MAP_ADDR_FILTER)?,
             // Filled from LB_VIPS below.
             address_filter: Vec::new(),
@@ -550,6 +564,17 @@ impl Dataplane {
         };
         dataplane.write_address_filter()?;
         Ok(dataplane)
+    }
+
+    /// A garbage collector on a descriptor of its own, for another task.
+    pub fn sweeper(&self) -> Result<sweep::Sweeper> {
+        let program = self
+            .ebpf
+            .program(SWEEP_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing"))?;
+        let fd = program.fd()?.as_fd().try_clone_to_owned()?;
+        let swept = reopen(&self.swept, Map::RingBuf, MAP_SWEPT)?;
+        Ok(sweep::Sweeper::new(fd, swept))
     }
 
     /// The close events, for the daemon (once).

@@ -63,7 +63,7 @@ pub struct ScalePoint {
     pub per_call: Summary,
     pub net: Summary,
     /// The daemon's work on these tables, ms: a garbage collection (wall and this thread's
-    /// CPU; nothing has expired, so it reads every entry and deletes none) and a status
+    /// CPU; nothing has expired, so its sweep looks at every entry and deletes none) and a status
     /// report (every flow and affinity read and counted).
     pub gc_ms: Summary,
     pub gc_cpu_ms: Summary,
@@ -477,7 +477,7 @@ fn scale_point(plan: &Plan, flows: usize, baselines: &Baselines) -> Result<Scale
     let (mut gc_ms, mut gc_cpu_ms, mut status_ms) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..CONTROL_ROUNDS {
         let (wall, cpu) = (Instant::now(), thread_cpu());
-        lb.pool.collect_garbage(&mut lb.dp)?;
+        lb.pool.collect_garbage(&lb.dp)?;
         gc_ms.push(wall.elapsed().as_secs_f64() * 1e3);
         gc_cpu_ms.push((thread_cpu() - cpu).as_secs_f64() * 1e3);
         let wall = Instant::now();

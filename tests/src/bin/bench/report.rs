@@ -341,8 +341,9 @@ pub fn packet_cost_table(c: &crate::packet_cost::PacketCost) -> String {
     }
     let _ = writeln!(
         out,
-        "\n**Control plane on the same tables.** A garbage collection (nothing has expired, so \
-         it reads every flow, half-open and affinity entry in batches and deletes none) and a \
+        "\n**Control plane on the same tables.** A garbage collection (the data plane's sweep, \
+         one `BPF_PROG_TEST_RUN` that looks at every flow, half-open and affinity entry in the \
+         kernel; nothing has expired, so it deletes none) and a \
          status report (every flow and affinity read and counted), each run three times in \
          process. Targets at a million connections: GC ≤ 200 ms of CPU, status ≤ 100 ms.\n"
     );
