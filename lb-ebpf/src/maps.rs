@@ -41,10 +41,11 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, BPF_F_MM
 /// `BPF_F_MMAPABLE` (linux/bpf.h): the array can be mapped into a process's memory.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// The LRU tables keep one LRU list per CPU: an insert never takes a lock shared with the
-/// other CPUs (a common list costs several hundred ns per insert under load), and a flood
-/// on one CPU evicts only that CPU's share.
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+/// The LRU tables share one LRU list between the CPUs (no `BPF_F_NO_COMMON_LRU`): each CPU
+/// takes free entries from it 128 at a time, so an insert rarely touches the shared list,
+/// while a per-CPU list ages its entries on every insert (measured: a new flow, with its
+/// three LRU inserts, ~17 % dearer that way; BENCHMARKS.md).
+const LRU_SHARED: u32 = 0;
 
 /// Confirmed connections, both directions. Not LRU: nothing a flood sends can evict an
 /// established flow; entries leave when they expire (daemon GC, or reuse of the tuple).
@@ -58,7 +59,7 @@ pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(MAX_FL
 /// leaves the return entry to expire (one delete saved per connection).
 #[map(name = "LB_HALF_OPEN")]
 pub static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(MAX_HALF_OPEN, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(MAX_HALF_OPEN, LRU_SHARED);
 
 /// Fragmented datagrams: the first fragment's rewrite, for the later ones.
 #[map(name = "LB_FRAGMENTS")]
@@ -81,7 +82,7 @@ pub static VLANS: HashMap<u32, VlanPort> = HashMap::with_max_entries(MAX_INTERFA
 
 #[map(name = "LB_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
-    LruHashMap::with_max_entries(MAX_AFFINITIES, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(MAX_AFFINITIES, LRU_SHARED);
 
 #[map(name = "LB_SNAT_ADDRS")]
 pub static SNAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(MAX_SNAT_ADDRS, 0);

@@ -1,4 +1,5 @@
 //! Per-CPU counters: no atomics needed, the daemon sums the CPUs.
+use aya_ebpf::maps::PerCpuArray;
 use lb_common::{Counter, FlowEntry, TrafficStats, FLOW_F_REVERSE};
 
 use crate::{
@@ -8,17 +9,19 @@ use crate::{
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += 1 };
-    }
+    add_one(&COUNTERS, counter as u32);
 }
 
 /// Counts a new flow refused by the source rules of service `service_id`.
 #[inline(always)]
 pub fn refused(service_id: u32) {
-    if let Some(slot) = SERVICE_REFUSED.get_ptr_mut(service_id) {
-        // SAFETY: per-CPU slot.
+    add_one(&SERVICE_REFUSED, service_id);
+}
+
+#[inline(always)]
+fn add_one(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = counters.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *slot += 1 };
     }
 }
