@@ -40,15 +40,21 @@ pub struct Member {
     pub down: bool,
 }
 
+/// A service's live Maglev half and what it was built from (members and seed): a sync that
+/// changes nothing for a service leaves its table alone, so a drain costs one build. A
+/// table adopted from a previous daemon has no known inputs, so the first sync rebuilds it.
+#[derive(Debug)]
+struct LiveTable {
+    half: u32,
+    inputs: Option<(Vec<maglev::Member>, u32)>,
+}
+
 #[derive(Debug, Default)]
 pub struct Installation {
     service_ids: BTreeMap<String, u32>,
     backend_ids: BTreeMap<BackendIdentity, u32>,
-    /// Live Maglev half per service id.
-    live_half: BTreeMap<u32, u32>,
-    /// What each service's live table was built from (members and seed): a sync that
-    /// changes nothing for a service leaves its table alone, so a drain costs one build.
-    live_inputs: BTreeMap<u32, (Vec<maglev::Member>, u32)>,
+    /// Each service's live Maglev table, by service id.
+    live: BTreeMap<u32, LiveTable>,
     /// Service keys currently in the data plane, by name, for removal on reload.
     installed: BTreeMap<String, Vec<ServiceKey>>,
     /// Addresses currently in `LB_VIPS` (VIPs and SNAT addresses).
@@ -121,7 +127,13 @@ impl Installation {
             let keys = service_keys(s);
             if let Some((_, svc)) = installed.iter().find(|(k, _)| keys.contains(k)) {
                 self.service_ids.insert(s.name.clone(), svc.id);
-                self.live_half.insert(svc.id, svc.table_half);
+                self.live.insert(
+                    svc.id,
+                    LiveTable {
+                        half: svc.table_half,
+                        inputs: None,
+                    },
+                );
                 let adopted = installed
                     .iter()
                     .filter(|(_, other)| other.id == svc.id)
@@ -237,8 +249,7 @@ impl Installation {
             }
         }
         let live_ids: BTreeSet<u32> = self.service_ids.values().copied().collect();
-        self.live_half.retain(|id, _| live_ids.contains(id));
-        self.live_inputs.retain(|id, _| live_ids.contains(id));
+        self.live.retain(|id, _| live_ids.contains(id));
         self.sync_addresses(dp, config)
     }
 
@@ -286,16 +297,15 @@ impl Installation {
             }
         }
         let inputs = (members, s.seed);
-        let half = match self.live_half.get(&service_id) {
-            Some(&live) if self.live_inputs.get(&service_id) == Some(&inputs) => live,
+        let half = match self.live.get(&service_id) {
+            Some(live) if live.inputs.as_ref() == Some(&inputs) => live.half,
             live => {
-                let half = live.map_or(0, |h| h ^ 1);
+                let half = live.map_or(0, |l| l.half ^ 1);
                 let table = maglev::build(&inputs.0, MAGLEV_SIZE, s.seed);
                 dp.write_maglev(service_id, half, &table)?;
                 half
             }
         };
-        self.live_inputs.insert(service_id, inputs);
         let service = Service {
             id: service_id,
             affinity_mode: affinity_mode(s.affinity),
@@ -307,7 +317,13 @@ impl Installation {
         for key in &keys {
             dp.set_service(*key, service)?;
         }
-        self.live_half.insert(service_id, half);
+        self.live.insert(
+            service_id,
+            LiveTable {
+                half,
+                inputs: Some(inputs),
+            },
+        );
         self.installed.insert(s.name.clone(), keys);
         Ok(())
     }
@@ -407,7 +423,7 @@ impl Installation {
 
     /// The live half of a service's Maglev table.
     pub fn live_half(&self, service_id: u32) -> u32 {
-        self.live_half.get(&service_id).copied().unwrap_or(0)
+        self.live.get(&service_id).map_or(0, |l| l.half)
     }
 
     /// Every server with an id, by id.

@@ -339,6 +339,18 @@ pub fn vip_key(addr: IpAddr) -> AddrKey {
     }
 }
 
+/// Loads the XDP program `name` of the object into the kernel.
+fn load_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
+    Ok(program)
+}
+
 fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T::Error: std::error::Error + Send + Sync + 'static,
@@ -477,13 +489,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the XDP object (are you root, with CAP_BPF?)")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the XDP object"))?
-            .try_into()?;
-        program
-            .load()
-            .context("the kernel verifier rejected the XDP program")?;
+        load_program(&mut ebpf, PROGRAM_NAME)?;
         // Pinned with the other maps: a running data plane keeps its programs while no
         // daemon runs, and the next daemon swaps its own in.
         let mut programs: ProgramArray<MapData> = take(&mut ebpf, MAP_PROGRAMS)?;
@@ -492,25 +498,12 @@ impl Dataplane {
             (CLAIM_PROGRAM_NAME, CLAIM_SLOT),
             (OPEN_FLOW_PROGRAM_NAME, OPEN_FLOW_SLOT),
         ] {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
-            let fd = program.fd()?.try_clone()?;
+            let fd = load_program(&mut ebpf, name)?.fd()?.try_clone()?;
             programs
                 .set(slot, &fd, 0)
                 .with_context(|| format!("install the program {name}"))?;
         }
-        let sweep: &mut Xdp = ebpf
-            .program_mut(SWEEP_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing from the XDP object"))?
-            .try_into()?;
-        sweep
-            .load()
-            .with_context(|| format!("the kernel verifier rejected {SWEEP_PROGRAM_NAME}"))?;
+        load_program(&mut ebpf, SWEEP_PROGRAM_NAME)?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, DropNames)
             .context("open the data-plane log ring")?;
         // Whatever a previous daemon cached may have changed while none was watching.

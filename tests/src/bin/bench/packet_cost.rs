@@ -82,31 +82,31 @@ fn config(snat_addresses: u32) -> Result<Config> {
     let snat: Vec<String> = (0..snat_addresses)
         .map(|i| format!("\"{}\"", snat_address(i)))
         .collect();
+    // The same service twice: as is, and behind allow / deny lists.
+    let service = |name: &str, port: u16, lists: &str| {
+        format!(
+            r#"
+[[service]]
+name = "{name}"
+vip = "{LAB_VIP}"
+port = {port}
+backend_port = {BACKEND_PORT}
+affinity = "source"
+backends = [{{ address = "{LAB_BACKEND}" }}]
+{lists}"#
+        )
+    };
     Config::parse(&format!(
-        r#"
-[daemon]
-interfaces = ["{LAB_INTERFACE}"]
-snat_addresses = [{}]
-
-[[service]]
-name = "web"
-vip = "{LAB_VIP}"
-port = {SERVICE_PORT}
-backend_port = {BACKEND_PORT}
-affinity = "source"
-backends = [{{ address = "{LAB_BACKEND}" }}]
-
-[[service]]
-name = "web-restricted"
-vip = "{LAB_VIP}"
-port = {RESTRICTED_PORT}
-backend_port = {BACKEND_PORT}
-affinity = "source"
-allow = ["11.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.7"]
+        "[daemon]\ninterfaces = [\"{LAB_INTERFACE}\"]\nsnat_addresses = [{}]\n{}{}",
+        snat.join(", "),
+        service("web", SERVICE_PORT, ""),
+        service(
+            "web-restricted",
+            RESTRICTED_PORT,
+            r#"allow = ["11.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.7"]
 deny = ["11.255.0.0/16", "11.254.1.0/24"]
-backends = [{{ address = "{LAB_BACKEND}" }}]
 "#,
-        snat.join(", ")
+        ),
     ))
 }
 
