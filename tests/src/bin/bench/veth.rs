@@ -31,7 +31,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// SNAT addresses of the compared runs (lb's and nftables'), and the ones after them that
 /// only the sustained run uses.
 const ROUND_SNAT_ADDRESSES: usize = 8;
-const SUSTAINED_SNAT_ADDRESSES: usize = 10;
+/// Enough for 38,000 connections/s by the README's rule (`snat_addresses_for`).
+const SUSTAINED_SNAT_ADDRESSES: usize = 24;
 
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
 pub enum Balancer {
