@@ -717,6 +717,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for CloseEvent {}
     unsafe impl aya::Pod for SyncEvent {}
+    unsafe impl aya::Pod for SweepTally {}
 }
 
 /// Word 0 of an address: an IPv4 address in network byte order, as read raw from a packet.

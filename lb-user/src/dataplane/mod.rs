@@ -27,6 +27,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use aya_obj::programs::XdpAttachType;
 use lb_common::{
     is_fresh, maglev_index, pinned_maps, AddrKey, AffinityEntry, AffinityKey, Backend, Counter,
     FlowEntry, FlowKey, Service, ServiceKey, Settings, SourceRuleKey, TrafficStats, VipInfo,
@@ -378,19 +379,17 @@ fn add_traffic(acc: &mut TrafficStats, v: &TrafficStats) {
     acc.affinity_misses += v.affinity_misses;
 }
 
-/// What a removal pass did: entries deleted, and entries left in the table.
+/// What a removal pass did: entries deleted.
 #[derive(Debug, Clone, Copy)]
 pub struct Removal {
     pub removed: usize,
-    pub kept: usize,
 }
 
-/// The entries of a table chosen for deletion, and how many were left alone: the reading
-/// half of a removal, which needs no write access (see `TableReader`).
+/// The entries of a table chosen for deletion: the reading half of a removal, which needs
+/// no write access (see `TableReader`).
 #[derive(Debug, Default)]
 pub struct Selection<K> {
     pub doomed: Vec<K>,
-    pub kept: usize,
 }
 
 /// The entries of `map` that `remove` selects, in one batched walk.
@@ -398,17 +397,12 @@ fn select<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     remove: impl Fn(&K, &V) -> bool,
 ) -> Result<Selection<K>> {
-    let entries = batch::read_all(map)?;
-    let total = entries.len();
-    let doomed: Vec<K> = entries
+    let doomed = batch::read_all(map)?
         .into_iter()
         .filter(|(k, v)| remove(k, v))
         .map(|(k, _)| k)
         .collect();
-    Ok(Selection {
-        kept: total - doomed.len(),
-        doomed,
-    })
+    Ok(Selection { doomed })
 }
 
 /// Deletes a selection, in batches. An entry already gone (LRU eviction, a racing delete)
@@ -419,7 +413,6 @@ fn delete_selected<K: aya::Pod, V: aya::Pod>(
 ) -> Result<Removal> {
     Ok(Removal {
         removed: batch::delete(map, &selection.doomed)?,
-        kept: selection.kept,
     })
 }
 
@@ -561,13 +554,19 @@ impl Dataplane {
 
     /// A garbage collector on a descriptor of its own, for another task.
     pub fn sweeper(&self) -> Result<sweep::Sweeper> {
-        let program = self
+        let program: &Xdp = self
             .ebpf
             .program(SWEEP_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing"))?;
-        let fd = program.fd()?.as_fd().try_clone_to_owned()?;
+            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing"))?
+            .try_into()?;
+        // A handle of its own on the loaded program (no second load).
+        let program = Xdp::from_program_info(
+            program.info()?,
+            SWEEP_PROGRAM_NAME.into(),
+            XdpAttachType::Interface,
+        )?;
         let swept = reopen(&self.swept, Map::RingBuf, MAP_SWEPT)?;
-        Ok(sweep::Sweeper::new(fd, swept))
+        Ok(sweep::Sweeper::new(program, swept))
     }
 
     /// The close events, for the daemon (once).
@@ -936,15 +935,15 @@ impl Dataplane {
         self.delete_affinities(&selection)
     }
 
-    pub fn delete_affinities(&mut self, selection: &Selection<AffinityKey>) -> Result<Removal> {
+    fn delete_affinities(&mut self, selection: &Selection<AffinityKey>) -> Result<Removal> {
         delete_selected(&mut self.affinity, selection).context("LB_AFFINITY")
     }
 
-    pub fn delete_flows(&mut self, selection: &Selection<FlowKey>) -> Result<Removal> {
+    fn delete_flows(&mut self, selection: &Selection<FlowKey>) -> Result<Removal> {
         delete_selected(&mut self.flows, selection).context("LB_FLOWS")
     }
 
-    pub fn delete_half_open(&mut self, selection: &Selection<FlowKey>) -> Result<Removal> {
+    fn delete_half_open(&mut self, selection: &Selection<FlowKey>) -> Result<Removal> {
         delete_selected(&mut self.half_open, selection).context("LB_HALF_OPEN")
     }
 

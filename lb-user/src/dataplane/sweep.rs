@@ -3,42 +3,22 @@
 //! deletes what has expired, where reading them out in batches cost seconds per million
 //! entries. It holds descriptors of its own on the program and on `LB_SWEPT`, so a
 //! collection runs outside the daemon's lock.
-use std::{
-    collections::BTreeMap,
-    os::fd::{AsRawFd, OwnedFd},
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions, Xdp},
 };
+use lb_common::{FlowKey, SweepRequest, SweepTally, MAX_SERVICES, NS_PER_SEC, SWEEP_PROGRAM_NAME};
 
-use anyhow::{bail, Result};
-use aya::maps::{MapData, RingBuf};
-use lb_common::{FlowKey, SweepRequest, SweepTally, MAX_SERVICES, NS_PER_SEC};
+use super::ring_record;
 
-use super::{batch::bpf, ring_record};
-
-/// `enum bpf_cmd` (linux/bpf.h).
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// `enum xdp_action`: what `lb_sweep` answers when it swept.
 const XDP_PASS: u32 = 2;
 
-/// `union bpf_attr`'s `test` member (linux/bpf.h), up to `ctx_out`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-}
-
 pub struct Sweeper {
-    program: OwnedFd,
+    program: Xdp,
     /// `LB_SWEPT`: the flow directions a sweep deleted, when it announces them.
     swept: RingBuf<MapData>,
 }
@@ -51,7 +31,7 @@ pub struct Sweep {
 }
 
 impl Sweeper {
-    pub(super) fn new(program: OwnedFd, swept: RingBuf<MapData>) -> Self {
+    pub(super) fn new(program: Xdp, swept: RingBuf<MapData>) -> Self {
         Self { program, swept }
     }
 
@@ -68,31 +48,22 @@ impl Sweeper {
         while self.swept.next().is_some() {}
         let frame = request_frame(affinity_timeouts_ns, announce)?;
         let mut out = vec![0u8; frame.len()];
-        let mut attr = TestRunAttr {
-            prog_fd: self.program.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ..TestRunAttr::default()
-        };
-        if let Err(e) = bpf(BPF_PROG_TEST_RUN, &mut attr) {
+        let result = self
+            .program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("running {SWEEP_PROGRAM_NAME} (BPF_PROG_TEST_RUN)"))?;
+        if result.return_value != XDP_PASS {
             bail!(
-                "running {} (BPF_PROG_TEST_RUN): {e}",
-                lb_common::SWEEP_PROGRAM_NAME
+                "{SWEEP_PROGRAM_NAME} refused its request (action {})",
+                result.return_value
             );
         }
-        if attr.retval != XDP_PASS {
-            bail!(
-                "{} refused its request (action {})",
-                lb_common::SWEEP_PROGRAM_NAME,
-                attr.retval
-            );
-        }
-        // SAFETY: `out` is at least a `SweepRequest` long, more than a `SweepTally`, and
-        // every bit pattern is a valid `SweepTally`.
-        let tally = unsafe { (out.as_ptr() as *const SweepTally).read_unaligned() };
+        let tally = ring_record::<SweepTally>(&out)
+            .with_context(|| format!("{SWEEP_PROGRAM_NAME} answered a short frame"))?;
         let mut flows_removed = Vec::new();
         while let Some(item) = self.swept.next() {
             flows_removed.extend(ring_record::<FlowKey>(&item));
@@ -118,12 +89,15 @@ fn request_frame(affinity_timeouts_ns: &BTreeMap<u32, u64>, announce: bool) -> R
         };
         *slot = u32::try_from(timeout_ns / NS_PER_SEC).unwrap_or(u32::MAX);
     }
-    Ok(request
-        .affinity_timeout_s
-        .iter()
-        .chain([&request.announce, &request._pad])
-        .flat_map(|t| t.to_ne_bytes())
-        .collect())
+    // SAFETY: `SweepRequest` is `#[repr(C)]` plain integers with its padding spelled out,
+    // so all its bytes are initialised.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&request as *const SweepRequest).cast::<u8>(),
+            size_of::<SweepRequest>(),
+        )
+    };
+    Ok(bytes.to_vec())
 }
 
 #[cfg(test)]
