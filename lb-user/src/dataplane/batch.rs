@@ -35,17 +35,12 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(command: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+/// bpf(2) with `attr`, a `union bpf_attr` member of the command's (`#[repr(C)]`, its
+/// buffers owned by the caller and sized as the member says).
+pub(super) fn bpf<A>(command: libc::c_long, attr: &mut A) -> std::io::Result<()> {
     // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the buffers it points
-    // to are owned by the caller and sized by `count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
+    // to are the caller's, as sized in it.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut A, size_of::<A>()) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {

@@ -27,7 +27,6 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use aya_obj::programs::XdpAttachType;
 use lb_common::{
     is_fresh, maglev_index, pinned_maps, AddrKey, AffinityEntry, AffinityKey, Backend, Counter,
     FlowEntry, FlowKey, Service, ServiceKey, Settings, SourceRuleKey, TrafficStats, VipInfo,
@@ -554,19 +553,13 @@ impl Dataplane {
 
     /// A garbage collector on a descriptor of its own, for another task.
     pub fn sweeper(&self) -> Result<sweep::Sweeper> {
-        let program: &Xdp = self
+        let program = self
             .ebpf
             .program(SWEEP_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing"))?
-            .try_into()?;
-        // A handle of its own on the loaded program (no second load).
-        let program = Xdp::from_program_info(
-            program.info()?,
-            SWEEP_PROGRAM_NAME.into(),
-            XdpAttachType::Interface,
-        )?;
+            .ok_or_else(|| anyhow!("program {SWEEP_PROGRAM_NAME} missing"))?;
+        let fd = program.fd()?.as_fd().try_clone_to_owned()?;
         let swept = reopen(&self.swept, Map::RingBuf, MAP_SWEPT)?;
-        Ok(sweep::Sweeper::new(program, swept))
+        Ok(sweep::Sweeper::new(fd, swept))
     }
 
     /// The close events, for the daemon (once).

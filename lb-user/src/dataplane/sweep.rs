@@ -3,22 +3,45 @@
 //! deletes what has expired, where reading them out in batches cost seconds per million
 //! entries. It holds descriptors of its own on the program and on `LB_SWEPT`, so a
 //! collection runs outside the daemon's lock.
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, OwnedFd},
+};
 
 use anyhow::{bail, Context, Result};
-use aya::{
-    maps::{MapData, RingBuf},
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::maps::{MapData, RingBuf};
 use lb_common::{FlowKey, SweepRequest, SweepTally, MAX_SERVICES, NS_PER_SEC, SWEEP_PROGRAM_NAME};
 
-use super::ring_record;
+use super::{batch::bpf, ring_record};
 
+/// `enum bpf_cmd` (linux/bpf.h).
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// `enum xdp_action`: what `lb_sweep` answers when it swept.
 const XDP_PASS: u32 = 2;
 
+/// `union bpf_attr`'s `test` member (linux/bpf.h), up to `ctx_out`. By hand rather than
+/// aya's `test_run`: an aya program handle of its own needs `bpf_prog_get_fd_by_id`, which
+/// takes CAP_SYS_ADMIN, which the unit does not grant (packaging/lb.service); a
+/// duplicated descriptor needs nothing.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+}
+
 pub struct Sweeper {
-    program: Xdp,
+    program: OwnedFd,
     /// `LB_SWEPT`: the flow directions a sweep deleted, when it announces them.
     swept: RingBuf<MapData>,
 }
@@ -31,7 +54,7 @@ pub struct Sweep {
 }
 
 impl Sweeper {
-    pub(super) fn new(program: Xdp, swept: RingBuf<MapData>) -> Self {
+    pub(super) fn new(program: OwnedFd, swept: RingBuf<MapData>) -> Self {
         Self { program, swept }
     }
 
@@ -48,18 +71,21 @@ impl Sweeper {
         while self.swept.next().is_some() {}
         let frame = request_frame(affinity_timeouts_ns, announce)?;
         let mut out = vec![0u8; frame.len()];
-        let result = self
-            .program
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
+        let mut attr = TestRunAttr {
+            prog_fd: self.program.as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..TestRunAttr::default()
+        };
+        bpf(BPF_PROG_TEST_RUN, &mut attr)
             .with_context(|| format!("running {SWEEP_PROGRAM_NAME} (BPF_PROG_TEST_RUN)"))?;
-        if result.return_value != XDP_PASS {
+        if attr.retval != XDP_PASS {
             bail!(
                 "{SWEEP_PROGRAM_NAME} refused its request (action {})",
-                result.return_value
+                attr.retval
             );
         }
         let tally = ring_record::<SweepTally>(&out)
