@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use harness::{
     fixture::{Fixture, ServiceSpec},
     server::Server,
@@ -56,6 +56,14 @@ pub struct Control {
     pub health: Health,
 }
 
+/// Section 3 of the report: Maglev builds in process, then health and drain against a daemon.
+pub fn run(maglev_rounds: usize, health_rounds: usize) -> Result<Control> {
+    Ok(Control {
+        maglev: maglev(maglev_rounds),
+        health: health(health_rounds).context("health and drain timing")?,
+    })
+}
+
 fn members(n: usize, weighted: bool) -> Vec<Member> {
     (0..n)
         .map(|i| Member {
@@ -77,7 +85,7 @@ fn moved(a: &[u32], b: &[u32]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
 }
 
-pub fn maglev(rounds: usize) -> Vec<MaglevPoint> {
+fn maglev(rounds: usize) -> Vec<MaglevPoint> {
     let mut points = Vec::new();
     for weighted in [false, true] {
         for n in [10, 100, 1000] {
@@ -130,7 +138,7 @@ fn wait_for(limit: Duration, check: impl FnMut() -> Result<bool>) -> Result<Dura
     until(limit, Duration::from_millis(10), "the condition", check)
 }
 
-pub fn health(rounds: usize) -> Result<Health> {
+fn health(rounds: usize) -> Result<Health> {
     const INTERVAL: f64 = 0.5;
     const FALL: u32 = 3;
     let service = ServiceSpec {

@@ -91,15 +91,18 @@ fn main() -> Result<()> {
         println!("{}", report::ha_section(&ha));
         return Ok(());
     }
+    if std::env::args().any(|a| a == "--control-only") {
+        // A development aid: section 3 alone, printed, nothing written.
+        let control = control::run(maglev_rounds, health_rounds)?;
+        println!("{}", report::control_section(&control));
+        return Ok(());
+    }
     eprintln!("1/4 per-packet cost (BPF_PROG_TEST_RUN)");
     let packet_cost = packet_cost::run(&cost_plan).context("per-packet cost")?;
     eprintln!("2/4 end to end through veth");
     let veth = veth::run(&veth_plan).context("veth end to end")?;
     eprintln!("3/4 control plane");
-    let control = control::Control {
-        maglev: control::maglev(maglev_rounds),
-        health: control::health(health_rounds).context("health and drain timing")?,
-    };
+    let control = control::run(maglev_rounds, health_rounds)?;
     eprintln!("4/4 high availability");
     let ha = ha::run(ha_connections, ha_churn).context("high availability")?;
     let results = Results {

@@ -192,6 +192,14 @@ pub fn markdown(r: &Results) -> String {
         s.flow_capacity
     );
 
+    out.push_str(&control_section(&r.control));
+    out.push_str(&ha_section(&r.ha));
+    out
+}
+
+/// Section 3: Maglev builds in process, health detection and drain against a daemon.
+pub fn control_section(control: &crate::control::Control) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "\n## 3. Control plane\n");
     let _ = writeln!(
         out,
@@ -201,7 +209,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(out, "| backends | weights | build ms | max ÷ fair | min ÷ fair | moved on remove | moved on add | 1/N |");
     let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|");
-    for p in &r.control.maglev {
+    for p in &control.maglev {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {:.3} | {:.3} | {:.2} % | {:.2} % | {:.2} % |",
@@ -215,7 +223,7 @@ pub fn markdown(r: &Results) -> String {
             100.0 / p.backends as f64
         );
     }
-    let h = &r.control.health;
+    let h = &control.health;
     let _ = writeln!(
         out,
         "\nAgainst a running daemon (veth harness, TCP check on port 5061 every {} s, fall {}): a server's \
@@ -235,7 +243,6 @@ pub fn markdown(r: &Results) -> String {
         out,
         "A criterion benchmark of the Maglev build runs with `cargo bench -p lb-user --bench maglev` (not part of this report)."
     );
-    out.push_str(&ha_section(&r.ha));
     out
 }
 
