@@ -326,7 +326,8 @@ pub struct SweepRequest {
     pub affinity_timeout_s: [u32; MAX_SERVICES as usize],
     /// Non-zero: every flow direction deleted goes into `LB_SWEPT` (for the peers).
     pub announce: u32,
-    pub _pad: u32,
+    /// Non-zero: each live connection brings its client's affinity up to its last packet.
+    pub refresh_affinities: u32,
 }
 
 /// `LB_SWEPT` size: flow directions one sweep can announce (a `FlowKey` each).

@@ -15,14 +15,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash, maglev_index, AffinityEntry, AffinityKey, Backend, CloseEvent, Counter, FlowEntry,
-    FlowKey, Service, ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP,
-    CLAIM_SLOT, FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
+    hash, maglev_index, AffinityEntry, Backend, CloseEvent, Counter, FlowEntry, FlowKey, Service,
+    ServiceKey, Settings, AFFINITY_NONE, AFFINITY_SOURCE_PORT, BACKEND_PORT_KEEP, CLAIM_SLOT,
+    FAMILY_V6, FLOW_F_AFFINITY_PORT, FLOW_F_CLOSING, FLOW_F_REVERSE, FLOW_F_SEQ_KNOWN,
     FLOW_F_SYNACK_SEEN, FLOW_F_TOUCH_AFFINITY, MAGLEV_SIZE, NEW_FLOW_SLOT, NO_BACKEND,
     OPEN_FLOW_SLOT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SERVER_TIME_WAIT_S, SNAT_V6_BASE,
 };
 
 use crate::{
+    affinity,
     clock::{self, is_fresh, NS_PER_SEC},
     copy,
     forward::{next_hop, send, NO_NEXT_HOP},
@@ -265,9 +266,6 @@ fn carry(
     tcp::track(pkt, entry);
     if now.saturating_sub(entry.last_seen_ns) > REFRESH_INTERVAL_NS {
         entry.last_seen_ns = now;
-        if entry.flags & FLOW_F_TOUCH_AFFINITY != 0 {
-            refresh_affinity(pkt, entry, now);
-        }
     }
     fragments::track_first(pkt, entry, now);
     stats::flow_packet(pkt, entry);
@@ -402,35 +400,6 @@ fn confirm_flow(key: &FlowKey, entry: &mut FlowEntry, now: u64) {
 fn expire(entry: &mut FlowEntry) {
     entry.timeout_s = 0;
     entry.last_seen_ns = 0;
-}
-
-/// A long-lived connection keeps its client's affinity alive, so the client's next
-/// connection after a long one still lands on the same server.
-#[inline(always)]
-fn refresh_affinity(pkt: &Packet, entry: &FlowEntry, now: u64) {
-    let key = affinity_key(
-        pkt.key,
-        entry.service_id,
-        entry.flags & FLOW_F_AFFINITY_PORT != 0,
-    );
-    if let Some(affinity) = AFFINITY.get_ptr_mut(&key) {
-        // SAFETY: map value pointer from a successful lookup.
-        let affinity = unsafe { &mut *affinity };
-        if affinity.backend_id == entry.backend_id {
-            affinity.last_seen_ns = now;
-        }
-    }
-}
-
-#[inline(always)]
-fn affinity_key(flow: &FlowKey, service_id: u32, with_port: bool) -> AffinityKey {
-    AffinityKey {
-        client_be: copy::words(&flow.src_be),
-        client_port_be: if with_port { flow.src_port_be } else { 0 },
-        family: flow.family,
-        _pad: 0,
-        service_id,
-    }
 }
 
 /// Chooses the backend of a new flow and leaves the choice in the plan slot for
@@ -654,7 +623,7 @@ fn choose_backend(flow: &FlowKey, service: &Service, now: u64) -> Option<(u32, u
         );
         return maglev_pick(service, h).map(|id| (id, 0));
     }
-    let key = affinity_key(
+    let key = affinity::key(
         flow,
         service.id,
         service.affinity_mode == AFFINITY_SOURCE_PORT,

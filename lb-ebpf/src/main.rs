@@ -5,6 +5,7 @@
 // stack slot first, and stack is the data plane's scarcest resource (README "Stack").
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod affinity;
 mod balancer;
 mod clock;
 mod copy;

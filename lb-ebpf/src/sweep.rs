@@ -2,6 +2,11 @@
 //! `bpf_for_each_map_elem`, deleting what has expired on the spot. Reading a million flows
 //! out to the daemon and deleting them back costs a copy and a bucket lock per entry
 //! (seconds per million); here an entry costs one look at its timestamp.
+//!
+//! The walk also keeps the affinities of live connections alive: a client whose connection
+//! has lasted past the affinity timeout must still land on the same server with its next
+//! one. Doing it here, on the walks the daemon asks it of, rather than from the packet path,
+//! keeps a lookup in a second large table off every established packet.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -14,6 +19,7 @@ use lb_common::{
 };
 
 use crate::{
+    affinity,
     clock::{self, is_fresh},
     maps::{AFFINITY, FLOWS, HALF_OPEN, SWEPT},
 };
@@ -25,6 +31,8 @@ struct Walk {
     count: SweepCount,
     /// Non-zero while walking `LB_FLOWS` for a request that announces.
     announce: u32,
+    /// Non-zero while walking `LB_FLOWS` for a request that refreshes affinities.
+    refresh_affinities: u32,
     unannounced: u64,
     /// `SweepRequest::affinity_timeout_s`, for the affinity walk.
     affinity_timeout_s: [u32; MAX_SERVICES as usize],
@@ -40,18 +48,26 @@ pub fn sweep(ctx: &XdpContext) -> bool {
     }
     let request = start as *const SweepRequest;
     // SAFETY: within the frame, checked above.
-    let (affinity_timeout_s, announce) =
-        unsafe { ((*request).affinity_timeout_s, (*request).announce) };
+    let (affinity_timeout_s, announce, refresh_affinities) = unsafe {
+        (
+            (*request).affinity_timeout_s,
+            (*request).announce,
+            (*request).refresh_affinities,
+        )
+    };
     let mut walk = Walk {
         now: clock::now(),
         count: SweepCount::default(),
         announce,
+        refresh_affinities,
         unannounced: 0,
         affinity_timeout_s,
     };
     let flows = walk_table(&FLOWS as *const _ as *mut c_void, sweep_flow, &mut walk);
-    // Only confirmed flows are the peers' business.
+    // Only confirmed flows are the peers' business, and only they hold affinities: a
+    // half-open one is at most a handshake timeout old.
     walk.announce = 0;
+    walk.refresh_affinities = 0;
     let half_open = walk_table(&HALF_OPEN as *const _ as *mut c_void, sweep_flow, &mut walk);
     let affinities = walk_table(
         &AFFINITY as *const _ as *mut c_void,
@@ -115,14 +131,32 @@ extern "C" fn sweep_flow(
     // SAFETY: the kernel passes a value of this table and the `Walk` given to the helper.
     let (entry, walk) = unsafe { (&*(value as *const FlowEntry), &mut *(walk as *mut Walk)) };
     let fresh = is_fresh(entry.last_seen_ns, entry.timeout_s, walk.now);
+    // SAFETY: the kernel passes a key of this table.
+    let flow = unsafe { &*(key as *const FlowKey) };
     if settle(map, key, fresh, walk) && walk.announce != 0 {
-        // SAFETY: the kernel passes a key of this table.
-        let key = unsafe { &*(key as *const FlowKey) };
-        if SWEPT.output::<FlowKey>(key, 0).is_err() {
+        if SWEPT.output::<FlowKey>(flow, 0).is_err() {
             walk.unannounced += 1;
         }
+    } else if fresh && walk.refresh_affinities != 0 {
+        refresh_affinity(flow, entry);
     }
     0
+}
+
+/// Brings the affinity of a live client direction up to the flow's last packet, if it
+/// still names the flow's server (a later connection may have moved the client on).
+#[inline(always)]
+fn refresh_affinity(flow: &FlowKey, entry: &FlowEntry) {
+    let Some(key) = affinity::of_flow(flow, entry) else {
+        return;
+    };
+    if let Some(affinity) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: map value pointer from a successful lookup.
+        let affinity = unsafe { &mut *affinity };
+        if affinity.backend_id == entry.backend_id && affinity.last_seen_ns < entry.last_seen_ns {
+            affinity.last_seen_ns = entry.last_seen_ns;
+        }
+    }
 }
 
 /// An affinity: expired once idle past its service's affinity timeout; of a service that is

@@ -307,16 +307,30 @@ fn a_server_that_closes_first_holds_its_snat_port_through_time_wait() -> Result<
     })
 }
 
-#[test]
-fn the_sweep_deletes_exactly_the_expired_entries() -> Result<()> {
+/// Runs `check` on a lab's data plane with the peers' way into its tables, which writes
+/// entries as given, last-seen times included, and `idle`, which turns seconds of idleness
+/// into a last-seen time.
+fn in_sweep_lab(
+    check: impl FnOnce(
+            &lb::dataplane::Dataplane,
+            &mut lb::dataplane::PeerTables,
+            &dyn Fn(u64) -> u64,
+        ) -> Result<()>
+        + Send,
+) -> Result<()> {
     let ns = lab_network()?;
     ns.run(|| {
         let lab = PacketLab::new(LAB_CONFIG)?;
-        let dp = &lab.dp;
-        // The peers' way in writes entries as given, last-seen times included.
-        let mut tables = dp.open_peer_tables()?;
+        let mut tables = lab.dp.open_peer_tables()?;
         let now = lb::dataplane::monotonic_ns();
         let idle = |seconds: u64| now.saturating_sub(seconds * lb_common::NS_PER_SEC);
+        check(&lab.dp, &mut tables, &idle)
+    })?
+}
+
+#[test]
+fn the_sweep_deletes_exactly_the_expired_entries() -> Result<()> {
+    in_sweep_lab(|dp, tables, idle| {
         // Flow directions with a 60 s timeout, idle 0-4 s (fresh) or 120-124 s (expired).
         let flow = |n: u32, idle_s: u64| {
             let key = lb_common::FlowKey {
@@ -366,7 +380,7 @@ fn the_sweep_deletes_exactly_the_expired_entries() -> Result<()> {
         }
         let timeouts = std::collections::BTreeMap::from([(0, 60 * lb_common::NS_PER_SEC)]);
         let mut sweeper = dp.sweeper()?;
-        let sweep = sweeper.sweep(&timeouts, true)?;
+        let sweep = sweeper.sweep(&timeouts, true, false)?;
         let tally = sweep.tally;
         let count = |kept, removed| lb_common::SweepCount { kept, removed };
         ensure!(tally.flows == count(3, 2), "flows {:?}", tally.flows);
@@ -395,12 +409,88 @@ fn the_sweep_deletes_exactly_the_expired_entries() -> Result<()> {
             .collect();
         announced.sort();
         ensure!(announced == [40003, 40004], "announced: {announced:?}");
-        let again = sweeper.sweep(&timeouts, false)?;
+        let again = sweeper.sweep(&timeouts, false, false)?;
         ensure!(
             again.tally.flows == count(3, 0) && again.flows_removed.is_empty(),
             "a second sweep: {:?}",
             again.tally.flows
         );
         Ok(())
-    })?
+    })
+}
+
+/// A connection that outlives its affinity's timeout keeps the affinity: the sweep brings
+/// it up to the connection's last packet, but only while it still names that connection's
+/// server, and only for a live connection of a service that keeps affinities.
+#[test]
+fn the_sweep_keeps_the_affinities_of_live_connections() -> Result<()> {
+    in_sweep_lab(|dp, tables, idle| {
+        // Client n's connection to server `flow_backend`, idle `flow_idle_s` of 60 s, and
+        // its affinity to `affinity_backend`, idle 90 s of 60 s: expired on its own.
+        let case = |n: u32, flow_backend: u32, flow_idle_s: u64, flags: u32, affinity_backend| {
+            let key = lb_common::FlowKey {
+                src_be: [n, 0, 0, 0],
+                src_port_be: 40000u16.to_be(),
+                ..lb_common::FlowKey::default()
+            };
+            let entry = lb_common::FlowEntry {
+                backend_id: flow_backend,
+                flags,
+                timeout_s: 60,
+                last_seen_ns: idle(flow_idle_s),
+                ..lb_common::FlowEntry::default()
+            };
+            let affinity_key = lb_common::AffinityKey {
+                client_be: [n, 0, 0, 0],
+                ..lb_common::AffinityKey::default()
+            };
+            let affinity = lb_common::AffinityEntry {
+                backend_id: affinity_backend,
+                last_seen_ns: idle(90),
+                ..lb_common::AffinityEntry::default()
+            };
+            (key, entry, affinity_key, affinity)
+        };
+        let touch = lb_common::FLOW_F_TOUCH_AFFINITY;
+        let cases = [
+            // Live, same server: kept, as of the connection's last packet.
+            case(1, 7, 2, touch, 7),
+            // Live, but the client has since been moved to another server.
+            case(2, 7, 2, touch, 8),
+            // The connection itself expired.
+            case(3, 7, 120, touch, 7),
+            // A service without affinities.
+            case(4, 7, 2, 0, 7),
+        ];
+        for (key, entry, affinity_key, affinity) in &cases {
+            ensure!(
+                tables.install_flows(&[(*key, *entry)]) == 1,
+                "flow installed"
+            );
+            ensure!(
+                tables.install_affinity(affinity_key, affinity),
+                "affinity installed"
+            );
+        }
+        let timeouts = std::collections::BTreeMap::from([(0, 60 * lb_common::NS_PER_SEC)]);
+        let tally = dp.sweeper()?.sweep(&timeouts, false, true)?.tally;
+        ensure!(
+            tally.affinities
+                == lb_common::SweepCount {
+                    kept: 1,
+                    removed: 3
+                },
+            "affinities {:?}",
+            tally.affinities
+        );
+        let left: Vec<_> = dp
+            .affinities()
+            .map(|(k, v)| (k.client_be[0], v.last_seen_ns))
+            .collect();
+        ensure!(
+            left == [(1, cases[0].1.last_seen_ns)],
+            "affinities left (client, last seen): {left:?}"
+        );
+        Ok(())
+    })
 }

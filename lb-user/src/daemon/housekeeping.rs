@@ -1,5 +1,6 @@
 //! The daemon's periodic work on the data plane: garbage collection and table fill levels,
-//! alarms on counters that mean refused connections, and which drains are due.
+//! the affinity refresh, alarms on counters that mean refused connections, and which drains
+//! are due.
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{Counter, SweepCount, SweepTally};
@@ -27,6 +28,8 @@ pub struct Housekeeping {
     tables: TableReport,
     /// Last seen value of each counter in `ALARM_COUNTERS`.
     alarms_seen: BTreeMap<&'static str, u64>,
+    /// When a collection last refreshed the affinities of live connections (monotonic ns).
+    affinities_refreshed_ns: Option<u64>,
 }
 
 /// An alarm counter that grew since the last reading.
@@ -41,6 +44,25 @@ pub struct Alarm {
 impl Housekeeping {
     pub fn tables(&self) -> TableReport {
         self.tables
+    }
+
+    /// Whether the collection starting now refreshes the affinities of live connections
+    /// (it costs a lookup per connection, a third of the sweep's time): only as often as
+    /// keeps every such affinity within half of the shortest affinity timeout, counting the
+    /// wait until the next collection.
+    pub fn affinity_refresh_due(
+        &mut self,
+        now_ns: u64,
+        gc_interval_ns: u64,
+        shortest_timeout_ns: u64,
+    ) -> bool {
+        let due = self.affinities_refreshed_ns.is_none_or(|last| {
+            now_ns.saturating_sub(last) + gc_interval_ns >= shortest_timeout_ns / 2
+        });
+        if due {
+            self.affinities_refreshed_ns = Some(now_ns);
+        }
+        due
     }
 
     /// The alarm counters that grew since the last call (called every second), each also
@@ -123,6 +145,8 @@ pub fn due_drains(overlay: &Overlay, now_unix: u64) -> Vec<(String, IpAddr)> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::NS_PER_SEC;
+
     use super::*;
     use crate::{config::Config, daemon::runtime::Drain};
 
@@ -144,6 +168,21 @@ mod tests {
         // A data plane restarted from zero only resets the baseline.
         assert!(housekeeping.watch_counters(&snat(0)).is_empty());
         assert_eq!(housekeeping.watch_counters(&snat(1)).len(), 1);
+    }
+
+    #[test]
+    fn affinities_are_refreshed_first_and_then_within_half_the_timeout() {
+        let mut housekeeping = Housekeeping::default();
+        let s = NS_PER_SEC;
+        // 1800 s affinities, a collection every 10 s: a refresh every 890 s or so.
+        let due: Vec<u64> = (0..200)
+            .map(|n| n * 10)
+            .filter(|&t| housekeeping.affinity_refresh_due(t * s, 10 * s, 1800 * s))
+            .collect();
+        assert_eq!(due, [0, 890, 1780]);
+        // Affinities shorter than the collection interval: every collection refreshes.
+        let mut housekeeping = Housekeeping::default();
+        assert!((0..5).all(|n| housekeeping.affinity_refresh_due(n * 10 * s, 10 * s, 3 * s)));
     }
 
     #[test]

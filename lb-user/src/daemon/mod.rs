@@ -468,14 +468,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = gc_tick.tick() => {
                 // The sweep runs in the kernel, outside the lock the control socket and the
                 // health checks need; the peers hear which flows it deleted.
-                let (timeouts, announce) = {
-                    let s = state.lock().await;
-                    (s.pool.affinity_timeouts_ns(), s.sync.is_some())
+                let (timeouts, announce, refresh) = {
+                    let mut s = state.lock().await;
+                    let refresh = s.pool.affinity_refresh_due();
+                    (s.pool.affinity_timeouts_ns(), s.sync.is_some(), refresh)
                 };
                 let sweeper = sweeper.clone();
                 let sweep = off_the_workers(move || {
                     let mut sweeper = sweeper.lock().map_err(|_| anyhow::anyhow!("sweeper poisoned"))?;
-                    sweeper.sweep(&timeouts, announce)
+                    sweeper.sweep(&timeouts, announce, refresh)
                 })
                 .await;
                 let mut s = state.lock().await;

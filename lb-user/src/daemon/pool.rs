@@ -400,10 +400,28 @@ impl Pool {
         Ok(())
     }
 
-    /// Deletes expired flow and affinity entries and records how full the tables are (the
-    /// daemon sweeps outside its lock, then `record_collection`).
+    /// Whether the collection starting now refreshes live connections' affinities
+    /// (`Housekeeping::affinity_refresh_due`).
+    pub fn affinity_refresh_due(&mut self) -> bool {
+        let shortest = self
+            .affinity_timeouts_ns()
+            .into_values()
+            .min()
+            .unwrap_or(u64::MAX);
+        self.housekeeping.affinity_refresh_due(
+            crate::dataplane::monotonic_ns(),
+            u64::from(self.config.daemon.gc_interval) * NS_PER_SEC,
+            shortest,
+        )
+    }
+
+    /// Deletes expired flow and affinity entries, refreshing the affinities of live
+    /// connections, and records how full the tables are (the daemon sweeps outside its
+    /// lock, then `record_collection`).
     pub fn collect_garbage(&mut self, dp: &Dataplane) -> Result<()> {
-        let sweep = dp.sweeper()?.sweep(&self.affinity_timeouts_ns(), false)?;
+        let sweep = dp
+            .sweeper()?
+            .sweep(&self.affinity_timeouts_ns(), false, true)?;
         self.record_collection(&sweep.tally);
         Ok(())
     }

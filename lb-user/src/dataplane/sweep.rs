@@ -66,10 +66,11 @@ impl Sweeper {
         &mut self,
         affinity_timeouts_ns: &BTreeMap<u32, u64>,
         announce: bool,
+        refresh_affinities: bool,
     ) -> Result<Sweep> {
         // What an earlier sweep left unread is old news: those flows are gone either way.
         while self.swept.next().is_some() {}
-        let frame = request_frame(affinity_timeouts_ns, announce)?;
+        let frame = request_frame(affinity_timeouts_ns, announce, refresh_affinities)?;
         let mut out = vec![0u8; frame.len()];
         let mut attr = TestRunAttr {
             prog_fd: self.program.as_raw_fd() as u32,
@@ -103,11 +104,15 @@ impl Sweeper {
 
 /// The frame `lb_sweep` reads: each service's affinity timeout in whole seconds, and
 /// whether to announce.
-fn request_frame(affinity_timeouts_ns: &BTreeMap<u32, u64>, announce: bool) -> Result<Vec<u8>> {
+fn request_frame(
+    affinity_timeouts_ns: &BTreeMap<u32, u64>,
+    announce: bool,
+    refresh_affinities: bool,
+) -> Result<Vec<u8>> {
     let mut request = SweepRequest {
         affinity_timeout_s: [0; MAX_SERVICES as usize],
         announce: u32::from(announce),
-        _pad: 0,
+        refresh_affinities: u32::from(refresh_affinities),
     };
     for (&id, &timeout_ns) in affinity_timeouts_ns {
         let Some(slot) = request.affinity_timeout_s.get_mut(id as usize) else {
@@ -133,11 +138,15 @@ mod tests {
     #[test]
     fn the_request_holds_each_services_timeout_in_seconds_at_its_id() {
         let timeouts = BTreeMap::from([(0, 1800 * NS_PER_SEC), (63, 5 * NS_PER_SEC)]);
-        let frame = request_frame(&timeouts, true).unwrap();
+        let frame = request_frame(&timeouts, true, false).unwrap();
         assert_eq!(frame.len(), size_of::<SweepRequest>());
         let word = |i: usize| u32::from_ne_bytes(frame[i * 4..i * 4 + 4].try_into().unwrap());
-        assert_eq!((word(0), word(1), word(63), word(64)), (1800, 0, 5, 1));
-        assert_eq!(request_frame(&timeouts, false).unwrap()[64 * 4], 0);
-        assert!(request_frame(&BTreeMap::from([(64, NS_PER_SEC)]), false).is_err());
+        assert_eq!(
+            (word(0), word(1), word(63), word(64), word(65)),
+            (1800, 0, 5, 1, 0)
+        );
+        let frame = request_frame(&timeouts, false, true).unwrap();
+        assert_eq!((frame[64 * 4], frame[65 * 4]), (0, 1));
+        assert!(request_frame(&BTreeMap::from([(64, NS_PER_SEC)]), false, false).is_err());
     }
 }
